@@ -1,0 +1,168 @@
+"""Multi-head scaled dot-product attention: full passes (training, prefill) and one cached step.
+
+Keys and values are kept in the ``[B, S, N, H]`` layout that the projections produce, so a cache slot is
+one ``dynamic_update_slice`` along S. Scores are ``q . k / sqrt(H)`` computed and soft-maxed in float32.
+A masked score gets the most negative finite value and its probability is then set to exactly 0, so a
+fully masked row gives an all-zero attention vector and a zero output, never NaN.
+
+With ``maximum_relative_position > 0`` (self-attention only) the relative key/value tables of Shaw et al.
+(2018) add ``q . rel_k[clip(j - i)]`` to the scores and ``sum_j p_ij rel_v[clip(j - i)]`` to the output,
+with query and key positions measured absolutely (cache slot j holds position j).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxformer.cache import KVCache
+from jaxformer.positions import relative_positions
+from jaxformer.typing import Array, Bool, Float, Int
+
+
+def dot_product_attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S N H"],
+    v: Float[Array, "B S N H"],
+    mask: Bool[Array, "..."] | None,
+    relative_keys: Float[Array, "T S H"] | None = None,
+    relative_values: Float[Array, "T S H"] | None = None,
+) -> tuple[Float[Array, "B T N H"], Float[Array, "B N T S"]]:
+    """Softmax attention of already-projected heads; returns the output and the probabilities."""
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+    if relative_keys is not None:
+        scores += jnp.einsum("BTNH,TSH->BNTS", q, relative_keys, preferred_element_type=jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S] float32
+    if mask is not None:
+        probs = jnp.where(mask, probs, 0.0)  # fully masked rows -> zeros, not a uniform spread
+    weights = probs.astype(v.dtype)
+    out = jnp.einsum("BNTS,BSNH->BTNH", weights, v)
+    if relative_values is not None:
+        out += jnp.einsum("BNTS,TSH->BTNH", weights, relative_values)
+    return out, probs
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with fused projections (QKV for self-attention, KV for cross-attention).
+
+    Methods: ``__call__`` for a full pass, ``project_kv`` for the cross-attention memory (computed once
+    per source), ``attend_cached`` for a one-token query against caller-held keys and values.
+    """
+
+    num_heads: int
+    d_model: int
+    self_attention: bool = True
+    dropout: float = 0.0
+    maximum_relative_position: int = 0
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        n, h = self.num_heads, self.d_model // self.num_heads
+        dense = lambda features, axis, name: nn.DenseGeneral(
+            features, axis=axis, dtype=self.dtype, name=name
+        )
+        if self.self_attention:
+            self.qkv = dense((3, n, h), -1, "qkv")
+        else:
+            self.query = dense((n, h), -1, "query")
+            self.kv = dense((2, n, h), -1, "kv")
+        self.out = dense(self.d_model, (-2, -1), "out")
+        self.attention_dropout = nn.Dropout(self.dropout)
+        if self.maximum_relative_position > 0:
+            if not self.self_attention:
+                raise ValueError("relative positions apply to self-attention only")
+            init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+            rows = 2 * self.maximum_relative_position + 1
+            self.relative_keys = self.param("relative_keys", init, (rows, h))
+            self.relative_values = self.param("relative_values", init, (rows, h))
+
+    def _relative(self, query_pos: Int[Array, " T"], key_pos: Int[Array, " S"]):
+        if self.maximum_relative_position == 0:
+            return None, None
+        idx = relative_positions(query_pos, key_pos, self.maximum_relative_position)  # [T, S]
+        return (
+            self.relative_keys[idx].astype(self.dtype),  # [T, S, H]
+            self.relative_values[idx].astype(self.dtype),
+        )
+
+    def project_kv(self, memory: Float[Array, "B S D"]) -> tuple[Array, Array]:
+        """Keys and values ``[B, S, N, H]`` of the cross-attention memory."""
+        kv = self.kv(memory)  # [B, S, 2, N, H]
+        return kv[:, :, 0], kv[:, :, 1]
+
+    def __call__(
+        self,
+        x: Float[Array, "B T D"],
+        memory: Float[Array, "B S D"] | None = None,
+        mask: Bool[Array, "..."] | None = None,
+        deterministic: bool = True,
+    ) -> tuple[Float[Array, "B T D"], Float[Array, "B N T S"]]:
+        """Full pass. Self-attention when ``memory`` is None, else cross-attention to ``memory``."""
+        if self.self_attention:
+            qkv = self.qkv(x)  # [B, T, 3, N, H]
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            pos = jnp.arange(x.shape[1])
+            rel_k, rel_v = self._relative(pos, pos)
+        else:
+            q = self.query(x)  # [B, T, N, H]
+            k, v = self.project_kv(memory)  # [B, S, N, H]
+            rel_k = rel_v = None
+        out, probs = self._attend(q, k, v, mask, rel_k, rel_v, deterministic)
+        return self.out(out), probs
+
+    def _attend(self, q, k, v, mask, rel_k, rel_v, deterministic):
+        if deterministic or self.dropout == 0.0:
+            return dot_product_attention(q, k, v, mask, rel_k, rel_v)
+        # Dropout on the attention weights: recompute the output from the dropped weights.
+        _, probs = dot_product_attention(q, k, v, mask, rel_k, rel_v)
+        weights = self.attention_dropout(probs, deterministic=False).astype(v.dtype)
+        out = jnp.einsum("BNTS,BSNH->BTNH", weights, v)
+        if rel_v is not None:
+            out += jnp.einsum("BNTS,TSH->BTNH", weights, rel_v)
+        return out, probs
+
+    def self_attend_cached(
+        self, x: Float[Array, "B 1 D"], cache: KVCache, step: Int[Array, ""]
+    ) -> tuple[Float[Array, "B 1 D"], KVCache]:
+        """One token at absolute position ``step``: write its K/V into slot ``step``, attend to 0..step."""
+        qkv = self.qkv(x)  # [B, 1, 3, N, H]  the projections see one token
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        cache = _write(cache, k, v, step)  # [B, S, N, H]
+        slots = jnp.arange(cache.length)  # [S]
+        mask = (slots <= step)[None, None, None, :]  # [1, 1, 1, S]
+        rel_k, rel_v = self._relative(step[None], slots)  # [1, S, H]
+        out, _ = dot_product_attention(q, cache.k, cache.v, mask, rel_k, rel_v)
+        return self.out(out), cache
+
+    def self_attend_prefill(
+        self, x: Float[Array, "B T D"], cache: KVCache, mask: Bool[Array, "..."]
+    ) -> tuple[Float[Array, "B T D"], KVCache]:
+        """A prompt of T tokens at positions 0..T-1: causal attention, and its K/V written to the cache."""
+        qkv = self.qkv(x)  # [B, T, 3, N, H]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        pos = jnp.arange(x.shape[1])
+        rel_k, rel_v = self._relative(pos, pos)
+        out, _ = dot_product_attention(q, k, v, mask, rel_k, rel_v)
+        return self.out(out), _write(cache, k, v, 0)
+
+    def cross_attend_cached(
+        self,
+        x: Float[Array, "B T D"],
+        memory_k: Float[Array, "B S N H"],
+        memory_v: Float[Array, "B S N H"],
+        memory_mask: Bool[Array, "B S"],
+    ) -> tuple[Float[Array, "B T D"], Float[Array, "B N T S"]]:
+        """Cross-attention against memory keys/values computed once by ``project_kv``."""
+        q = self.query(x)  # [B, T, N, H]
+        out, probs = dot_product_attention(q, memory_k, memory_v, memory_mask[:, None, None, :])
+        return self.out(out), probs
+
+
+def _write(cache: KVCache, k, v, start) -> KVCache:
+    """Write ``[B, T, N, H]`` keys/values into cache slots ``start .. start+T-1``."""
+    return KVCache(
+        k=jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), start, 1),
+        v=jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), start, 1),
+    )

@@ -1,0 +1,222 @@
+"""Encoder and decoder layer stacks, pre-norm (default) or post-norm.
+
+Pre-norm:  ``x = x + drop(sublayer(norm(x)))`` for each sublayer, then one final norm on the stack.
+Post-norm: ``x = norm(x + drop(sublayer(x)))`` (Vaswani et al. 2017), no final norm.
+
+The decoder stack has three entry points that share one set of parameters: a full pass (teacher forcing),
+a prefill of several tokens into a cache, and a one-token cached step.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxformer.attention import MultiHeadAttention
+from jaxformer.cache import DecoderCache, KVCache
+from jaxformer.config import TransformerConfig
+from jaxformer.layers import FeedForward, layer_norm
+from jaxformer.typing import Array, Bool, Float, Int
+
+
+class _Sublayers(nn.Module):
+    """Shared helpers for the residual wiring of one layer."""
+
+    config: TransformerConfig
+
+    def residual(self, x, norm, fn, deterministic: bool, dropout):
+        """Apply ``fn`` in the configured norm position with a dropped-out residual."""
+        if self.config.pre_norm:
+            out, extra = fn(norm(x))
+            return x + dropout(out, deterministic=deterministic), extra
+        out, extra = fn(x)
+        return norm(x + dropout(out, deterministic=deterministic)), extra
+
+
+class EncoderLayer(_Sublayers):
+    def setup(self):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        self.self_attention = MultiHeadAttention(
+            c.num_heads, c.d_model, True, c.attention_dropout, c.maximum_relative_position, dtype
+        )
+        self.ffn = FeedForward(c.d_model, c.ffn_dim, c.ffn_dropout, dtype)
+        self.norm_attention = layer_norm("norm_attention", dtype)
+        self.norm_ffn = layer_norm("norm_ffn", dtype)
+        self.drop = nn.Dropout(c.dropout)
+
+    def __call__(self, x, mask, deterministic: bool = True):
+        x, _ = self.residual(
+            x,
+            self.norm_attention,
+            lambda h: self.self_attention(h, mask=mask, deterministic=deterministic),
+            deterministic,
+            self.drop,
+        )
+        x, _ = self.residual(
+            x, self.norm_ffn, lambda h: (self.ffn(h, deterministic), None), deterministic, self.drop
+        )
+        return x
+
+
+class Encoder(nn.Module):
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self, x: Float[Array, "B S D"], valid: Bool[Array, "B S"], deterministic: bool = True
+    ) -> Float[Array, "B S D"]:
+        c = self.config
+        mask = valid[:, None, None, :]  # [B, 1, 1, S]
+        for i in range(c.num_encoder_layers):
+            x = EncoderLayer(c, name=f"layer_{i}")(x, mask, deterministic)
+        if c.pre_norm:
+            x = layer_norm("final_norm", jnp.dtype(c.dtype))(x)
+        return x
+
+
+class DecoderLayer(_Sublayers):
+    """Self-attention, optional cross-attention, feed-forward."""
+
+    cross_attention: bool = True
+
+    def setup(self):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        self.self_attention = MultiHeadAttention(
+            c.num_heads, c.d_model, True, c.attention_dropout, c.maximum_relative_position, dtype
+        )
+        self.norm_self = layer_norm("norm_self", dtype)
+        if self.cross_attention:
+            self.memory_attention = MultiHeadAttention(
+                c.num_heads, c.d_model, False, c.attention_dropout, 0, dtype
+            )
+            self.norm_memory = layer_norm("norm_memory", dtype)
+        self.ffn = FeedForward(c.d_model, c.ffn_dim, c.ffn_dropout, dtype)
+        self.norm_ffn = layer_norm("norm_ffn", dtype)
+        self.drop = nn.Dropout(c.dropout)
+
+    def _ffn(self, x, deterministic):
+        x, _ = self.residual(
+            x, self.norm_ffn, lambda h: (self.ffn(h, deterministic), None), deterministic, self.drop
+        )
+        return x
+
+    def __call__(self, x, self_mask, memory=None, memory_mask=None, deterministic: bool = True):
+        """Full pass; returns the output and the cross-attention probabilities ``[B, N, T, S]``."""
+        x, _ = self.residual(
+            x,
+            self.norm_self,
+            lambda h: self.self_attention(h, mask=self_mask, deterministic=deterministic),
+            deterministic,
+            self.drop,
+        )
+        probs = None
+        if self.cross_attention:
+            x, probs = self.residual(
+                x,
+                self.norm_memory,
+                lambda h: self.memory_attention(
+                    h, memory, memory_mask[:, None, None, :], deterministic
+                ),
+                deterministic,
+                self.drop,
+            )
+        return self._ffn(x, deterministic), probs
+
+    def memory_kv(self, memory: Float[Array, "B S D"]) -> KVCache:
+        k, v = self.memory_attention.project_kv(memory)
+        return KVCache(k=k, v=v)
+
+    def step(self, x, step, self_cache: KVCache, memory: KVCache | None, memory_mask):
+        """One cached token (inference: no dropout)."""
+        x, kv = self.residual(
+            x,
+            self.norm_self,
+            lambda h: self.self_attention.self_attend_cached(h, self_cache, step),
+            True,
+            self.drop,
+        )
+        probs = None
+        if self.cross_attention:
+            x, probs = self.residual(
+                x,
+                self.norm_memory,
+                lambda h: self.memory_attention.cross_attend_cached(
+                    h, memory.k, memory.v, memory_mask
+                ),
+                True,
+                self.drop,
+            )
+        return self._ffn(x, True), kv, probs
+
+    def prefill(self, x, self_mask, self_cache: KVCache):
+        """Several tokens from position 0 (decoder-only prompts), written into the cache."""
+        x, kv = self.residual(
+            x,
+            self.norm_self,
+            lambda h: self.self_attention.self_attend_prefill(h, self_cache, self_mask),
+            True,
+            self.drop,
+        )
+        return self._ffn(x, True), kv
+
+
+class DecoderStack(nn.Module):
+    """The decoder layers and (pre-norm) the final norm. Embeddings and logits live in the model."""
+
+    config: TransformerConfig
+    cross_attention: bool = True
+
+    def setup(self):
+        c = self.config
+        self.layers = [
+            DecoderLayer(c, self.cross_attention, name=f"layer_{i}")
+            for i in range(c.num_decoder_layers)
+        ]
+        if c.pre_norm:
+            self.final_norm = layer_norm("final_norm", jnp.dtype(c.dtype))
+
+    def _final(self, x):
+        return self.final_norm(x) if self.config.pre_norm else x
+
+    def __call__(self, x, self_mask, memory=None, memory_mask=None, deterministic: bool = True):
+        """Full pass; returns ``(y [B, T, D], last layer's cross-attention [B, N, T, S] or None)``."""
+        probs = None
+        for layer in self.layers:
+            x, probs = layer(x, self_mask, memory, memory_mask, deterministic)
+        return self._final(x), probs
+
+    def init_cache(
+        self,
+        batch: int,
+        max_length: int,
+        memory: Float[Array, "B S D"] | None = None,
+        memory_mask: Bool[Array, "B S"] | None = None,
+    ) -> DecoderCache:
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        self_caches = tuple(
+            KVCache.zeros(batch, max_length, c.num_heads, c.head_dim, dtype) for _ in self.layers
+        )
+        memory_kv = ()
+        if self.cross_attention:
+            memory_kv = tuple(layer.memory_kv(memory) for layer in self.layers)
+        return DecoderCache(self_caches, memory_kv, memory_mask)
+
+    def step(
+        self, x: Float[Array, "B 1 D"], step: Int[Array, ""], cache: DecoderCache
+    ) -> tuple[Float[Array, "B 1 D"], DecoderCache, Float[Array, "B N 1 S"] | None]:
+        new_self, probs = [], None
+        for i, layer in enumerate(self.layers):
+            memory = cache.memory[i] if self.cross_attention else None
+            x, kv, probs = layer.step(x, step, cache.self_attention[i], memory, cache.memory_mask)
+            new_self.append(kv)
+        return self._final(x), cache.replace(self_attention=tuple(new_self)), probs
+
+    def prefill(self, x: Float[Array, "B T D"], self_mask, cache: DecoderCache):
+        new_self = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer.prefill(x, self_mask, cache.self_attention[i])
+            new_self.append(kv)
+        return self._final(x), cache.replace(self_attention=tuple(new_self))

@@ -1,0 +1,78 @@
+"""A decoder-only causal language model sharing the decoder stack of the Transformer.
+
+- ``__call__(ids, valid=None) -> logits [B, T, V]``: the full causal pass (training, scoring).
+- ``init_cache(batch, max_length) -> DecoderCache`` (no memory).
+- ``prefill(ids [B, P], cache) -> (logits [B, P, V], cache)``: a prompt of P tokens in one pass,
+  its keys/values written to slots 0..P-1.
+- ``decode_step(ids [B], step, cache) -> (logits [B, V], cache, None)``: one token at position ``step``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxformer.blocks import DecoderStack
+from jaxformer.cache import DecoderCache
+from jaxformer.config import TransformerConfig
+from jaxformer.encoder_decoder import check_length
+from jaxformer.layers import TokenEmbedding
+from jaxformer.masks import self_attention_mask
+from jaxformer.typing import Array, Bool, Float, Int
+
+
+class DecoderOnlyLM(nn.Module):
+    config: TransformerConfig
+
+    def setup(self):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        self.embedding = TokenEmbedding(
+            c.vocab_size, c.d_model, c.max_len, not c.relative, dtype, name="embedding"
+        )
+        self.decoder = DecoderStack(c, cross_attention=False)
+        if not c.share_output_embeddings:
+            self.output = nn.Dense(c.vocab_size, dtype=dtype, name="output")
+        self.drop = nn.Dropout(c.dropout)
+
+    def _logits(self, y):
+        if self.config.share_output_embeddings:
+            return self.embedding.attend(y).astype(jnp.float32)
+        return self.output(y).astype(jnp.float32)
+
+    def __call__(
+        self,
+        ids: Int[Array, "B T"],
+        valid: Bool[Array, "B T"] | None = None,
+        deterministic: bool = True,
+    ) -> Float[Array, "B T V"]:
+        check_length("ids", ids.shape[1], self.config)
+        if valid is None:
+            valid = jnp.ones(ids.shape, bool)
+        x = self.drop(self.embedding(ids, jnp.arange(ids.shape[1])), deterministic=deterministic)
+        y, _ = self.decoder(x, self_attention_mask(valid, causal=True), deterministic=deterministic)
+        return self._logits(y)
+
+    def init_cache(self, batch: int, max_length: int) -> DecoderCache:
+        check_length("max_length", max_length, self.config)
+        return self.decoder.init_cache(batch, max_length)
+
+    def prefill(
+        self, ids: Int[Array, "B P"], cache: DecoderCache
+    ) -> tuple[Float[Array, "B P V"], DecoderCache]:
+        if ids.shape[1] > cache.max_length:
+            raise ValueError(
+                f"prompt length {ids.shape[1]} exceeds the cache length {cache.max_length}"
+            )
+        x = self.embedding(ids, jnp.arange(ids.shape[1]))
+        mask = self_attention_mask(jnp.ones(ids.shape, bool), causal=True)
+        y, cache = self.decoder.prefill(x, mask, cache)
+        return self._logits(y), cache
+
+    def decode_step(
+        self, ids: Int[Array, " B"], step: Int[Array, ""], cache: DecoderCache
+    ) -> tuple[Float[Array, "B V"], DecoderCache, None]:
+        step = jnp.asarray(step, jnp.int32)
+        x = self.embedding(ids[:, None], step[None])  # [B, 1, D]
+        y, cache, _ = self.decoder.step(x, step, cache)
+        return self._logits(y[:, 0]), cache, None

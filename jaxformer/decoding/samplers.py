@@ -1,0 +1,93 @@
+"""Samplers: pick ``num_samples`` candidates per row from a ``[rows, candidates]`` score matrix.
+
+A sampler is a tiny frozen dataclass with one method. ``BestSampler`` takes the top scores (ties: lower
+index first, as ``tf.nn.top_k`` and ``jax.lax.top_k`` do). ``RandomSampler`` follows OpenNMT-tf: keep the
+top ``topk`` scores (all when 0), divide by the temperature, draw categorical samples *with replacement*;
+``with_replacement=False`` draws distinct candidates instead (Gumbel-top-k), and ``top_p < 1`` keeps only
+the nucleus (Holtzman et al. 2020) of the tempered top-k distribution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxformer.typing import Array, Float, Int, PRNGKey
+
+
+def _check_count(name: str, value: int, candidates: int):
+    if value > candidates:
+        raise ValueError(f"{name}={value} exceeds the {candidates} candidates to choose from")
+
+
+@dataclasses.dataclass(frozen=True)
+class BestSampler:
+    """Deterministic: the ``num_samples`` highest scores, best first."""
+
+    needs_rng = False
+
+    def __call__(
+        self, scores: Float[Array, "R X"], num_samples: int, rng: PRNGKey | None = None
+    ) -> tuple[Int[Array, "R n"], Float[Array, "R n"]]:
+        _check_count("beam_size", num_samples, scores.shape[-1])
+        if num_samples == 1:
+            ids = jnp.argmax(scores, axis=-1)[:, None]  # first maximum, like top_k's tie rule
+            return ids.astype(jnp.int32), jnp.take_along_axis(scores, ids, axis=-1)
+        top_scores, ids = jax.lax.top_k(scores, num_samples)
+        return ids.astype(jnp.int32), top_scores
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomSampler:
+    """Sample from the top ``topk`` candidates (0: all) at ``temperature``.
+
+    ``top_p`` (nucleus) and ``with_replacement=False`` (Gumbel-top-k, distinct picks) go beyond
+    OpenNMT-tf; their defaults reproduce it.
+    """
+
+    topk: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    with_replacement: bool = True
+    needs_rng = True
+
+    def __post_init__(self):
+        if not isinstance(self.topk, int) or self.topk < 0:
+            raise ValueError(
+                f"RandomSampler: topk must be an int >= 0 (0 = all), got {self.topk!r}"
+            )
+        if not self.temperature > 0:
+            raise ValueError(f"RandomSampler: temperature must be > 0, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"RandomSampler: top_p must be in (0, 1], got {self.top_p!r}")
+
+    def __call__(
+        self, scores: Float[Array, "R X"], num_samples: int, rng: PRNGKey
+    ) -> tuple[Int[Array, "R n"], Float[Array, "R n"]]:
+        candidates = scores.shape[-1]
+        _check_count("topk", self.topk, candidates)
+        if not self.with_replacement:
+            _check_count("beam_size (distinct samples)", num_samples, self.topk or candidates)
+        restrict = self.topk > 0 or self.top_p < 1.0
+        if restrict:
+            top_scores, top_ids = jax.lax.top_k(scores, self.topk or candidates)  # sorted
+            logits = top_scores / self.temperature
+        else:
+            logits = scores / self.temperature
+        if self.top_p < 1.0:
+            probs = jax.nn.softmax(logits, axis=-1)
+            mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of better candidates
+            logits = jnp.where(mass_before < self.top_p, logits, -jnp.inf)  # keeps at least one
+        if self.with_replacement:
+            picks = jax.random.categorical(
+                rng, logits, axis=-1, shape=(num_samples, scores.shape[0])
+            )
+            picks = picks.T  # [R, n]
+        else:
+            gumbel = jax.random.gumbel(rng, logits.shape, logits.dtype)
+            _, picks = jax.lax.top_k(logits + gumbel, num_samples)
+        ids = jnp.take_along_axis(top_ids, picks, axis=-1) if restrict else picks
+        ids = ids.astype(jnp.int32)
+        return ids, jnp.take_along_axis(scores, ids, axis=-1)

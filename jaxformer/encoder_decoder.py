@@ -1,0 +1,106 @@
+"""The encoder-decoder Transformer (Vaswani et al. 2017) with OpenNMT-tf's options.
+
+Used purely: ``model.apply({"params": params}, ..., method=Transformer.METHOD)``.
+
+- ``encode(src_ids) -> (memory [B, S, D], src_valid [B, S])``; padding is ``pad_id``.
+- ``decode(tgt_in_ids, memory, src_valid) -> (logits [B, T, V], attention [B, T, S])``: teacher forcing.
+- ``init_cache(memory, src_valid, max_length) -> DecoderCache``: preallocated self-attention K/V and the
+  cross-attention K/V of the memory, computed here once.
+- ``decode_step(ids [B], step, cache) -> (logits [B, V], cache, attention [B, S])``: one token at position
+  ``step``; the returned attention is the first head of the last layer's cross-attention (OpenNMT-tf's
+  default alignment).
+- ``__call__(src_ids, tgt_in_ids)``: the training forward pass, ``logits [B, T, V]``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxformer.blocks import DecoderStack, Encoder
+from jaxformer.cache import DecoderCache
+from jaxformer.config import TransformerConfig
+from jaxformer.layers import TokenEmbedding
+from jaxformer.masks import causal_mask, padding_mask
+from jaxformer.typing import Array, Bool, Float, Int
+
+
+def check_length(name: str, length: int, config: TransformerConfig):
+    if length > config.max_len:
+        raise ValueError(
+            f"{name} has length {length}, more than the model's max_len={config.max_len}"
+        )
+
+
+class Transformer(nn.Module):
+    config: TransformerConfig
+
+    def setup(self):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        embed = lambda vocab, name: TokenEmbedding(
+            vocab, c.d_model, c.max_len, not c.relative, dtype, name=name
+        )
+        self.target_embedding = embed(c.vocab_size, "target_embedding")
+        if not c.share_embeddings:
+            self.source_embedding = embed(c.source_vocab_size, "source_embedding")
+        self.encoder = Encoder(c)
+        self.decoder = DecoderStack(c, cross_attention=True)
+        if not c.share_output_embeddings:
+            self.output = nn.Dense(c.vocab_size, dtype=dtype, name="output")
+        self.drop = nn.Dropout(c.dropout)
+
+    def _source_embedding(self) -> TokenEmbedding:
+        return self.target_embedding if self.config.share_embeddings else self.source_embedding
+
+    def _logits(self, y):
+        logits = (
+            self.target_embedding.attend(y)
+            if self.config.share_output_embeddings
+            else self.output(y)
+        )
+        return logits.astype(jnp.float32)
+
+    def encode(
+        self, src_ids: Int[Array, "B S"], deterministic: bool = True
+    ) -> tuple[Float[Array, "B S D"], Bool[Array, "B S"]]:
+        check_length("src_ids", src_ids.shape[1], self.config)
+        valid = padding_mask(src_ids, self.config.pad_id)  # [B, S]
+        x = self._source_embedding()(src_ids, jnp.arange(src_ids.shape[1]))
+        x = self.drop(x, deterministic=deterministic)
+        return self.encoder(x, valid, deterministic), valid
+
+    def decode(
+        self,
+        tgt_in_ids: Int[Array, "B T"],
+        memory: Float[Array, "B S D"],
+        src_valid: Bool[Array, "B S"],
+        deterministic: bool = True,
+    ) -> tuple[Float[Array, "B T V"], Float[Array, "B T S"]]:
+        """Teacher forcing: all target positions at once, causally masked."""
+        check_length("tgt_in_ids", tgt_in_ids.shape[1], self.config)
+        x = self.target_embedding(tgt_in_ids, jnp.arange(tgt_in_ids.shape[1]))  # [B, T, D]
+        x = self.drop(x, deterministic=deterministic)
+        self_mask = causal_mask(tgt_in_ids.shape[1])[None, None]  # [1, 1, T, T]
+        y, probs = self.decoder(x, self_mask, memory, src_valid, deterministic)
+        return self._logits(y), probs[:, 0]
+
+    def __call__(
+        self, src_ids: Int[Array, "B S"], tgt_in_ids: Int[Array, "B T"], deterministic: bool = True
+    ) -> Float[Array, "B T V"]:
+        memory, valid = self.encode(src_ids, deterministic)
+        return self.decode(tgt_in_ids, memory, valid, deterministic)[0]
+
+    def init_cache(
+        self, memory: Float[Array, "B S D"], src_valid: Bool[Array, "B S"], max_length: int
+    ) -> DecoderCache:
+        check_length("max_length", max_length, self.config)
+        return self.decoder.init_cache(memory.shape[0], max_length, memory, src_valid)
+
+    def decode_step(
+        self, ids: Int[Array, " B"], step: Int[Array, ""], cache: DecoderCache
+    ) -> tuple[Float[Array, "B V"], DecoderCache, Float[Array, "B S"]]:
+        step = jnp.asarray(step, jnp.int32)
+        x = self.target_embedding(ids[:, None], step[None])  # [B, 1, D]
+        y, cache, probs = self.decoder.step(x, step, cache)  # [B, 1, D], probs [B, N, 1, S]
+        return self._logits(y[:, 0]), cache, probs[:, 0, 0]
