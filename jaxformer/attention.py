@@ -10,6 +10,8 @@ With ``maximum_relative_position > 0`` (self-attention only) the relative key/va
 with query and key positions measured absolutely (cache slot j holds position j).
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -56,7 +58,7 @@ class MultiHeadAttention(nn.Module):
     self_attention: bool = True
     dropout: float = 0.0
     maximum_relative_position: int = 0
-    dtype: jnp.dtype = jnp.float32
+    dtype: Any = jnp.float32
 
     def setup(self):
         n, h = self.num_heads, self.d_model // self.num_heads

@@ -70,7 +70,7 @@ class DecoderOnlyLM(nn.Module):
         return self._logits(y), cache
 
     def decode_step(
-        self, ids: Int[Array, " B"], step: Int[Array, ""], cache: DecoderCache
+        self, ids: Int[Array, " B"], step: int | Int[Array, ""], cache: DecoderCache
     ) -> tuple[Float[Array, "B V"], DecoderCache, None]:
         step = jnp.asarray(step, jnp.int32)
         x = self.embedding(ids[:, None], step[None])  # [B, 1, D]

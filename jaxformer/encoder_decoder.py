@@ -98,7 +98,7 @@ class Transformer(nn.Module):
         return self.decoder.init_cache(memory.shape[0], max_length, memory, src_valid)
 
     def decode_step(
-        self, ids: Int[Array, " B"], step: Int[Array, ""], cache: DecoderCache
+        self, ids: Int[Array, " B"], step: int | Int[Array, ""], cache: DecoderCache
     ) -> tuple[Float[Array, "B V"], DecoderCache, Float[Array, "B S"]]:
         step = jnp.asarray(step, jnp.int32)
         x = self.target_embedding(ids[:, None], step[None])  # [B, 1, D]

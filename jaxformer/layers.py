@@ -1,5 +1,7 @@
 """Small building blocks: feed-forward, layer norm, token embeddings with positions."""
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -18,7 +20,7 @@ class FeedForward(nn.Module):
     d_model: int
     ffn_dim: int
     dropout: float = 0.0
-    dtype: jnp.dtype = jnp.float32
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Float[Array, "B T D"], deterministic: bool = True):
@@ -37,7 +39,7 @@ class TokenEmbedding(nn.Module):
     d_model: int
     max_len: int
     sinusoidal: bool = True
-    dtype: jnp.dtype = jnp.float32
+    dtype: Any = jnp.float32
 
     def setup(self):
         self.table = self.param(
@@ -49,11 +51,11 @@ class TokenEmbedding(nn.Module):
             self.positions = jnp.asarray(sinusoidal_table(self.max_len, self.d_model))
 
     def __call__(
-        self, ids: Int[Array, "B T"], positions: Int[Array, " T"] | Int[Array, "B T"]
+        self, ids: Int[Array, "B T"], positions: Int[Array, " T"]
     ) -> Float[Array, "B T D"]:
         x = jnp.take(self.table, ids, axis=0) * jnp.sqrt(jnp.float32(self.d_model))  # [B, T, D]
         if self.sinusoidal:
-            x = x + jnp.take(self.positions, positions, axis=0)
+            x = x + jnp.take(self.positions, positions, axis=0)[None]  # [1, T, D]
         return x.astype(self.dtype)
 
     def attend(self, x: Float[Array, "... D"]) -> Float[Array, "... V"]:

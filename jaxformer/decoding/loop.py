@@ -152,8 +152,8 @@ def dynamic_decode(
         attention = (
             None if attention is None or not want_attention else attention.astype(jnp.float32)
         )
-        eos = jax.nn.one_hot(end_id, vocab, dtype=jnp.float32)  # [V]
-        forced = jnp.where(eos > 0, 0.0, -jnp.inf)  # log-probs of a forced EOS
+        eos = jax.nn.one_hot(end_id, vocab, dtype=jnp.float32)[None]  # [1, V]
+        forced = jnp.where(eos > 0, 0.0, -jnp.inf)  # [1, V] log-probs of a forced EOS
         log_probs = jax.nn.log_softmax(
             jnp.where(step < min_length, logits + EOS_PENALTY * eos, logits), axis=-1
         )
@@ -171,11 +171,11 @@ def dynamic_decode(
         )
         grown = jnp.where(state.finished, state.lengths, state.lengths + 1)  # [R]
         parent_finished = state.finished[sel.beam_indices]  # [R]
-        cum = sel.cum_log_probs
-        if compat == "opennmt-tf":
-            # OpenNMT-tf keeps the *row's* old cum when the new occupant descends from a finished
-            # hypothesis, so the cum does not travel with a finished hypothesis that changes rows.
-            cum = jnp.where(parent_finished, state.cum_log_probs, cum)
+        # A finished hypothesis keeps its log-prob. OpenNMT-tf keeps the *row's* old value, so the
+        # log-prob does not travel with a finished hypothesis that changes rows (its defect 1); by
+        # default it travels with the hypothesis (the parent row's value).
+        frozen = state.cum_log_probs if compat else state.cum_log_probs[sel.beam_indices]
+        cum = jnp.where(parent_finished, frozen, sel.cum_log_probs)
         new_state = SearchState(
             ids=sel.word_ids,
             finished=parent_finished | (sel.word_ids == end_id),

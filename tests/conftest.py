@@ -1,0 +1,16 @@
+"""Strict test settings: rank promotion raises, float32 everywhere, deterministic CPU."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def key():
+    return jax.random.key(0)

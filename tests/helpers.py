@@ -1,0 +1,54 @@
+"""Small shared fixtures for the model tests."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxformer import DecoderOnlyLM, Transformer, init_params, preset
+from jaxformer.layers import TokenEmbedding
+
+VARIANTS = {
+    "pre_sinusoidal": dict(pre_norm=True),
+    "post_sinusoidal": dict(pre_norm=False),
+    "pre_relative": dict(pre_norm=True, maximum_relative_position=3),
+    "post_relative": dict(pre_norm=False, maximum_relative_position=3),
+    "shared_embeddings": dict(share_embeddings=True, share_output_embeddings=True),
+}
+
+
+def make(model_cls, seed=0, **overrides):
+    model = model_cls(preset("tiny", **overrides))
+    return model, init_params(model, jax.random.key(seed))
+
+
+def source_batch(seed=1, batch=3, length=6, vocab=32, pad_lengths=(6, 4, 2)):
+    ids = jax.random.randint(jax.random.key(seed), (batch, length), 3, vocab)
+    lengths = jnp.asarray(pad_lengths)[:, None]
+    return jnp.where(jnp.arange(length)[None] < lengths, ids, 0)
+
+
+def with_embedding_offset(fn, delta, module_name):
+    """Run ``fn`` with ``delta`` added to the output of the TokenEmbedding called ``module_name``."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if (
+            isinstance(context.module, TokenEmbedding)
+            and context.method_name == "__call__"
+            and context.module.name == module_name
+        ):
+            out = out + delta
+        return out
+
+    with nn.intercept_methods(interceptor):
+        return fn()
+
+
+__all__ = [
+    "VARIANTS",
+    "DecoderOnlyLM",
+    "Transformer",
+    "make",
+    "source_batch",
+    "with_embedding_offset",
+]
