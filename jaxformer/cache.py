@@ -7,19 +7,22 @@ written one slot per step; cross-attention keys and values are computed once fro
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxformer.typing import Array, Bool, Float, Int, PyTree
+from jaxformer.typing import Array, Int, PyTree
 
 
 @struct.dataclass
 class KVCache:
     """Keys and values of one attention layer."""
 
-    k: Float[Array, "B S N H"]
-    v: Float[Array, "B S N H"]
+    # Annotated as Any: pytree leaves are not always arrays (eval_shape, vmap, None placeholders).
+    k: Any  # float[B, S, N, H]
+    v: Any  # float[B, S, N, H]
 
     @classmethod
     def zeros(cls, batch: int, length: int, num_heads: int, head_dim: int, dtype) -> KVCache:
@@ -42,7 +45,7 @@ class DecoderCache:
 
     self_attention: tuple[KVCache, ...]
     memory: tuple[KVCache, ...] = ()
-    memory_mask: Bool[Array, "B S"] | None = None
+    memory_mask: Any = None  # bool[B, S] or None
 
     @property
     def max_length(self) -> int:

@@ -35,14 +35,15 @@ COMPAT_MODES = (None, "opennmt-tf")
 class SearchState:
     """The scan carry. Every field has the search rows (R = B*W) first."""
 
-    ids: Int[Array, " R"]  # last emitted token of each row (the next step's input)
-    finished: Bool[Array, " R"]
-    lengths: Int[Array, " R"]  # tokens generated, EOS included; frozen once finished
-    cum_log_probs: Float[Array, " R"]
-    scores: Float[Array, " R"]  # ranking score of the row's hypothesis at its last pick
-    accumulated_attention: Float[Array, "R S"] | None  # coverage-penalty accumulator
-    model_state: PyTree  # the step function's state (KV cache), reordered with the beams
-    rng: PRNGKey | None
+    # Fields are annotated Any (with shape comments): pytree leaves are not always arrays.
+    ids: Any  # int32[R] last emitted token of each row (the next step's input)
+    finished: Any  # bool[R]
+    lengths: Any  # int32[R] tokens generated, EOS included; frozen once finished
+    cum_log_probs: Any  # float32[R]
+    scores: Any  # float32[R] ranking score of the row's hypothesis at its last pick
+    accumulated_attention: Any  # float32[R, S] coverage-penalty accumulator, or None
+    model_state: Any  # the step function's state (KV cache), reordered with the beams
+    rng: Any  # PRNG key or None
 
 
 class StepRecord(NamedTuple):

@@ -1,0 +1,144 @@
+"""Greedy decoding: hand-checked answers, a naive prefix-recomputing loop, one trace per shape."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import DecoderOnlyLM, Transformer, make, source_batch
+
+from jaxformer import decoding as dec
+from jaxformer import generate
+
+
+def one_hot_step_fn(targets, vocab=10):
+    """OpenNMT-tf's greedy test model: at step t, row b puts all its mass on targets[b][t]."""
+    logits = jax.nn.one_hot(jnp.asarray(targets).T, vocab) * 10.0  # [T, B, V]
+    return lambda ids, step, state: (logits[jnp.minimum(step, logits.shape[0] - 1)], state)
+
+
+def greedy(targets, **kwargs):
+    state = {"unused": jnp.zeros([len(targets)])}
+    return dec.dynamic_decode(
+        one_hot_step_fn(targets), jnp.ones([len(targets)], jnp.int32), 2, state, **kwargs
+    )
+
+
+def test_opennmt_tf_greedy_examples():
+    result = greedy([[4, 5, 6, 2], [3, 8, 2, 8]], max_length=4)
+    np.testing.assert_array_equal(result.ids, [[[4, 5, 6, 2]], [[3, 8, 2, 2]]])
+    np.testing.assert_array_equal(result.lengths, [[3], [2]])
+    result = greedy([[4, 5, 6, 2], [3, 8, 2, 8]], max_length=2)
+    np.testing.assert_array_equal(result.ids, [[[4, 5]], [[3, 8]]])
+    np.testing.assert_array_equal(result.lengths, [[2], [2]])
+    result = greedy([[4, 2, 2, 2], [3, 8, 7, 2]], max_length=4, min_length=2)
+    np.testing.assert_array_equal(result.lengths, [[2], [3]])
+
+
+def test_finished_rows_keep_emitting_eos_and_their_score():
+    result = greedy([[2, 5, 6, 7], [3, 4, 5, 6]], max_length=4)
+    np.testing.assert_array_equal(result.ids[0, 0], [2, 2, 2, 2])
+    assert result.lengths[0, 0] == 0
+    # One step at probability ~1 (logit 10 against 9 zeros), then nothing more is added.
+    expected = -np.log1p(9 * np.exp(-10.0))
+    np.testing.assert_allclose(result.log_probs[0, 0], expected, atol=1e-6)  # float32 round-off
+    np.testing.assert_allclose(result.log_probs[1, 0], 4 * expected, atol=1e-6)
+
+
+def naive_greedy(model, params, src, start_id, end_id, max_length):
+    """The Annotated Transformer's greedy_decode: recompute the whole prefix at every step."""
+    memory, valid = model.apply({"params": params}, src, method=Transformer.encode)
+    ys = jnp.full((src.shape[0], 1), start_id, jnp.int32)
+    done = np.zeros(src.shape[0], bool)
+    out = []
+    for _ in range(max_length):
+        logits, _ = model.apply({"params": params}, ys, memory, valid, method=Transformer.decode)
+        token = np.asarray(jnp.argmax(logits[:, -1], axis=-1))
+        token = np.where(done, end_id, token)
+        done |= token == end_id
+        out.append(token)
+        ys = jnp.concatenate([ys, jnp.asarray(token)[:, None]], axis=1)
+    return np.stack(out, axis=1)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(maximum_relative_position=4, pre_norm=False)])
+def test_scan_greedy_equals_naive_prefix_recomputation(overrides):
+    model, params = make(Transformer, **overrides)
+    src = source_batch()
+    # Pick the end id among tokens the model actually produces, so that rows end at different steps.
+    first = naive_greedy(model, params, src, 1, 0, 12)
+    end_id = int(first[0, 3])
+    want = naive_greedy(model, params, src, 1, end_id, 12)
+    got = generate(model, params, src, start_id=1, end_id=end_id, max_length=12)
+    np.testing.assert_array_equal(got.ids[:, 0], want)
+    assert (want == end_id).any()
+
+
+def test_decode_loop_traces_once_per_shape():
+    model, params = make(Transformer)
+    traces = []
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def run(params, src):
+        traces.append(1)
+        memory, valid = model.apply({"params": params}, src, method=Transformer.encode)
+        cache = model.apply({"params": params}, memory, valid, 6, method=Transformer.init_cache)
+        step_fn = lambda ids, t, c: model.apply(
+            {"params": params}, ids, t, c, method=Transformer.decode_step
+        )
+        return dec.dynamic_decode(
+            step_fn, jnp.ones([src.shape[0]], jnp.int32), 2, cache, max_length=6
+        )
+
+    for seed in range(3):
+        jax.block_until_ready(run(params, source_batch(seed=seed)))
+    assert len(traces) == 1
+    with pytest.raises(AssertionError):  # the check can fail: a new shape is a new trace
+        run(params, source_batch(length=7))
+
+
+def test_generate_compiles_once_per_shape():
+    from jaxformer.generate import _translate
+
+    model, params = make(Transformer)
+    before = _translate._cache_size()
+    for seed in range(3):
+        generate(model, params, source_batch(seed=seed), start_id=1, end_id=2, max_length=5)
+    assert _translate._cache_size() == before + 1
+
+
+def test_greedy_log_probs_equal_teacher_forced_likelihood():
+    model, params = make(Transformer)
+    src = source_batch()
+    result = generate(model, params, src, start_id=1, end_id=3, max_length=8, min_length=2)
+    ids = result.ids[:, 0]
+    tgt_in = jnp.concatenate([jnp.ones((3, 1), jnp.int32), ids[:, :-1]], axis=1)
+    logits = model.apply({"params": params}, src, tgt_in)
+    logits = logits.at[:, :2, 3].add(-1e7)  # the min_length EOS penalty is part of the search
+    log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits), ids[..., None], axis=-1)[..., 0]
+    keep = jnp.arange(8)[None] <= result.lengths  # tokens and the EOS
+    np.testing.assert_allclose(result.log_probs[:, 0], jnp.sum(log_probs * keep, axis=1), atol=1e-4)
+
+
+def test_decoder_only_generate_continues_a_prompt_like_the_full_pass():
+    model, params = make(DecoderOnlyLM)
+    prompt = jax.random.randint(jax.random.key(9), (2, 5), 3, 32)
+    result = generate(model, params, prompt, end_id=0, max_length=6)
+    ids = np.asarray(prompt)
+    for _ in range(6):  # greedy by recomputing the whole sequence
+        logits = model.apply({"params": params}, jnp.asarray(ids))
+        ids = np.concatenate([ids, np.asarray(jnp.argmax(logits[:, -1], -1))[:, None]], axis=1)
+    np.testing.assert_array_equal(result.ids[:, 0], ids[:, 5:])
+
+
+def test_attention_history_comes_from_the_cross_attention():
+    model, params = make(Transformer)
+    src = source_batch()
+    result = generate(model, params, src, start_id=1, end_id=2, max_length=5, return_attention=True)
+    chex.assert_shape(result.attention, (3, 1, 5, 6))
+    tgt_in = jnp.concatenate([jnp.ones((3, 1), jnp.int32), result.ids[:, 0, :-1]], axis=1)
+    memory, valid = model.apply({"params": params}, src, method=Transformer.encode)
+    _, attention = model.apply({"params": params}, tgt_in, memory, valid, method=Transformer.decode)
+    keep = (jnp.arange(5)[None] <= result.lengths)[..., None]  # [B, T, 1]
+    np.testing.assert_allclose(result.attention[:, 0], attention * keep, atol=1e-6)
