@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
+
 from helpers import VARIANTS, DecoderOnlyLM, Transformer, make, source_batch
 
 TARGET_LEN = 7

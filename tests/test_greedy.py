@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import DecoderOnlyLM, Transformer, make, source_batch
 
 from jaxformer import decoding as dec
 from jaxformer import generate
+
+from helpers import DecoderOnlyLM, Transformer, make, source_batch
 
 
 def one_hot_step_fn(targets, vocab=10):

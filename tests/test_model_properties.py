@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import DecoderOnlyLM, Transformer, make, source_batch, with_embedding_offset
 
 from jaxformer import PRESETS, preset
+
+from helpers import DecoderOnlyLM, Transformer, make, source_batch, with_embedding_offset
 
 CAUSAL_VARIANTS = [dict(pre_norm=True), dict(pre_norm=False, maximum_relative_position=2)]
 

@@ -11,9 +11,10 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from toy import initial_state, jax_toy_step_fn
 
 from jaxformer import decoding as dec
+
+from toy import initial_state, jax_toy_step_fn
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "opennmt_tf_goldens.json"
 GOLDENS = json.loads(FIXTURE.read_text())

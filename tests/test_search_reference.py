@@ -6,10 +6,11 @@ checked against real OpenNMT-tf 2.32 (tensorflow-cpu 2.13.1) on 2,960 random con
 
 import numpy as np
 import pytest
-from reference_search import reference_decode, toy_model
-from toy import initial_state, jax_toy_step_fn
 
 from jaxformer import decoding as dec
+
+from reference_search import reference_decode, toy_model
+from toy import initial_state, jax_toy_step_fn
 
 
 def random_case(seed):
