@@ -1,0 +1,50 @@
+"""Decoding without a KV cache: the baseline that shows what the cache buys.
+
+``greedy_without_cache`` is the textbook loop (the Annotated Transformer's ``greedy_decode``) made
+static-shape so it compiles once: at step t it reruns the teacher-forced decoder over the whole target
+buffer of length ``max_length`` (the causal mask makes the slots after t irrelevant) and reads position
+t. Every step therefore pays for the full padded length; a growing-prefix loop would pay for t tokens
+but needs one compilation per length.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxformer.encoder_decoder import Transformer
+from jaxformer.typing import Array, Int, PyTree
+
+
+@functools.partial(jax.jit, static_argnames=("model", "start_id", "end_id", "max_length"))
+def greedy_without_cache(
+    model: Transformer,
+    params: PyTree,
+    src_ids: Int[Array, "B S"],
+    *,
+    start_id: int,
+    end_id: int,
+    max_length: int,
+) -> Int[Array, "B T"]:
+    """Greedy ids ``[B, max_length]`` (end_id after EOS), recomputing the whole prefix every step."""
+    memory, valid = model.apply({"params": params}, src_ids, method=Transformer.encode)
+    batch = src_ids.shape[0]
+    buffer = jnp.full([batch, max_length], start_id, jnp.int32)  # [B, T] decoder inputs
+
+    def step(carry, t):
+        buffer, finished = carry
+        logits, _ = model.apply(
+            {"params": params}, buffer, memory, valid, method=Transformer.decode
+        )
+        token = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t, 1, keepdims=False), -1)  # [B]
+        token = jnp.where(finished, end_id, token).astype(jnp.int32)
+        next_slot = jnp.minimum(t + 1, max_length - 1)
+        buffer = jax.lax.dynamic_update_index_in_dim(buffer, token, next_slot, 1)
+        return (buffer, finished | (token == end_id)), token
+
+    _, tokens = jax.lax.scan(
+        step, (buffer, jnp.zeros([batch], bool)), jnp.arange(max_length, dtype=jnp.int32)
+    )
+    return tokens.T  # [T, B] -> [B, T]
