@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxformer.decoder_only import DecoderOnlyLM
 from jaxformer.decoding import BestSampler, DecodingResult, GreedySearch, dynamic_decode
@@ -122,7 +123,7 @@ def _continue(
 def generate(
     model: Transformer | DecoderOnlyLM,
     params: PyTree,
-    inputs: Int[Array, "B S"],
+    inputs: Int[Array | np.ndarray, "B S"],
     *,
     end_id: int,
     start_id: int | None = None,

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxformer.cache import reorder, tile_batch
@@ -83,7 +84,7 @@ def _unpack(outputs):
 
 def dynamic_decode(
     step_fn,
-    start_ids: Int[Array, " B"],
+    start_ids: Int[Array | np.ndarray, " B"],
     end_id: int,
     initial_state: PyTree = None,
     strategy: GreedySearch | BeamSearch = GreedySearch(),
