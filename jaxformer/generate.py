@@ -44,13 +44,12 @@ def transformer_step_fn(model: Transformer, params: PyTree):
         "max_length",
         "min_length",
         "strategy",
-        "sampler",
         "return_attention",
         "compat",
     ),
 )
 def _translate(
-    model, params, src_ids, rng, *, start_id, end_id, max_length, min_length, strategy, sampler,
+    model, params, src_ids, rng, sampler, *, start_id, end_id, max_length, min_length, strategy,
     return_attention, compat,
 ):  # fmt: skip
     memory, valid = model.apply({"params": params}, src_ids, method=Transformer.encode)
@@ -81,12 +80,11 @@ def _translate(
         "max_length",
         "min_length",
         "strategy",
-        "sampler",
         "compat",
     ),
 )
 def _continue(
-    model, params, prompt_ids, rng, *, end_id, max_length, min_length, strategy, sampler, compat
+    model, params, prompt_ids, rng, sampler, *, end_id, max_length, min_length, strategy, compat
 ):
     offset = prompt_ids.shape[1] - 1  # the last prompt token is the search's start id
     cache = model.apply(
@@ -140,7 +138,8 @@ def generate(
     Encoder-decoder: every hypothesis starts from ``start_id``; ``max_length`` bounds the target.
     Decoder-only: ``inputs`` are prompts of equal length P >= 1; the first P-1 tokens are prefilled into
     the cache in one pass and the search starts from the last one; ``max_length`` new tokens at most.
-    The whole thing is one jit-compiled function per shape and option set.
+    The whole thing is one jit-compiled function per shape and option set; the sampler's temperature is
+    data, so changing it per call does not recompile.
     """
     inputs = jnp.asarray(inputs, jnp.int32)
     if inputs.ndim != 2 or inputs.shape[1] < 1:
@@ -149,15 +148,15 @@ def generate(
         if start_id is None:
             raise ValueError("an encoder-decoder needs start_id (the target's start token)")
         return _translate(
-            model, params, inputs, rng, start_id=start_id, end_id=end_id, max_length=max_length,
-            min_length=min_length, strategy=strategy, sampler=sampler,
+            model, params, inputs, rng, sampler, start_id=start_id, end_id=end_id,
+            max_length=max_length, min_length=min_length, strategy=strategy,
             return_attention=return_attention, compat=compat,
         )  # fmt: skip
     if isinstance(model, DecoderOnlyLM):
         if return_attention:
             raise ValueError("a decoder-only LM has no source to return attention over")
         return _continue(
-            model, params, inputs, rng, end_id=end_id, max_length=max_length, min_length=min_length,
-            strategy=strategy, sampler=sampler, compat=compat,
+            model, params, inputs, rng, sampler, end_id=end_id, max_length=max_length,
+            min_length=min_length, strategy=strategy, compat=compat,
         )  # fmt: skip
     raise TypeError(f"generate needs a Transformer or DecoderOnlyLM, got {type(model).__name__}")

@@ -215,3 +215,27 @@ def test_bad_end_id_and_sampler_options_are_refused():
         dec.RandomSampler(temperature=0.0)
     with pytest.raises(ValueError, match="beam_size"):
         dec.BeamSearch(0)
+
+
+def test_temperature_changes_per_call_without_recompiling(model_and_params):
+    from jaxformer.generate import _translate
+
+    model, params = model_and_params
+    src = source_batch()
+    before = _translate._cache_size()
+    outputs = [
+        generate(
+            model,
+            params,
+            src,
+            start_id=1,
+            end_id=5,
+            max_length=8,
+            sampler=dec.RandomSampler(topk=8, temperature=temperature),
+            rng=jax.random.key(0),
+        ).ids
+        for temperature in (0.3, 3.0, 3.0)
+    ]
+    assert _translate._cache_size() == before + 1
+    np.testing.assert_array_equal(outputs[1], outputs[2])
+    assert not np.array_equal(outputs[0], outputs[1])

@@ -5,14 +5,19 @@ index first, as ``tf.nn.top_k`` and ``jax.lax.top_k`` do). ``RandomSampler`` fol
 top ``topk`` scores (all when 0), divide by the temperature, draw categorical samples *with replacement*;
 ``with_replacement=False`` draws distinct candidates instead (Gumbel-top-k), and ``top_p < 1`` keeps only
 the nucleus (Holtzman et al. 2020) of the tempered top-k distribution.
+
+Samplers are pytrees: options that change shapes or the algorithm (``topk``, ``top_p``,
+``with_replacement``) are static, the temperature is data. A jitted function that takes the sampler as
+an argument (``jaxformer.generate`` does) compiles once and serves every temperature.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jaxformer.typing import Array, Float, Int, PRNGKey
 
@@ -22,7 +27,7 @@ def _check_count(name: str, value: int, candidates: int):
         raise ValueError(f"{name}={value} exceeds the {candidates} candidates to choose from")
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class BestSampler:
     """Deterministic: the ``num_samples`` highest scores, best first."""
 
@@ -39,18 +44,19 @@ class BestSampler:
         return ids.astype(jnp.int32), top_scores
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class RandomSampler:
     """Sample from the top ``topk`` candidates (0: all) at ``temperature``.
 
     ``top_p`` (nucleus) and ``with_replacement=False`` (Gumbel-top-k, distinct picks) go beyond
-    OpenNMT-tf; their defaults reproduce it.
+    OpenNMT-tf; their defaults reproduce it. ``temperature`` may be a traced scalar (checked > 0 only
+    when it is a Python number).
     """
 
-    topk: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    with_replacement: bool = True
+    topk: int = struct.field(pytree_node=False, default=0)
+    temperature: Any = 1.0  # float, or a float32 scalar array
+    top_p: float = struct.field(pytree_node=False, default=1.0)
+    with_replacement: bool = struct.field(pytree_node=False, default=True)
     needs_rng = True
 
     def __post_init__(self):
@@ -58,7 +64,7 @@ class RandomSampler:
             raise ValueError(
                 f"RandomSampler: topk must be an int >= 0 (0 = all), got {self.topk!r}"
             )
-        if not self.temperature > 0:
+        if isinstance(self.temperature, int | float) and not self.temperature > 0:
             raise ValueError(f"RandomSampler: temperature must be > 0, got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"RandomSampler: top_p must be in (0, 1], got {self.top_p!r}")
