@@ -155,3 +155,16 @@ def test_a_source_longer_than_max_len_is_refused():
     model, params = make(Transformer, max_len=8)
     with pytest.raises(ValueError, match="max_len"):
         model.apply({"params": params}, jnp.ones((1, 9), jnp.int32), method=Transformer.encode)
+
+
+def test_dropout_acts_only_in_training():
+    model, params = make(Transformer, dropout=0.3, attention_dropout=0.3, ffn_dropout=0.3)
+    src, tgt = source_batch(), jnp.ones((3, 4), jnp.int32)
+    inference = model.apply({"params": params}, src, tgt)  # no dropout key needed
+    np.testing.assert_array_equal(inference, model.apply({"params": params}, src, tgt))
+    train = lambda seed: model.apply(
+        {"params": params}, src, tgt, deterministic=False, rngs={"dropout": jax.random.key(seed)}
+    )
+    np.testing.assert_array_equal(train(1), train(1))
+    assert not np.allclose(train(1), train(2))
+    assert not np.allclose(train(1), inference)
