@@ -28,8 +28,13 @@ def dot_product_attention(
     mask: Bool[Array, "..."] | None,
     relative_keys: Float[Array, "T S H"] | None = None,
     relative_values: Float[Array, "T S H"] | None = None,
+    dropout=None,
 ) -> tuple[Float[Array, "B T N H"], Float[Array, "B N T S"]]:
-    """Softmax attention of already-projected heads; returns the output and the probabilities."""
+    """Softmax attention of already-projected heads; returns the output and the probabilities.
+
+    ``dropout`` (training only) maps the probabilities to the weights actually applied to the values;
+    the returned probabilities are the undropped ones.
+    """
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
     if relative_keys is not None:
@@ -39,7 +44,7 @@ def dot_product_attention(
     probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S] float32
     if mask is not None:
         probs = jnp.where(mask, probs, 0.0)  # fully masked rows -> zeros, not a uniform spread
-    weights = probs.astype(v.dtype)
+    weights = (probs if dropout is None else dropout(probs)).astype(v.dtype)
     out = jnp.einsum("BNTS,BSNH->BTNH", weights, v)
     if relative_values is not None:
         out += jnp.einsum("BNTS,TSH->BTNH", weights, relative_values)
@@ -115,15 +120,10 @@ class MultiHeadAttention(nn.Module):
         return self.out(out), probs
 
     def _attend(self, q, k, v, mask, rel_k, rel_v, deterministic):
-        if deterministic or self.dropout == 0.0:
-            return dot_product_attention(q, k, v, mask, rel_k, rel_v)
-        # Dropout on the attention weights: recompute the output from the dropped weights.
-        _, probs = dot_product_attention(q, k, v, mask, rel_k, rel_v)
-        weights = self.attention_dropout(probs, deterministic=False).astype(v.dtype)
-        out = jnp.einsum("BNTS,BSNH->BTNH", weights, v)
-        if rel_v is not None:
-            out += jnp.einsum("BNTS,TSH->BTNH", weights, rel_v)
-        return out, probs
+        dropout = None
+        if not deterministic and self.dropout > 0.0:
+            dropout = lambda p: self.attention_dropout(p, deterministic=False)
+        return dot_product_attention(q, k, v, mask, rel_k, rel_v, dropout)
 
     def self_attend_cached(
         self, x: Float[Array, "B 1 D"], cache: KVCache, step: Int[Array, ""]
