@@ -104,7 +104,8 @@ def dynamic_decode(
     values exactly, defects included; the default corrects them (every returned field describes the same
     hypothesis; log_probs travel with their hypothesis; each token's attention comes from the row that
     generated it). ``chunk_size`` enables the early exit; ``trace`` returns the per-step tensors of the
-    OpenNMT-tf article in ``result.trace``. Call it inside ``jax.jit`` (all options are static).
+    OpenNMT-tf article in ``result.trace``. It runs eagerly or inside ``jax.jit``; every option is static
+    except the sampler's temperature, which may be traced.
     """
     _check_args(strategy, sampler, max_length, min_length, compat, rng, attention_size, end_id)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -128,7 +129,7 @@ def dynamic_decode(
         rng=rng,
     )
 
-    # Probe the step function's output shapes once (no compute) to build the idle record.
+    # The step function's output shapes (traced, not run) for the checks below.
     probe = jax.eval_shape(step_fn, initial.ids, jnp.int32(0), model_state)
     logits_shape, _, attention_shape = _unpack(probe)
     vocab = logits_shape.shape[-1]
