@@ -14,11 +14,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxformer.decoding.loop import EOS_PENALTY
 from jaxformer.encoder_decoder import Transformer
 from jaxformer.typing import Array, Int, PyTree
 
 
-@functools.partial(jax.jit, static_argnames=("model", "start_id", "end_id", "max_length"))
+@functools.partial(
+    jax.jit, static_argnames=("model", "start_id", "end_id", "max_length", "min_length")
+)
 def greedy_without_cache(
     model: Transformer,
     params: PyTree,
@@ -27,18 +30,25 @@ def greedy_without_cache(
     start_id: int,
     end_id: int,
     max_length: int,
+    min_length: int = 0,
 ) -> Int[Array, "B T"]:
-    """Greedy ids ``[B, max_length]`` (end_id after EOS), recomputing the whole prefix every step."""
+    """Greedy ids ``[B, max_length]`` (end_id after EOS), recomputing the whole prefix every step.
+
+    ``min_length`` adds ``dynamic_decode``'s EOS penalty before that step, so both give the same ids.
+    """
     memory, valid = model.apply({"params": params}, src_ids, method=Transformer.encode)
     batch = src_ids.shape[0]
     buffer = jnp.full([batch, max_length], start_id, jnp.int32)  # [B, T] decoder inputs
+    eos = jax.nn.one_hot(end_id, model.config.vocab_size, dtype=jnp.float32)[None]  # [1, V]
 
     def step(carry, t):
         buffer, finished = carry
         logits, _ = model.apply(
             {"params": params}, buffer, memory, valid, method=Transformer.decode
         )
-        token = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t, 1, keepdims=False), -1)  # [B]
+        logits = jax.lax.dynamic_index_in_dim(logits, t, 1, keepdims=False)  # [B, V]
+        logits = jnp.where(t < min_length, logits + EOS_PENALTY * eos, logits)
+        token = jnp.argmax(logits, -1)  # [B] the first maximum, as BestSampler
         token = jnp.where(finished, end_id, token).astype(jnp.int32)
         next_slot = jnp.minimum(t + 1, max_length - 1)
         buffer = jax.lax.dynamic_update_index_in_dim(buffer, token, next_slot, 1)

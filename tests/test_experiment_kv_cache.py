@@ -1,0 +1,67 @@
+"""The KV-cache experiment's smoke configuration runs end to end and its two paths agree."""
+
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+
+SCRIPT = pathlib.Path(__file__).parent.parent / "experiments" / "kv_cache.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("kv_cache", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kv_cache_smoke_writes_results_and_paths_agree(tmp_path):
+    kv_cache = load()
+    result = kv_cache.run(kv_cache.parse_args(["--smoke", "--out-dir", str(tmp_path)]))
+    saved = json.loads((tmp_path / "kv_cache.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert [(r["preset"], r["tokens"]) for r in saved["rows"]] == [("tiny", 8), ("tiny", 16)]
+    for row in saved["rows"]:
+        assert row["ids_agree"] and row["agreeing_tokens"] == row["tokens"]
+        for method in ("cached", "recompute"):
+            timing = row[method]
+            assert timing["repeats"] == len(timing["times_s"]) == 1
+            assert timing["ms_per_token"] > 0 and timing["compile_s"] > 0
+        assert np.isclose(
+            row["ratio"], row["recompute"]["ms_per_token"] / row["cached"]["ms_per_token"]
+        )
+    assert saved["all_ids_agree"]
+    assert set(saved["slopes"]["tiny"]) == {"cached", "recompute"}
+    assert saved["machine"]["cpu_count"] >= 1 and saved["machine"]["devices"]
+    png = tmp_path / "kv_cache.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recompute_equals_cached_on_a_batch(key):
+    """Both paths on a batch of 3, with a length where the untrained model varies its tokens."""
+    import jax
+
+    import jaxformer
+
+    kv_cache = load()
+    model = jaxformer.Transformer(jaxformer.preset("tiny"))
+    params = jaxformer.init_params(model, key)
+    # Larger weights make the untrained model's outputs vary, so the comparison means something.
+    params = jax.tree.map(lambda x: 3.0 * x if x.ndim == 2 else x, params)
+    src = jax.random.randint(jax.random.key(1), (3, 7), 3, 32)
+    kwargs = dict(start_id=kv_cache.START_ID, end_id=kv_cache.END_ID, length=20)
+    cached = np.asarray(
+        jax.jit(lambda p, s: kv_cache.cached_greedy(model, p, s, **kwargs))(params, src)
+    )
+    recomputed = np.asarray(
+        jax.jit(lambda p, s: kv_cache.recompute_greedy(model, p, s, **kwargs))(params, src)
+    )
+    assert cached.shape == recomputed.shape == (3, 20)
+    np.testing.assert_array_equal(cached, recomputed)
+    assert not (cached == kv_cache.END_ID).any()  # min_length == length: EOS is never picked
+    assert len(np.unique(cached)) > 3
+    assert kv_cache.first_mismatch(cached, recomputed) is None
+    other = cached.copy()
+    other[1, 5] = (other[1, 5] + 1) % 32
+    assert kv_cache.first_mismatch(cached, other) == 5
