@@ -33,6 +33,8 @@ def random_case(seed):
         end_id=int(rng.integers(0, vocab)),
         eos_bias=float(rng.choice([0.0, 1.5, 3.0])),
         force_beam=bool(beam == 1 and rng.random() < 0.5),
+        # Different start ids make batch entries diverge and finish at different steps.
+        start_ids=rng.integers(0, vocab, batch).astype(np.int32),
     )
     return case
 
@@ -40,7 +42,7 @@ def random_case(seed):
 CASES = [random_case(seed) for seed in range(48)]
 
 
-def run_both(case, compat):
+def run_reference_only(case, compat=None):
     step_np, state_np, params = toy_model(
         case["seed"],
         V=case["vocab"],
@@ -52,7 +54,7 @@ def run_both(case, compat):
         eos_id=case["end_id"],
         eos_bias=case["eos_bias"],
     )
-    start = np.ones([case["batch"]], np.int32) % case["vocab"]
+    start = case["start_ids"]
     beam = case["beam"] > 1 or case["force_beam"]
     expected = reference_decode(
         step_np,
@@ -69,6 +71,12 @@ def run_both(case, compat):
         compat=compat,
         strategy="beam" if beam else "greedy",
     )
+    return expected, params
+
+
+def run_both(case, compat):
+    expected, params = run_reference_only(case, compat)
+    beam = case["beam"] > 1 or case["force_beam"]
     strategy = (
         dec.BeamSearch(case["beam"], case["length_penalty"], case["coverage_penalty"])
         if beam
@@ -76,7 +84,7 @@ def run_both(case, compat):
     )
     got = dec.dynamic_decode(
         jax_toy_step_fn(params),
-        start,
+        case["start_ids"],
         case["end_id"],
         initial_state(params, case["batch"]),
         strategy=strategy,
@@ -104,6 +112,14 @@ def test_matches_the_numpy_reference(case, compat):
 def test_the_cases_exercise_what_matters():
     """Guard against a case generator that silently stops covering the hard paths."""
     n = len(CASES)
+    # Batch entries that end at different steps (their longest hypotheses differ in length).
+    uneven = 0
+    for case in CASES:
+        expected, _ = run_reference_only(case)
+        ends = (expected["ids"] == case["end_id"]).any(-1).all(-1)  # [B] every hypothesis ended
+        longest = expected["lengths"].max(-1)
+        uneven += bool(ends.any() and len(set(longest[ends].tolist())) > 1)
+    assert uneven >= 5
     assert sum(c["beam"] > 1 for c in CASES) > n // 2
     assert sum(c["coverage_penalty"] > 0 and c["beam"] > 1 for c in CASES) >= 5
     assert sum(c["tie_round"] for c in CASES) >= 5
