@@ -6,16 +6,30 @@ from jaxformer.config import PRESETS, TransformerConfig, preset
 from jaxformer.decoder_only import DecoderOnlyLM
 from jaxformer.encoder_decoder import Transformer
 from jaxformer.generate import generate, init_params, transformer_step_fn
+from jaxformer.hourglass import (
+    HOURGLASS_PRESETS,
+    HourglassCache,
+    HourglassConfig,
+    HourglassLM,
+    hourglass_preset,
+    hourglass_step_fn,
+)
 
 __all__ = [
+    "HOURGLASS_PRESETS",
     "PRESETS",
     "DecoderCache",
     "DecoderOnlyLM",
+    "HourglassCache",
+    "HourglassConfig",
+    "HourglassLM",
     "KVCache",
     "Transformer",
     "TransformerConfig",
     "decoding",
     "generate",
+    "hourglass_preset",
+    "hourglass_step_fn",
     "init_params",
     "preset",
     "transformer_step_fn",
