@@ -16,10 +16,13 @@ import numpy as np
 from jaxformer.decoder_only import DecoderOnlyLM
 from jaxformer.decoding import BestSampler, DecodingResult, GreedySearch, dynamic_decode
 from jaxformer.encoder_decoder import Transformer
+from jaxformer.hourglass import HourglassLM
 from jaxformer.typing import Array, Int, PRNGKey, PyTree
 
 
-def init_params(model: Transformer | DecoderOnlyLM, rng: PRNGKey, length: int = 4) -> PyTree:
+def init_params(
+    model: Transformer | DecoderOnlyLM | HourglassLM, rng: PRNGKey, length: int = 4
+) -> PyTree:
     """Random parameters for ``model`` (shapes do not depend on ``length``)."""
     ids = jnp.ones([1, length], jnp.int32)
     args = (ids, ids) if isinstance(model, Transformer) else (ids,)
@@ -87,22 +90,26 @@ def _continue(
     model, params, prompt_ids, rng, sampler, *, end_id, max_length, min_length, strategy, compat
 ):
     offset = prompt_ids.shape[1] - 1  # the last prompt token is the search's start id
+    lm = type(model)
     cache = model.apply(
-        {"params": params},
-        prompt_ids.shape[0],
-        offset + max_length,
-        method=DecoderOnlyLM.init_cache,
+        {"params": params}, prompt_ids.shape[0], offset + max_length, method=lm.init_cache
     )
-    if offset > 0:
-        _, cache = model.apply(
-            {"params": params}, prompt_ids[:, :-1], cache, method=DecoderOnlyLM.prefill
-        )
 
     def step_fn(ids, step, cache):
         logits, cache, _ = model.apply(
-            {"params": params}, ids, step + offset, cache, method=DecoderOnlyLM.decode_step
+            {"params": params}, ids, step + offset, cache, method=lm.decode_step
         )
         return logits, cache
+
+    if offset > 0 and hasattr(lm, "prefill"):  # the whole prompt in one pass
+        _, cache = model.apply({"params": params}, prompt_ids[:, :-1], cache, method=lm.prefill)
+    elif offset > 0:  # one cached step per prompt token, in a scan
+
+        def feed(cache, t):
+            _, cache = step_fn(prompt_ids[:, t], t - offset, cache)
+            return cache, None
+
+        cache, _ = jax.lax.scan(feed, cache, jnp.arange(offset, dtype=jnp.int32))
 
     return dynamic_decode(
         step_fn,
@@ -119,7 +126,7 @@ def _continue(
 
 
 def generate(
-    model: Transformer | DecoderOnlyLM,
+    model: Transformer | DecoderOnlyLM | HourglassLM,
     params: PyTree,
     inputs: Int[Array | np.ndarray, "B S"],
     *,
@@ -136,8 +143,10 @@ def generate(
     """Decode with a Transformer (``inputs`` = source ids) or continue prompts with a decoder-only LM.
 
     Encoder-decoder: every hypothesis starts from ``start_id``; ``max_length`` bounds the target.
-    Decoder-only: ``inputs`` are prompts of equal length P >= 1; the first P-1 tokens are prefilled into
-    the cache in one pass and the search starts from the last one; ``max_length`` new tokens at most.
+    Decoder-only (``DecoderOnlyLM``, ``HourglassLM``): ``inputs`` are prompts of equal length P >= 1; the
+    first P-1 tokens go into the cache (in one pass where the model has ``prefill``, else one cached
+    step per token inside a scan) and the search starts from the last one; ``max_length`` new tokens at
+    most.
     The whole thing is one jit-compiled function per shape and option set; the sampler's temperature is
     data, so changing it per call does not recompile.
     """
@@ -152,11 +161,13 @@ def generate(
             max_length=max_length, min_length=min_length, strategy=strategy,
             return_attention=return_attention, compat=compat,
         )  # fmt: skip
-    if isinstance(model, DecoderOnlyLM):
+    if isinstance(model, DecoderOnlyLM | HourglassLM):
         if return_attention:
             raise ValueError("a decoder-only LM has no source to return attention over")
         return _continue(
             model, params, inputs, rng, sampler, end_id=end_id, max_length=max_length,
             min_length=min_length, strategy=strategy, compat=compat,
         )  # fmt: skip
-    raise TypeError(f"generate needs a Transformer or DecoderOnlyLM, got {type(model).__name__}")
+    raise TypeError(
+        f"generate needs a Transformer, DecoderOnlyLM or HourglassLM, got {type(model).__name__}"
+    )

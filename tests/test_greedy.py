@@ -143,3 +143,19 @@ def test_attention_history_comes_from_the_cross_attention():
     _, attention = model.apply({"params": params}, tgt_in, memory, valid, method=Transformer.decode)
     keep = (jnp.arange(5)[None] <= result.lengths)[..., None]  # [B, T, 1]
     np.testing.assert_allclose(result.attention[:, 0], attention * keep, atol=1e-6)
+
+
+def test_hourglass_generate_continues_a_prompt_like_the_full_pass():
+    from jaxformer import HourglassLM, hourglass_preset, init_params
+
+    model = HourglassLM(hourglass_preset("tiny", hierarchy="1@1 1@2 1@1"))
+    params = init_params(model, jax.random.key(0))
+    params = jax.tree.map(lambda x: 3.0 * x if x.ndim == 2 else x, params)  # varied outputs
+    prompt = jax.random.randint(jax.random.key(10), (2, 5), 3, model.config.vocab_size)
+    result = generate(model, params, prompt, end_id=0, max_length=6)
+    ids = np.asarray(prompt)
+    for _ in range(6):  # greedy by recomputing the whole sequence
+        logits = model.apply({"params": params}, jnp.asarray(ids))
+        ids = np.concatenate([ids, np.asarray(jnp.argmax(logits[:, -1], -1))[:, None]], axis=1)
+    np.testing.assert_array_equal(result.ids[:, 0], ids[:, 5:])
+    assert len(np.unique(ids[:, 5:])) > 1
