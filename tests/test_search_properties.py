@@ -211,6 +211,8 @@ def test_bad_end_id_and_sampler_options_are_refused():
     step_fn, state, start = toy()
     with pytest.raises(ValueError, match="end_id"):
         dec.dynamic_decode(step_fn, start, 7, state, max_length=4)
+    with pytest.raises(ValueError, match="start_ids"):
+        dec.dynamic_decode(step_fn, start + 6, 2, state, max_length=4)
     with pytest.raises(ValueError, match="temperature"):
         dec.RandomSampler(temperature=0.0)
     with pytest.raises(ValueError, match="beam_size"):

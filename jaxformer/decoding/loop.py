@@ -137,6 +137,10 @@ def dynamic_decode(
         raise ValueError(f"end_id={end_id} is outside the vocabulary [0, {vocab})")
     if width > vocab:
         raise ValueError(f"beam_size={width} exceeds the vocabulary size {vocab}")
+    if not isinstance(start_ids, jax.core.Tracer):  # concrete ids can be checked before running
+        low, high = int(jnp.min(start_ids)), int(jnp.max(start_ids))
+        if low < 0 or high >= vocab:
+            raise ValueError(f"start_ids must be in [0, {vocab}), got values in [{low}, {high}]")
     if want_attention:
         if attention_shape is None:
             raise ValueError(
