@@ -122,15 +122,21 @@ def test_greedy_log_probs_equal_teacher_forced_likelihood():
     np.testing.assert_allclose(result.log_probs[:, 0], jnp.sum(log_probs * keep, axis=1), atol=1e-4)
 
 
+def lm_greedy_by_recomputation(model, params, prompt, steps):
+    """Greedy continuation of a language model, rerunning the whole sequence for every token."""
+    ids = np.asarray(prompt)
+    for _ in range(steps):
+        logits = model.apply({"params": params}, jnp.asarray(ids))
+        ids = np.concatenate([ids, np.asarray(jnp.argmax(logits[:, -1], -1))[:, None]], axis=1)
+    return ids[:, prompt.shape[1] :]
+
+
 def test_decoder_only_generate_continues_a_prompt_like_the_full_pass():
     model, params = make(DecoderOnlyLM)
     prompt = jax.random.randint(jax.random.key(9), (2, 5), 3, 32)
     result = generate(model, params, prompt, end_id=0, max_length=6)
-    ids = np.asarray(prompt)
-    for _ in range(6):  # greedy by recomputing the whole sequence
-        logits = model.apply({"params": params}, jnp.asarray(ids))
-        ids = np.concatenate([ids, np.asarray(jnp.argmax(logits[:, -1], -1))[:, None]], axis=1)
-    np.testing.assert_array_equal(result.ids[:, 0], ids[:, 5:])
+    continuation = lm_greedy_by_recomputation(model, params, prompt, 6)
+    np.testing.assert_array_equal(result.ids[:, 0], continuation)
 
 
 def test_attention_history_comes_from_the_cross_attention():
@@ -153,9 +159,6 @@ def test_hourglass_generate_continues_a_prompt_like_the_full_pass():
     params = jax.tree.map(lambda x: 3.0 * x if x.ndim == 2 else x, params)  # varied outputs
     prompt = jax.random.randint(jax.random.key(10), (2, 5), 3, model.config.vocab_size)
     result = generate(model, params, prompt, end_id=0, max_length=6)
-    ids = np.asarray(prompt)
-    for _ in range(6):  # greedy by recomputing the whole sequence
-        logits = model.apply({"params": params}, jnp.asarray(ids))
-        ids = np.concatenate([ids, np.asarray(jnp.argmax(logits[:, -1], -1))[:, None]], axis=1)
-    np.testing.assert_array_equal(result.ids[:, 0], ids[:, 5:])
-    assert len(np.unique(ids[:, 5:])) > 1
+    continuation = lm_greedy_by_recomputation(model, params, prompt, 6)
+    np.testing.assert_array_equal(result.ids[:, 0], continuation)
+    assert len(np.unique(continuation)) > 1
