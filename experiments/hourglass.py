@@ -79,10 +79,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxformer
+from jaxformer.baselines import lm_greedy_without_cache
 from jaxformer.data.batching import lm_windows
 from jaxformer.data.corpora import shakespeare_text, split_text
 from jaxformer.data.tokenizers import EOS_ID, CharTokenizer
-from jaxformer.decoding.loop import EOS_PENALTY
 from jaxformer.train import (
     TrainConfig,
     create_train_state,
@@ -263,28 +263,11 @@ def train_model(name, model, args, train_windows, valid_batches) -> dict:
 
 
 def recompute_greedy(model, params, prompt_ids, *, new_tokens: int, end_id: int = EOS_ID):
-    """Greedy ``[B, new_tokens]`` ids without a cache: the LM version of ``greedy_without_cache``.
-
-    A buffer ``[B, P + new_tokens]`` of static length holds the prompt (then zeros); a ``lax.scan``
-    over ``new_tokens`` steps reruns the full causal forward pass ``model(buffer)`` at every step,
-    reads the logits at position ``P - 1 + t`` (the causal mask makes the slots after it irrelevant),
-    adds ``dynamic_decode``'s EOS penalty (``min_length == new_tokens``: exactly as many tokens as the
-    cached path), takes the argmax and writes it into slot ``P + t``.
-    """
-    batch, prompt = prompt_ids.shape
-    buffer = jnp.zeros([batch, prompt + new_tokens], jnp.int32)
-    buffer = buffer.at[:, :prompt].set(prompt_ids)
-    eos = jax.nn.one_hot(end_id, model.config.vocab_size, dtype=jnp.float32)[None]  # [1, V]
-
-    def step(buffer, t):
-        logits = model.apply({"params": params}, buffer)  # [B, P + N, V]
-        logits = jax.lax.dynamic_index_in_dim(logits, prompt - 1 + t, 1, keepdims=False)
-        token = jnp.argmax(logits + EOS_PENALTY * eos, -1).astype(jnp.int32)  # [B]
-        buffer = jax.lax.dynamic_update_index_in_dim(buffer, token, prompt + t, 1)
-        return buffer, token
-
-    _, tokens = jax.lax.scan(step, buffer, jnp.arange(new_tokens, dtype=jnp.int32))
-    return tokens.T  # [N, B] -> [B, N]
+    """Greedy ``[B, new_tokens]`` ids without a cache (``jaxformer.baselines.lm_greedy_without_cache``):
+    the full causal pass over a static buffer at every step, exactly ``new_tokens`` tokens."""
+    return lm_greedy_without_cache(
+        model, params, prompt_ids, end_id=end_id, max_length=new_tokens, min_length=new_tokens
+    )
 
 
 def cached_greedy(model, params, prompt_ids, *, new_tokens: int, end_id: int = EOS_ID):

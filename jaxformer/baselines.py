@@ -1,10 +1,11 @@
-"""Decoding without a KV cache: the baseline that shows what the cache buys.
+"""Decoding without a KV cache: the baselines that show what the cache buys.
 
 ``greedy_without_cache`` is the textbook loop (the Annotated Transformer's ``greedy_decode``) made
 static-shape so it compiles once: at step t it reruns the teacher-forced decoder over the whole target
 buffer of length ``max_length`` (the causal mask makes the slots after t irrelevant) and reads position
 t. Every step therefore pays for the full padded length; a growing-prefix loop would pay for t tokens
-but needs one compilation per length.
+but needs one compilation per length. ``lm_greedy_without_cache`` is the same for decoder-only models
+(``DecoderOnlyLM``, ``HourglassLM``) continuing a prompt.
 """
 
 from __future__ import annotations
@@ -57,4 +58,35 @@ def greedy_without_cache(
     _, tokens = jax.lax.scan(
         step, (buffer, jnp.zeros([batch], bool)), jnp.arange(max_length, dtype=jnp.int32)
     )
+    return tokens.T  # [T, B] -> [B, T]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "end_id", "max_length", "min_length"))
+def lm_greedy_without_cache(
+    model,
+    params: PyTree,
+    prompt_ids: Int[Array, "B P"],
+    *,
+    end_id: int,
+    max_length: int,
+    min_length: int = 0,
+) -> Int[Array, "B T"]:
+    """Greedy continuation ``[B, max_length]`` of equal-length prompts, rerunning the full causal pass.
+
+    A buffer ``[B, P + max_length]`` holds the prompt; step t reads the logits at ``P - 1 + t`` and
+    writes its token into slot ``P + t``. ``min_length`` adds ``dynamic_decode``'s EOS penalty, so the
+    ids equal ``jaxformer.generate``'s; unlike it, tokens after an EOS are not forced to EOS.
+    """
+    batch, prompt = prompt_ids.shape
+    buffer = jnp.zeros([batch, prompt + max_length], jnp.int32).at[:, :prompt].set(prompt_ids)
+    eos = jax.nn.one_hot(end_id, model.config.vocab_size, dtype=jnp.float32)[None]  # [1, V]
+
+    def step(buffer, t):
+        logits = model.apply({"params": params}, buffer)  # [B, P + T, V]
+        logits = jax.lax.dynamic_index_in_dim(logits, prompt - 1 + t, 1, keepdims=False)  # [B, V]
+        logits = jnp.where(t < min_length, logits + EOS_PENALTY * eos, logits)
+        token = jnp.argmax(logits, -1).astype(jnp.int32)  # [B]
+        return jax.lax.dynamic_update_index_in_dim(buffer, token, prompt + t, 1), token
+
+    _, tokens = jax.lax.scan(step, buffer, jnp.arange(max_length, dtype=jnp.int32))
     return tokens.T  # [T, B] -> [B, T]

@@ -1,5 +1,8 @@
 """Small shared fixtures for the model tests."""
 
+import importlib.util
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,10 +47,23 @@ def with_embedding_offset(fn, delta, module_name):
         return fn()
 
 
+EXPERIMENTS = pathlib.Path(__file__).parent.parent / "experiments"
+
+
+def load_experiment(name: str):
+    """Import ``experiments/NAME.py`` (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"experiment_{name}", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 __all__ = [
+    "EXPERIMENTS",
     "VARIANTS",
     "DecoderOnlyLM",
     "Transformer",
+    "load_experiment",
     "make",
     "source_batch",
     "with_embedding_offset",

@@ -1,18 +1,13 @@
 """The hourglass experiment's smoke configuration runs end to end and writes sane results."""
 
-import importlib.util
 import json
 import math
-import pathlib
 
-SCRIPT = pathlib.Path(__file__).parent.parent / "experiments" / "hourglass.py"
+from helpers import load_experiment
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("hourglass_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("hourglass")
 
 
 def test_hourglass_smoke_writes_results(tmp_path):

@@ -1,19 +1,14 @@
 """The KV-cache experiment's smoke configuration runs end to end and its two paths agree."""
 
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 
-SCRIPT = pathlib.Path(__file__).parent.parent / "experiments" / "kv_cache.py"
+from helpers import load_experiment
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("kv_cache", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("kv_cache")
 
 
 def test_kv_cache_smoke_writes_results_and_paths_agree(tmp_path):

@@ -1,20 +1,13 @@
 """Every experiment's smoke configuration runs end to end."""
 
-import importlib.util
-import pathlib
 import subprocess
 import sys
 
 import numpy as np
 
-EXPERIMENTS = pathlib.Path(__file__).parent.parent / "experiments"
+from helpers import EXPERIMENTS, load_experiment
 
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+load = load_experiment
 
 
 def test_beam_walkthrough_shows_the_article_tensors():
