@@ -1,0 +1,251 @@
+"""Write a jaxformer encoder-decoder as a CTranslate2 model directory.
+
+The model is described with CTranslate2's own specification classes (``ctranslate2.specs``) and saved by
+its ``Converter`` machinery (validation, aliasing of shared weights, optional quantization), so the
+directory is whatever the installed CTranslate2 itself writes: ``model.bin``, ``config.json`` and the
+vocabularies (``shared_vocabulary.json`` when source and target are the same list).
+
+How jaxformer's parameters map onto the specification (kernels are ``[in, out]`` in Flax and
+``[out, in]`` in CTranslate2, hence the transposes):
+
+=====================================  =================================================================
+jaxformer                              CTranslate2 spec
+=====================================  =================================================================
+``*_embedding/embedding [V, D]``       ``embeddings.weight``; ``scale_embeddings`` multiplies by sqrt(D)
+sinusoidal table ``[max_len, D]``      ``position_encodings.encodings`` (given explicitly: our channels
+                                       interleave sin/cos, CTranslate2's built-in table concatenates them)
+``maximum_relative_position`` M > 0    ``relative_position_keys/values [2M+1, H]``; no position table
+``self_attention/qkv [D, 3, N, H]``    ``self_attention.linear[0]`` fused ``[3D, D]``: q, k, v stacked
+``memory_attention/query``, ``kv``     ``attention.linear[0]`` ``[D, D]``, ``linear[1]`` fused ``[2D, D]``
+``*/out [N, H, D]``                    ``linear[-1]`` ``[D, D]``
+``norm_self`` / ``norm_attention``     ``self_attention.layer_norm``; ``norm_memory``: ``attention.
+                                       layer_norm``; ``norm_ffn``: ``ffn.layer_norm`` (before the
+                                       sublayer in pre-norm, after the residual in post-norm)
+``ffn/inner``, ``ffn/outer``           ``ffn.linear_0``, ``ffn.linear_1`` (ReLU between)
+``final_norm`` (pre-norm only)         ``encoder.layer_norm``, ``decoder.layer_norm``
+``output`` or the tied table           ``decoder.projection`` (no bias when tied)
+=====================================  =================================================================
+
+Token ids: jaxformer uses pad 0, bos 1, eos 2, unk 3, the order of OpenNMT's ``<blank> <s> </s> <unk>``.
+CTranslate2 finds its special tokens by string, so the model's ``config.json`` names the strings that
+sit at ids 1, 2 and 3 of the given vocabularies. ``ids_vocab(n)`` makes a vocabulary of placeholder
+strings for callers that work with ids only.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxformer.config import TransformerConfig
+from jaxformer.positions import sinusoidal_table
+
+SPECIAL_TOKENS = ("<blank>", "<s>", "</s>", "<unk>")  # ids 0..3: pad, bos, eos, unk
+LAYER_NORM_EPSILON = 1e-6  # jaxformer.layers.layer_norm
+QUANTIZATIONS = (
+    None,
+    "int8",
+    "int8_float32",
+    "int8_float16",
+    "int8_bfloat16",
+    "int16",
+    "float16",
+    "bfloat16",
+    "float32",
+)
+
+
+def ids_vocab(size: int) -> list[str]:
+    """A vocabulary of ``size`` placeholder tokens: the four specials, then ``"4"``, ``"5"``, ...
+
+    Token i (i >= 4) is the string ``str(i)``, so a sequence of ids round-trips through CTranslate2 as
+    ``[str(i) for i in ids]`` and back with ``int(token)``.
+    """
+    if not isinstance(size, int) or size < len(SPECIAL_TOKENS):
+        raise ValueError(f"size must be an int >= {len(SPECIAL_TOKENS)}, got {size!r}")
+    return [*SPECIAL_TOKENS, *(str(i) for i in range(len(SPECIAL_TOKENS), size))]
+
+
+def _ct2():
+    try:
+        import ctranslate2
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "to_ctranslate2 needs CTranslate2: pip install 'jaxformer[ctranslate2]'"
+        ) from error
+    return ctranslate2
+
+
+def _np(x) -> np.ndarray:
+    # A writable copy: CTranslate2 quantizes the arrays in place.
+    return np.array(x, dtype=np.float32, order="C")
+
+
+def _linear(spec, kernel, bias, in_dims: int = 1):
+    """Flax ``[in..., out...]`` kernel -> CTranslate2 ``[out, in]`` weight."""
+    kernel = _np(kernel)
+    fan_in = int(np.prod(kernel.shape[:in_dims]))
+    spec.weight = _np(kernel.reshape(fan_in, -1).T)
+    if bias is not None:
+        spec.bias = _np(bias).reshape(-1)
+
+
+def _dense(spec, params: Mapping, in_dims: int = 1):
+    _linear(spec, params["kernel"], params.get("bias"), in_dims)
+
+
+def _norm(spec, params: Mapping):
+    spec.gamma = _np(params["scale"])
+    spec.beta = _np(params["bias"])
+
+
+def _self_attention(spec, params: Mapping, norm: Mapping, relative: bool):
+    _norm(spec.layer_norm, norm)
+    _dense(spec.linear[0], params["qkv"])  # [D, 3, N, H] -> [3D, D]
+    _dense(spec.linear[1], params["out"], in_dims=2)  # [N, H, D] -> [D, D]
+    if relative:
+        spec.relative_position_keys = _np(params["relative_keys"])
+        spec.relative_position_values = _np(params["relative_values"])
+
+
+def _cross_attention(spec, params: Mapping, norm: Mapping):
+    _norm(spec.layer_norm, norm)
+    _dense(spec.linear[0], params["query"])  # [D, N, H] -> [D, D]
+    _dense(spec.linear[1], params["kv"])  # [D, 2, N, H] -> [2D, D]
+    _dense(spec.linear[2], params["out"], in_dims=2)
+
+
+def _ffn(spec, params: Mapping, norm: Mapping):
+    _norm(spec.layer_norm, norm)
+    _dense(spec.linear_0, params["inner"])
+    _dense(spec.linear_1, params["outer"])
+
+
+def _inputs(spec, embedding: Mapping, config: TransformerConfig):
+    # The encoder spec holds a list of embeddings (one per source feature), the decoder just one.
+    tables = spec.embeddings if isinstance(spec.embeddings, list) else [spec.embeddings]
+    for table in tables:
+        table.weight = _np(embedding["embedding"])
+    if not config.relative:
+        spec.position_encodings.encodings = sinusoidal_table(config.max_len, config.d_model)
+
+
+def _check_vocab(name: str, vocab: Sequence[str], size: int):
+    if isinstance(vocab, str) or not all(isinstance(t, str) for t in vocab):
+        raise TypeError(f"{name} must be a list of token strings")
+    if len(vocab) != size:
+        raise ValueError(f"{name} has {len(vocab)} tokens but the model's vocabulary has {size}")
+    if len(set(vocab)) != len(vocab):
+        raise ValueError(f"{name} has duplicate tokens")
+    if size < len(SPECIAL_TOKENS):
+        raise ValueError(f"{name} needs ids 0..3 for pad, bos, eos, unk")
+
+
+def build_spec(
+    config: TransformerConfig,
+    params: Mapping[str, Any],
+    source_vocab: Sequence[str],
+    target_vocab: Sequence[str],
+):
+    """The ``ctranslate2.specs.TransformerSpec`` of a jaxformer encoder-decoder, weights filled in."""
+    ct2 = _ct2()
+    specs = ct2.specs
+    if not isinstance(config, TransformerConfig):
+        raise TypeError(f"model_config must be a TransformerConfig, got {type(config).__name__}")
+    if config.num_encoder_layers < 1:
+        raise ValueError("model_config: CTranslate2 needs an encoder (num_encoder_layers >= 1)")
+    _check_vocab("source_vocab", source_vocab, config.source_vocab_size)
+    _check_vocab("target_vocab", target_vocab, config.vocab_size)
+    if config.pad_id != 0:
+        raise ValueError(f"model_config.pad_id must be 0 for CTranslate2, got {config.pad_id}")
+    for part in ("encoder", "decoder", "target_embedding"):
+        if part not in params:
+            raise ValueError(f"params has no {part!r}: is it a jaxformer Transformer's params?")
+
+    encoder = specs.TransformerEncoderSpec(
+        config.num_encoder_layers,
+        config.num_heads,
+        pre_norm=config.pre_norm,
+        relative_position=config.relative,
+    )
+    decoder = specs.TransformerDecoderSpec(
+        config.num_decoder_layers,
+        config.num_heads,
+        pre_norm=config.pre_norm,
+        relative_position=config.relative,
+    )
+    spec = specs.TransformerSpec(encoder, decoder)
+    spec.config.layer_norm_epsilon = LAYER_NORM_EPSILON
+    spec.config.unk_token = target_vocab[3]
+    spec.config.bos_token = target_vocab[1]
+    spec.config.eos_token = target_vocab[2]
+    spec.config.decoder_start_token = target_vocab[1]
+
+    source_embedding = params["target_embedding" if config.share_embeddings else "source_embedding"]
+    _inputs(encoder, source_embedding, config)
+    _inputs(decoder, params["target_embedding"], config)
+
+    enc = params["encoder"]
+    for i, layer in enumerate(encoder.layer):
+        p = enc[f"layer_{i}"]
+        _self_attention(
+            layer.self_attention, p["self_attention"], p["norm_attention"], config.relative
+        )
+        _ffn(layer.ffn, p["ffn"], p["norm_ffn"])
+    dec = params["decoder"]
+    for i, layer in enumerate(decoder.layer):
+        p = dec[f"layer_{i}"]
+        _self_attention(layer.self_attention, p["self_attention"], p["norm_self"], config.relative)
+        _cross_attention(layer.attention, p["memory_attention"], p["norm_memory"])
+        _ffn(layer.ffn, p["ffn"], p["norm_ffn"])
+    if config.pre_norm:
+        _norm(encoder.layer_norm, enc["final_norm"])
+        _norm(decoder.layer_norm, dec["final_norm"])
+
+    if config.share_output_embeddings:
+        decoder.projection.weight = _np(params["target_embedding"]["embedding"])  # [V, D]
+    else:
+        _dense(decoder.projection, params["output"])
+
+    spec.register_source_vocabulary(list(source_vocab))
+    spec.register_target_vocabulary(list(target_vocab))
+    return spec
+
+
+def to_ctranslate2(
+    model_config: TransformerConfig,
+    params,
+    output_dir,
+    *,
+    source_vocab: list[str],
+    target_vocab: list[str],
+    quantization: str | None = None,
+) -> pathlib.Path:
+    """Write ``params`` of a ``Transformer(model_config)`` as a CTranslate2 model in ``output_dir``.
+
+    ``source_vocab`` / ``target_vocab``: the token string of every id (``ids_vocab(n)`` when there are
+    none); ids 0..3 must be pad, bos, eos, unk. ``quantization``: CTranslate2's weight type
+    (``"int8"``, ``"float16"``, ...; None keeps float32). An existing ``output_dir`` is replaced.
+    Returns the directory; load it with ``ctranslate2.Translator(str(path))``.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    spec = build_spec(model_config, params, source_vocab, target_vocab)
+    converter = _spec_converter(spec)
+    out = pathlib.Path(output_dir)
+    converter.convert(str(out), quantization=quantization, force=True)
+    return out
+
+
+def _spec_converter(spec):
+    """A CTranslate2 ``Converter`` whose model is an already built specification."""
+    converters = _ct2().converters
+
+    class SpecConverter(converters.Converter):
+        def _load(self):
+            return spec
+
+    return SpecConverter()
