@@ -29,7 +29,7 @@ def test_beam_walkthrough_shows_the_article_tensors():
 
 def test_demo_runs_and_cached_equals_recomputed():
     done = subprocess.run(
-        [sys.executable, str(EXPERIMENTS / "demo.py"), "--batch", "2", "--length", "8"],
+        [sys.executable, str(EXPERIMENTS / "cache_demo.py"), "--batch", "2", "--length", "8"],
         capture_output=True,
         text=True,
         timeout=300,

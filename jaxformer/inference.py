@@ -1,0 +1,262 @@
+"""Text in, text out: translate lines batched by length, continue prompts, score with BLEU.
+
+    options = DecodeOptions(beam_size=4, length_penalty=0.6)
+    outputs = translate_texts(model, params, src_tok, tgt_tok, lines, options)
+    outputs[i].texts[0]                         # the best hypothesis of line i; .scores alongside
+    corpus_scores([o.texts[0] for o in outputs], references)   # {"bleu": ..., "exact_match": ...}
+
+Lines are sorted by length and cut into batches of ``batch_size`` whose source length is rounded up
+to a multiple of ``length_step``, and the last batch is filled with empty rows: a file of any size
+compiles only a handful of shapes (one per length bucket), and results come back in input order.
+Decoding a row does not depend on the other rows of its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from jaxformer.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from jaxformer.decoding import BeamSearch, BestSampler, GreedySearch, RandomSampler
+from jaxformer.generate import generate
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """Search options, as OpenNMT-tf's ``params`` (``beam_width``, ``sampling_topk``, ...) name them.
+
+    ``sampling_topk``: 1 is greedy / beam search (the default); 0 samples from the full
+    distribution; k > 1 from the k most likely tokens, with ``sampling_temperature``.
+    ``max_length``: the most target tokens per hypothesis. A hypothesis that reaches it without EOS
+    is returned as it is (``truncated`` tells how many did), as OpenNMT-tf does.
+    """
+
+    beam_size: int = 1
+    length_penalty: float = 0.0
+    coverage_penalty: float = 0.0
+    sampling_topk: int = 1
+    sampling_temperature: float = 1.0
+    min_length: int = 0
+    max_length: int = 250
+    n_best: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        def need(ok: bool, message: str):
+            if not ok:
+                raise ValueError(message)
+
+        need(self.beam_size >= 1, f"beam_size must be >= 1, got {self.beam_size}")
+        need(self.sampling_topk >= 0, f"sampling_topk must be >= 0, got {self.sampling_topk}")
+        need(
+            self.sampling_temperature > 0,
+            f"sampling_temperature must be > 0, got {self.sampling_temperature}",
+        )
+        need(self.max_length >= 1, f"max_length must be >= 1, got {self.max_length}")
+        need(
+            0 <= self.min_length <= self.max_length,
+            f"min_length must be in [0, max_length={self.max_length}], got {self.min_length}",
+        )
+        need(
+            1 <= self.n_best <= self.beam_size,
+            f"n_best must be in [1, beam_size={self.beam_size}], got {self.n_best}",
+        )
+        need(self.length_penalty >= 0, f"length_penalty must be >= 0, got {self.length_penalty}")
+        need(
+            self.coverage_penalty >= 0,
+            f"coverage_penalty must be >= 0, got {self.coverage_penalty}",
+        )
+
+    @property
+    def strategy(self) -> GreedySearch | BeamSearch:
+        if self.beam_size == 1:
+            return GreedySearch()
+        return BeamSearch(
+            self.beam_size,
+            length_penalty=self.length_penalty,
+            coverage_penalty=self.coverage_penalty,
+            num_hypotheses=self.n_best,
+        )
+
+    @property
+    def sampler(self) -> BestSampler | RandomSampler:
+        if self.sampling_topk == 1:
+            return BestSampler()
+        return RandomSampler(topk=self.sampling_topk, temperature=self.sampling_temperature)
+
+    @property
+    def rng(self) -> jax.Array | None:
+        return None if self.sampling_topk == 1 else jax.random.key(self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    texts: list[str]  # n-best hypotheses, best first
+    scores: list[float]  # their search scores (log-probabilities, with penalties for beams)
+    truncated: bool  # the best hypothesis stopped at max_length without EOS
+
+
+def _round_up(n: int, step: int) -> int:
+    return max(step, -(-n // step) * step)
+
+
+def encode_sources(
+    tokenizer: Tokenizer, lines: Sequence[str], max_source_length: int, truncate: bool = False
+) -> list[list[int]]:
+    """Token ids of each line; a line longer than ``max_source_length`` tokens raises (names it)
+    unless ``truncate``, which keeps its first ``max_source_length`` tokens."""
+    out = []
+    for number, line in enumerate(lines, 1):
+        ids = tokenizer.encode(line)
+        if len(ids) > max_source_length:
+            if not truncate:
+                raise ValueError(
+                    f"input line {number} has {len(ids)} tokens, more than the model's maximum "
+                    f"source length {max_source_length} (pass truncate=True / --truncate to keep "
+                    "the first tokens)"
+                )
+            ids = ids[:max_source_length]
+        out.append(ids)
+    return out
+
+
+def length_batches(
+    sequences: Sequence[Sequence[int]], batch_size: int, length_step: int = 16
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``[(index int32[B], ids int32[B, S])]``: sorted by length, padded to buckets; index -1 = filler."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        length = _round_up(max(len(sequences[i]) for i in chunk), length_step)
+        ids = np.full((batch_size, length), PAD_ID, np.int32)
+        index = np.full((batch_size,), -1, np.int32)
+        for row, i in enumerate(chunk):
+            ids[row, : len(sequences[i])] = sequences[i]
+            index[row] = i
+        batches.append((index, ids))
+    return batches
+
+
+def translate_texts(
+    model,
+    params,
+    src_tokenizer: Tokenizer,
+    tgt_tokenizer: Tokenizer,
+    lines: Sequence[str],
+    options: DecodeOptions = DecodeOptions(),
+    *,
+    batch_size: int = 32,
+    truncate: bool = False,
+    progress: bool = False,
+) -> list[Output]:
+    """Translates ``lines`` (in order). Empty lines translate to an empty output without decoding."""
+    sources = encode_sources(src_tokenizer, lines, model.config.max_len, truncate)
+    todo = [i for i, ids in enumerate(sources) if ids]
+    outputs: list[Output | None] = [
+        None if ids else Output([""] * options.n_best, [0.0] * options.n_best, False)
+        for ids in sources
+    ]
+    batches = length_batches([sources[i] for i in todo], batch_size)
+    bar = _progress(len(todo), progress, "translating")
+    rng = options.rng
+    for index, ids in batches:
+        if rng is not None:
+            rng, key = jax.random.split(rng)
+        else:
+            key = None
+        result = generate(
+            model,
+            params,
+            ids,
+            start_id=BOS_ID,
+            end_id=EOS_ID,
+            max_length=options.max_length,
+            min_length=options.min_length,
+            strategy=options.strategy,
+            sampler=options.sampler,
+            rng=key,
+        )
+        hyp_ids, lengths, scores = jax.device_get((result.ids, result.lengths, result.scores))
+        for row, i in enumerate(index.tolist()):
+            if i < 0:
+                continue
+            texts = [
+                tgt_tokenizer.decode(hyp_ids[row, k, : lengths[row, k]].tolist())
+                for k in range(options.n_best)
+            ]
+            truncated = bool(lengths[row, 0] >= options.max_length)  # no EOS within the limit
+            outputs[todo[i]] = Output(texts, scores[row, : options.n_best].tolist(), truncated)
+            bar.update(1)
+    bar.close()
+    return [o for o in outputs if o is not None]
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="line", leave=False)
+
+
+def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Corpus BLEU (sacrebleu, its default 13a tokenisation) and exact match, both in percent."""
+    import sacrebleu
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    if not hypotheses:
+        raise ValueError("corpus_scores needs at least one hypothesis")
+    bleu = sacrebleu.corpus_bleu(list(hypotheses), [list(references)])
+    exact = np.mean([h.strip() == r.strip() for h, r in zip(hypotheses, references, strict=True)])
+    return {"bleu": float(bleu.score), "exact_match": 100.0 * float(exact)}
+
+
+def continue_texts(
+    model,
+    params,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    options: DecodeOptions,
+) -> list[Output]:
+    """Language models: the continuation of each prompt (at least one token each).
+
+    Prompts of equal token length share a batch (the LM's prefill takes equal lengths).
+    """
+    encoded = [tokenizer.encode(p) for p in prompts]
+    for number, ids in enumerate(encoded, 1):
+        if not ids:
+            raise ValueError(f"prompt {number} is empty: a language model needs >= 1 token")
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        groups.setdefault(len(ids), []).append(i)
+    outputs: list[Output | None] = [None] * len(prompts)
+    rng = options.rng
+    for _, members in sorted(groups.items()):
+        ids = np.asarray([encoded[i] for i in members], np.int32)
+        if rng is not None:
+            rng, key = jax.random.split(rng)
+        else:
+            key = None
+        result = generate(
+            model,
+            params,
+            ids,
+            end_id=EOS_ID,
+            max_length=options.max_length,
+            min_length=options.min_length,
+            strategy=options.strategy,
+            sampler=options.sampler,
+            rng=key,
+        )
+        hyp_ids, lengths, scores = jax.device_get((result.ids, result.lengths, result.scores))
+        for row, i in enumerate(members):
+            texts = [
+                tokenizer.decode(hyp_ids[row, k, : lengths[row, k]].tolist())
+                for k in range(options.n_best)
+            ]
+            truncated = bool(lengths[row, 0] >= options.max_length)
+            outputs[i] = Output(texts, scores[row, : options.n_best].tolist(), truncated)
+    return [o for o in outputs if o is not None]

@@ -1,0 +1,340 @@
+"""``fit(config, workdir)``: a whole training run, resumable, as ``jaxformer train`` runs it.
+
+    config = load_config("experiments/configs/num2words.py", "demo")
+    summary = fit(config, "runs/num2words")      # trains, evaluates, saves; resumes if interrupted
+    run = load_run("runs/num2words")             # config, model, best parameters, tokenizers
+
+A workdir holds everything a run needs and makes::
+
+    config.json            the resolved ExperimentConfig (vocabulary sizes filled in)
+    tokenizers/            source/ and target/ (trained on the training split)
+    checkpoints/           orbax: the last run.keep_checkpoints steps plus the best validation loss
+    metrics.jsonl          train/* every run.log_every steps, valid/* at every evaluation
+    tensorboard/           the same scalars for TensorBoard
+    curves.png             learning curves, drawn at the end
+    summary.json           the final evaluation
+
+Running ``fit`` again on a workdir continues from its latest checkpoint: the batches of step s are a
+function of s (see ``EpochBatches``) and the dropout key is ``fold_in(seed, s)``, so the continued run
+is the uninterrupted one, step for step. A workdir whose stored model, data or optimiser settings
+differ from the config given is refused (only ``run.*`` may change, e.g. to train longer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxformer import checkpoint as ckpt
+from jaxformer.data import datasets
+from jaxformer.decoder_only import DecoderOnlyLM
+from jaxformer.encoder_decoder import Transformer
+from jaxformer.experiment import ExperimentConfig, load_json, save_json, to_dict
+from jaxformer.generate import init_params
+from jaxformer.inference import DecodeOptions, corpus_scores, translate_texts
+from jaxformer.metrics import MetricsLog, plot_curves
+from jaxformer.train import (
+    create_train_state,
+    evaluate,
+    make_eval_step,
+    make_train_step,
+)
+
+
+def build_model(config: ExperimentConfig) -> Transformer | DecoderOnlyLM:
+    return Transformer(config.model) if config.task == "translate" else DecoderOnlyLM(config.model)
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_step(model):
+    return make_eval_step(model)
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(model, optim):
+    """One jit-compiled step per (model, optimiser) settings and process: a resumed or repeated
+    run in the same process (tests, notebooks) reuses the compiled programs."""
+    return make_train_step(model, optim)
+
+
+@dataclasses.dataclass
+class Data:
+    """Everything ``fit`` reads: tokenizers, the batches of each step, held-out sets."""
+
+    source_tokenizer: Any
+    target_tokenizer: Any
+    train: datasets.EpochBatches
+    valid_batches: list[dict[str, np.ndarray]]
+    valid_pairs: list[tuple[str, str]]  # translation: decoded for BLEU / exact match
+    test_pairs: list[tuple[str, str]]
+    test_batches: list[dict[str, np.ndarray]]
+
+
+def prepare(config: ExperimentConfig, workdir: Path) -> tuple[ExperimentConfig, Data]:
+    """Loads the corpus, fits (or reloads) tokenizers, sets the vocabulary sizes in the config."""
+    data, run = config.data, config.run
+    if config.task == "translate":
+        split = datasets.text_pairs(data)
+        src_tok, tgt_tok = datasets.tokenizers(
+            data,
+            workdir,
+            [s for s, _ in split.train],
+            [t for _, t in split.train],
+            shared=config.model.share_embeddings,
+        )
+        assert src_tok is not None
+        model = config.model.replace(
+            vocab_size=tgt_tok.vocab_size, src_vocab_size=src_tok.vocab_size
+        )
+        train_ids = datasets.token_pairs(split.train, src_tok, tgt_tok)
+
+        def held_out(pairs):
+            settings = datasets.batch_config(data, run.batch_size, 0, train=False)
+            batches, _ = datasets.bucket_batches(
+                datasets.token_pairs(pairs, src_tok, tgt_tok), settings, seed=None
+            )
+            return [datasets.as_arrays(b) for b in batches]
+
+        # Held-out examples over the length limit are left out of the loss (and counted in the
+        # summary), never truncated; BLEU / exact match decode every held-out example.
+        limit = data.max_length - 1
+        fits = lambda p: len(src_tok.encode(p[0])) <= limit and len(tgt_tok.encode(p[1])) <= limit
+        return config.replace(model=model), Data(
+            src_tok,
+            tgt_tok,
+            datasets.translation_batches(train_ids, data, run.batch_size),
+            held_out([p for p in split.valid if fits(p)]),
+            split.valid,
+            split.test,
+            held_out([p for p in split.test if fits(p)]),
+        )
+    split_text = datasets.text_stream(data)
+    _, tok = datasets.tokenizers(data, workdir, None, [split_text.train], shared=False)
+    model = config.model.replace(vocab_size=tok.vocab_size, src_vocab_size=None)
+
+    def windows(text):
+        w = datasets.lm_windows(tok.encode(text), data.max_length, run.batch_size, seed=None)
+        return [{"ids": b[:, :-1], "targets": b[:, 1:]} for b in w]
+
+    return config.replace(model=model), Data(
+        None,
+        tok,
+        datasets.lm_batches(tok.encode(split_text.train), data, run.batch_size),
+        windows(split_text.valid),
+        [],
+        [],
+        windows(split_text.test),
+    )
+
+
+def _check_same_run(stored: ExperimentConfig, config: ExperimentConfig, workdir: Path) -> None:
+    old, new = to_dict(stored), to_dict(config)
+    changed = [
+        f"{section}.{key}: {old[section][key]!r} -> {new[section][key]!r}"
+        for section in ("data", "model", "optim")
+        for key in old[section]
+        if old[section][key] != new[section][key]
+    ]
+    if old["task"] != new["task"]:
+        changed.insert(0, f"task: {old['task']} -> {new['task']}")
+    if changed:
+        raise ValueError(
+            f"{workdir} holds a run with other settings (only run.* may change on resume); use a "
+            "new --workdir or the stored config. Differences:\n  " + "\n  ".join(changed)
+        )
+
+
+def evaluate_run(
+    config: ExperimentConfig,
+    model,
+    params,
+    data: Data,
+    *,
+    split: str = "valid",
+    examples: int | None = None,
+    options: DecodeOptions | None = None,
+    decode: bool = True,
+) -> dict[str, float]:
+    """Held-out loss, perplexity, bits per token and token accuracy; for translation (if ``decode``),
+    BLEU and exact match of ``options`` (default: the run's beam) on the first ``examples`` pairs."""
+    batches = data.valid_batches if split == "valid" else data.test_batches
+    out = evaluate(_eval_step(model), params, batches)
+    metrics = {k: out[k] for k in ("loss", "perplexity", "accuracy")}
+    metrics["bits_per_token"] = out["loss"] / math.log(2)
+    if config.task == "translate" and decode:
+        pairs = data.valid_pairs if split == "valid" else data.test_pairs
+        pairs = pairs[: examples or len(pairs)]
+        options = options or DecodeOptions(
+            beam_size=config.run.beam_size,
+            length_penalty=config.run.length_penalty,
+            max_length=config.run.decode_max_length,
+        )
+        outputs = translate_texts(
+            model,
+            params,
+            data.source_tokenizer,
+            data.target_tokenizer,
+            [s for s, _ in pairs],
+            options,
+            truncate=True,
+        )
+        metrics |= corpus_scores([o.texts[0] for o in outputs], [t for _, t in pairs])
+    return metrics
+
+
+def _progress(config: ExperimentConfig, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=config.run.train_steps,
+        initial=start,
+        disable=not config.run.progress,
+        unit="step",
+        dynamic_ncols=True,
+        desc="training",
+    )
+
+
+def fit(config: ExperimentConfig, workdir: str | Path) -> dict[str, Any]:
+    """Trains (or continues) the run in ``workdir``; returns the final summary (also summary.json)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config, data = prepare(config, workdir)
+    if (workdir / "config.json").is_file():
+        _check_same_run(load_json(workdir / "config.json"), config, workdir)
+    save_json(config, workdir / "config.json")
+
+    model = build_model(config)
+    state = create_train_state(model, jax.random.key(config.optim.seed), config.optim)
+    manager = ckpt.make_manager(workdir / "checkpoints", keep=config.run.keep_checkpoints)
+    if manager.latest_step() is not None:
+        state = ckpt.restore_latest(manager, ckpt.abstract_state(state))
+    start = int(state.step)
+    train_step = _train_step(model, config.optim)
+    run = config.run
+    stop_reason = "train_steps"
+
+    def evaluation(step: int, decode: bool) -> dict[str, float]:
+        metrics = evaluate_run(
+            config, model, state.params, data, examples=run.eval_examples, decode=decode
+        )
+        log.write(step, {f"valid/{k}": v for k, v in metrics.items()})
+        return metrics
+
+    with MetricsLog(workdir) as log:
+        bar = _progress(config, start)
+        began = time.perf_counter()
+        window = {"loss": 0.0, "accuracy": 0.0, "tokens": 0.0, "n": 0, "t": time.perf_counter()}
+        step = start
+        metrics: dict[str, float] = {}
+        while step < run.train_steps:
+            batch = data.train(step)
+            state, out = train_step(state, batch)
+            step += 1
+            if step % run.log_every == 0 or step == run.train_steps:
+                out = jax.device_get(out)  # the only host sync of a logging interval
+            window["n"] += 1
+            for name in ("loss", "accuracy", "tokens"):
+                window[name] = window[name] + out[name]  # device scalars add up without a sync
+            bar.update(1)
+            elapsed = (time.perf_counter() - began) / 60
+            out_of_time = run.max_minutes is not None and elapsed >= run.max_minutes
+            if step % run.log_every == 0 or step == run.train_steps or out_of_time:
+                totals = jax.device_get({k: window[k] for k in ("loss", "accuracy", "tokens")})
+                seconds = time.perf_counter() - window["t"]
+                scalars = {
+                    "train/loss": float(totals["loss"]) / window["n"],
+                    "train/accuracy": float(totals["accuracy"]) / window["n"],
+                    "train/tokens_per_s": float(totals["tokens"]) / seconds,
+                    "train/learning_rate": float(out["learning_rate"]),
+                    "train/grad_norm": float(out["grad_norm"]),
+                }
+                log.write(step, scalars)
+                bar.set_postfix(
+                    loss=f"{scalars['train/loss']:.3f}",
+                    tok_s=f"{scalars['train/tokens_per_s']:.0f}",
+                )
+                window = {"loss": 0.0, "accuracy": 0.0, "tokens": 0.0, "n": 0}
+                window["t"] = time.perf_counter()
+            last = step == run.train_steps or out_of_time
+            if step % run.eval_every == 0 or step % run.checkpoint_every == 0 or last:
+                decode = config.task == "translate" and (step % run.eval_every == 0 or last)
+                metrics = evaluation(step, decode)
+                if step % run.checkpoint_every == 0 or last:
+                    ckpt.save(manager, step, state, {"valid_loss": metrics["loss"]})
+                window["t"] = time.perf_counter()  # evaluation time is not training time
+            if out_of_time:
+                stop_reason = f"run.max_minutes={run.max_minutes}"
+                break
+        bar.close()
+    manager.close()
+    summary = {
+        "workdir": str(workdir),
+        "step": step,
+        "stopped_by": stop_reason,
+        "train_minutes": (time.perf_counter() - began) / 60,
+        "checkpoint": str(workdir / "checkpoints" / str(step)),
+        "valid": metrics,
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if run.plot and (workdir / "metrics.jsonl").is_file():
+        plot_curves(workdir / "metrics.jsonl", workdir / "curves.png", title=str(workdir))
+    return summary
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained run, ready for inference."""
+
+    config: ExperimentConfig
+    model: Transformer | DecoderOnlyLM
+    params: Any
+    source_tokenizer: Any
+    target_tokenizer: Any
+    step: int
+
+
+def checkpoint_steps(workdir: str | Path) -> tuple[list[int], int | None]:
+    """``(all saved steps, the best step by validation loss)`` of a workdir."""
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoints in {workdir} ({directory} does not exist)")
+    manager = ckpt.make_manager(directory, read_only=True)
+    try:
+        return sorted(manager.all_steps()), manager.best_step()
+    finally:
+        manager.close()
+
+
+def load_run(workdir: str | Path, step: int | str = "best") -> Run:
+    """The config, model, parameters (``"best"``, ``"latest"`` or a step) and tokenizers of a run.
+
+    The parameters are checked against the stored config's model before they are used: a
+    checkpoint of another model raises a ValueError listing the differences.
+    """
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"--workdir {workdir} does not exist")
+    config = load_json(workdir / "config.json")
+    steps, best = checkpoint_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    if step == "best":
+        step = best if best is not None else steps[-1]
+    elif step == "latest":
+        step = steps[-1]
+    elif not isinstance(step, int):
+        raise ValueError(f"step must be 'best', 'latest' or an int, got {step!r}")
+    model = build_model(config)
+    abstract = jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
+    params = ckpt.restore_params(workdir / "checkpoints", abstract, step=step)
+    src_tok, tgt_tok = datasets.load_tokenizers(workdir, config.task)
+    return Run(config, model, params, src_tok, tgt_tok, int(step))

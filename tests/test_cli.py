@@ -1,0 +1,155 @@
+"""The ``jaxformer`` command end to end (in process): train, translate, eval, generate, errors."""
+
+import io
+import json
+import re
+
+import pytest
+
+from jaxformer.cli import main
+
+from helpers import EXPERIMENTS
+
+NUM2WORDS = str(EXPERIMENTS / "configs" / "num2words.py")
+SHAKESPEARE = str(EXPERIMENTS / "configs" / "shakespeare.py")
+
+
+def run(capsys, monkeypatch, argv, stdin=""):
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    status = main(argv)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "run"
+    status = main(["train", "--config", f"{NUM2WORDS}:smoke", "--workdir", str(path)])
+    assert status == 0
+    return path
+
+
+def test_train_prints_a_summary_and_translate_keeps_line_order(workdir, capsys, monkeypatch):
+    lines = ["7", "", "123", "45", "9"]
+    status, out, _ = run(
+        capsys,
+        monkeypatch,
+        ["translate", "--workdir", str(workdir), "--max-length", "12"],
+        "\n".join(lines) + "\n",
+    )
+    assert status == 0
+    outputs = out.split("\n")[:-1]
+    assert len(outputs) == len(lines) and outputs[1] == ""  # an empty line stays empty
+    # Each line translated alone gives the same output: batching does not change results.
+    for line, expected in zip(lines, outputs, strict=True):
+        if line:
+            _, alone, _ = run(
+                capsys,
+                monkeypatch,
+                ["translate", "--workdir", str(workdir), "--max-length", "12"],
+                line + "\n",
+            )
+            assert alone == expected + "\n"
+
+
+def test_translate_n_best_scores_and_files(workdir, capsys, monkeypatch, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("12\n345\n")
+    target = tmp_path / "out.txt"
+    argv = ["translate", "--workdir", str(workdir), "--beam-size", "3", "--n-best", "2"]
+    argv += ["--with-scores", "--max-length", "12", "--input", str(source), "--output", str(target)]
+    status, out, _ = run(capsys, monkeypatch, argv)
+    assert status == 0 and out == ""
+    rows = target.read_text().splitlines()
+    assert len(rows) == 4
+    scores = [float(r.split(" ||| ")[0]) for r in rows]
+    assert scores[0] >= scores[1] and scores[2] >= scores[3]  # best first within each input
+
+
+def test_eval_reports_bleu_exact_match_and_perplexity(workdir, capsys, monkeypatch):
+    status, out, _ = run(
+        capsys,
+        monkeypatch,
+        ["eval", "--workdir", str(workdir), "--split", "valid", "--max-length", "12"],
+    )
+    assert status == 0
+    metrics = json.loads(out)
+    assert {"bleu", "exact_match", "loss", "perplexity", "bits_per_token"} <= set(metrics)
+    assert metrics["split"] == "valid" and 0 <= metrics["exact_match"] <= 100
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["translate", "--workdir", "{missing}"], "--workdir .* does not exist"),
+        (["translate", "--beam-size", "0"], "beam_size must be >= 1, got 0"),
+        (
+            ["translate", "--beam-size", "2", "--n-best", "3"],
+            r"n_best must be in \[1, beam_size=2\]",
+        ),
+        (["translate", "--sampling-temperature", "0"], "sampling_temperature must be > 0"),
+        (["translate", "--sampling-topk", "-1"], "sampling_topk must be >= 0"),
+        (["translate", "--max-length", "0"], "max_length must be >= 1"),
+        (
+            ["translate", "--min-length", "9", "--max-length", "5"],
+            r"min_length must be in \[0, max_length=5\]",
+        ),
+        (["translate", "--checkpoint", "soon"], "--checkpoint must be 'best', 'latest' or a step"),
+        (["translate", "--checkpoint", "999"], r"no checkpoint for step 999"),
+        (["translate", "--input", "{missing}"], "--input .*: cannot read it"),
+        (["generate", "--prompt", "x"], "holds a 'translate' model; use `jaxformer translate`"),
+        (
+            ["train", "--config", NUM2WORDS + ":smoke", "--set", "model.dmodel=3"],
+            "unknown config key 'model.dmodel'",
+        ),
+        (
+            ["train", "--config", NUM2WORDS + ":smoke", "--set", "run.beam_size=0"],
+            r"run.beam_size must be >= 1",
+        ),
+        (["train", "--config", "{missing}"], "--config: no config file"),
+        (["export", "onnx", "--out", "x"], "export format must be 'ctranslate2'"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_status_2(
+    workdir, capsys, monkeypatch, tmp_path, argv, message
+):
+    argv = [a.replace("{missing}", str(tmp_path / "missing")) for a in argv]
+    if "--workdir" not in argv:
+        argv += ["--workdir", str(workdir if argv[0] != "train" else tmp_path / "new")]
+    status, out, err = run(capsys, monkeypatch, argv, "12\n")
+    assert status == 2 and out == ""
+    assert err.startswith("jaxformer: error: ")
+    assert re.search(message, err), err
+
+
+def test_too_long_line_is_an_error_unless_truncated(workdir, capsys, monkeypatch):
+    long_line = "1" * 200  # the smoke model's max_len is 128 tokens
+    status, _, err = run(capsys, monkeypatch, ["translate", "--workdir", str(workdir)], long_line)
+    assert status == 2 and "input line 1 has 200 tokens, more than the model's maximum" in err
+    status, out, _ = run(
+        capsys,
+        monkeypatch,
+        ["translate", "--workdir", str(workdir), "--truncate", "--max-length", "4"],
+        long_line,
+    )
+    assert status == 0 and len(out.splitlines()) == 1
+
+
+def test_generate_with_a_language_model(tmp_path, capsys, monkeypatch):
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    workdir = tmp_path / "lm"
+    argv = ["train", "--config", f"{SHAKESPEARE}:smoke", "--workdir", str(workdir)]
+    assert main([*argv, "--set", f"data.text_file={text}"]) == 0
+    capsys.readouterr()
+    argv = ["generate", "--workdir", str(workdir), "--prompt", "the ", "--prompt", "a fox"]
+    argv += ["--sampling-topk", "5", "--max-length", "10", "--seed", "3"]
+    status, out, _ = run(capsys, monkeypatch, argv)
+    assert status == 0
+    rows = out.splitlines()
+    assert len(rows) == 2 and rows[0].startswith("the ") and rows[1].startswith("a fox")
+    assert run(capsys, monkeypatch, argv)[1] == out  # the same seed gives the same samples
+    status, out, _ = run(
+        capsys, monkeypatch, ["eval", "--workdir", str(workdir), "--split", "test"]
+    )
+    assert status == 0 and json.loads(out)["bits_per_token"] > 0

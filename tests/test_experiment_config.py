@@ -1,0 +1,103 @@
+"""Experiment configs: every config file and variant loads, ``--set`` overrides, JSON round trip."""
+
+import pathlib
+
+import pytest
+
+from jaxformer.experiment import (
+    ExperimentConfig,
+    from_dict,
+    keys,
+    load_config,
+    load_json,
+    override,
+    save_json,
+    to_dict,
+)
+
+from helpers import EXPERIMENTS
+
+CONFIGS = sorted((EXPERIMENTS / "configs").glob("*.py"))
+VARIANTS = {"num2words": ("default", "demo", "smoke")}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_and_variant_loads(path):
+    for variant in VARIANTS.get(path.stem, ("default", "smoke")):
+        config = load_config(path, variant)
+        assert isinstance(config, ExperimentConfig)
+        assert from_dict(to_dict(config)) == config
+    with pytest.raises(ValueError, match="unknown variant 'nope'"):
+        load_config(path, "nope")
+
+
+def test_overrides_parse_by_field_type():
+    config = override(
+        ExperimentConfig(),
+        [
+            "run.train_steps=7",
+            "optim.clip_norm=1",  # an int for a float | None field becomes a float
+            "run.max_minutes=None",
+            "data.language=de",  # a bare word for a string field
+            "data.text_file=4",  # digits for a string field stay a string
+            "model.pre_norm=False",
+        ],
+    )
+    assert config.run.train_steps == 7
+    assert config.optim.clip_norm == 1.0 and isinstance(config.optim.clip_norm, float)
+    assert config.run.max_minutes is None
+    assert config.data.language == "de" and config.data.text_file == "4"
+    assert config.model.pre_norm is False
+
+
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("run.steps=3", r"unknown config key 'run.steps'; known keys: task, data.corpus"),
+        ("run.train_steps", r"expects key=value"),
+        ("run.train_steps=1.5", r"run.train_steps=1.5: expected int"),
+        ("run.train_steps=0", r"run.train_steps must be >= 1"),
+        ("model.pre_norm=1", r"expected bool"),
+        ("model.num_heads=5", r"num_heads \(5\) must divide d_model"),
+        ("data.tokenizer=bpe", r"tokenizer must be one of \('char', 'byte', 'sentencepiece'\)"),
+        ("optim.label_smoothing=1.0", r"label_smoothing must be in \[0, 1\)"),
+        ("task=lm", r"task 'lm' cannot train on data.corpus='numbers'"),
+    ],
+)
+def test_bad_overrides_name_the_key(assignment, message):
+    with pytest.raises(ValueError, match=message):
+        override(ExperimentConfig(), [assignment])
+
+
+def test_every_key_is_settable_to_its_own_value():
+    config = load_config(EXPERIMENTS / "configs" / "num2words.py", "demo")
+    flat = {}
+    for section, values in to_dict(config).items():
+        if isinstance(values, dict):
+            flat |= {f"{section}.{k}": v for k, v in values.items()}
+        else:
+            flat[section] = values
+    assert sorted(flat) == sorted(keys(config))
+    assignments = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in flat.items()]
+    assert override(config, assignments) == config
+
+
+def test_json_round_trip_and_unknown_keys(tmp_path):
+    config = override(ExperimentConfig(), ["model.d_model=64", "run.batch_size=3"])
+    save_json(config, tmp_path / "config.json")
+    assert load_json(tmp_path / "config.json") == config
+    data = to_dict(config)
+    data["model"]["colour"] = "blue"
+    with pytest.raises(ValueError, match=r"section 'model' has unknown keys \['colour'\]"):
+        from_dict(data)
+    with pytest.raises(FileNotFoundError, match="is this a jaxformer workdir"):
+        load_json(tmp_path / "missing.json")
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        load_config(tmp_path / "missing.py")
+    empty = pathlib.Path(tmp_path / "empty.py")
+    empty.write_text("x = 1\n")
+    with pytest.raises(ValueError, match="defines no get_config"):
+        load_config(empty)

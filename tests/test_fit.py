@@ -1,0 +1,105 @@
+"""``jaxformer.trainer.fit`` end to end on the smoke configs: files, logs, exact resume, refusals."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from jaxformer.experiment import load_config, override
+from jaxformer.metrics import read_jsonl, series
+from jaxformer.trainer import fit, load_run
+
+from helpers import EXPERIMENTS
+
+NUM2WORDS = EXPERIMENTS / "configs" / "num2words.py"
+
+
+def smoke(*assignments):
+    return override(load_config(NUM2WORDS, "smoke"), list(assignments))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One uninterrupted run of 12 steps, and one stopped at 6 and continued to 12."""
+    root = tmp_path_factory.mktemp("fit")
+    settings = ["run.log_every=1", "run.eval_every=6", "run.checkpoint_every=6"]
+    whole = fit(smoke("run.train_steps=12", *settings), root / "whole")
+    first = fit(smoke("run.train_steps=6", *settings), root / "resumed")
+    resumed = fit(smoke("run.train_steps=12", *settings), root / "resumed")
+    return root, whole, first, resumed
+
+
+def test_workdir_holds_config_tokenizers_checkpoints_logs_and_curves(runs):
+    root, whole, _, _ = runs
+    workdir = root / "whole"
+    for name in ("config.json", "summary.json", "metrics.jsonl", "curves.png"):
+        assert (workdir / name).is_file(), name
+    assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (workdir / "tokenizers" / "source" / "tokenizer.json").is_file()
+    events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and b"train/loss" in events[0].read_bytes()
+    assert b"valid/bleu" in events[0].read_bytes()
+    records = read_jsonl(workdir / "metrics.jsonl")
+    steps, losses = series(records, "train/loss")
+    assert steps == list(range(1, 13)) and all(np.isfinite(losses))
+    assert series(records, "valid/exact_match")[0] == [6, 12]
+    assert whole["step"] == 12 and whole["stopped_by"] == "train_steps"
+    assert json.loads((workdir / "summary.json").read_text())["valid"] == whole["valid"]
+    # The config stored with the run has the vocabulary sizes of its tokenizers.
+    run = load_run(workdir)
+    assert run.config.model.vocab_size == run.target_tokenizer.vocab_size
+    assert run.config.model.src_vocab_size == run.source_tokenizer.vocab_size
+
+
+def test_resumed_run_equals_uninterrupted_run_step_for_step(runs):
+    root, whole, first, resumed = runs
+    assert first["step"] == 6 and resumed["step"] == 12
+    a = read_jsonl(root / "whole" / "metrics.jsonl")
+    b = read_jsonl(root / "resumed" / "metrics.jsonl")
+    for name in ("train/loss", "train/accuracy", "train/grad_norm", "valid/loss", "valid/bleu"):
+        assert series(a, name) == series(b, name), name
+    assert whole["valid"] == resumed["valid"]
+    # And the parameters themselves.
+    pa, pb = load_run(root / "whole", "latest").params, load_run(root / "resumed", "latest").params
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, pa, pb)))
+
+
+def test_a_workdir_refuses_other_model_or_data_settings(runs):
+    root, _, _, _ = runs
+    with pytest.raises(ValueError, match=r"model.d_model: 32 -> 48"):
+        fit(smoke("run.train_steps=13", "model.d_model=48"), root / "whole")
+    with pytest.raises(ValueError, match=r"data.max_value: 999 -> 998"):
+        fit(smoke("run.train_steps=13", "data.max_value=998"), root / "whole")
+
+
+def test_checkpoint_of_another_model_is_refused(runs, tmp_path):
+    root, _, _, _ = runs
+    workdir = tmp_path / "copy"
+    shutil.copytree(root / "whole", workdir)
+    config = json.loads((workdir / "config.json").read_text())
+    config["model"]["ffn_dim"] = 96
+    (workdir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"does not match the expected parameters"):
+        load_run(workdir)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_run(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        shutil.rmtree(workdir / "checkpoints")
+        load_run(workdir)
+
+
+def test_best_and_latest_checkpoints(runs):
+    root, _, _, _ = runs
+    records = read_jsonl(root / "whole" / "metrics.jsonl")
+    steps, losses = series(records, "valid/loss")
+    assert load_run(root / "whole", "latest").step == 12
+    assert load_run(root / "whole", "best").step == steps[int(np.argmin(losses))]
+    assert load_run(root / "whole", 6).step == 6
+
+
+def test_max_minutes_stops_early_and_saves(tmp_path):
+    summary = fit(smoke("run.train_steps=1000", "run.max_minutes=0.0001"), tmp_path / "short")
+    assert summary["step"] == 1 and summary["stopped_by"] == "run.max_minutes=0.0001"
+    assert load_run(tmp_path / "short", "latest").step == 1
