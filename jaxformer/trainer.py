@@ -22,9 +22,11 @@ differ from the config given is refused (only ``run.*`` may change, e.g. to trai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -307,11 +309,23 @@ def checkpoint_steps(workdir: str | Path) -> tuple[list[int], int | None]:
     directory = Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints in {workdir} ({directory} does not exist)")
-    manager = ckpt.make_manager(directory, read_only=True)
+    with _quiet_absl():  # orbax warns that a read-only manager will not save
+        manager = ckpt.make_manager(directory, read_only=True)
     try:
         return sorted(manager.all_steps()), manager.best_step()
     finally:
         manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def load_run(workdir: str | Path, step: int | str = "best") -> Run:
@@ -335,6 +349,7 @@ def load_run(workdir: str | Path, step: int | str = "best") -> Run:
         raise ValueError(f"step must be 'best', 'latest' or an int, got {step!r}")
     model = build_model(config)
     abstract = jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
-    params = ckpt.restore_params(workdir / "checkpoints", abstract, step=step)
+    with _quiet_absl():
+        params = ckpt.restore_params(workdir / "checkpoints", abstract, step=step)
     src_tok, tgt_tok = datasets.load_tokenizers(workdir, config.task)
     return Run(config, model, params, src_tok, tgt_tok, int(step))
