@@ -1,0 +1,37 @@
+"""The decoding benchmark's smoke configuration runs end to end (no timing is asserted)."""
+
+import json
+
+import pytest
+
+from helpers import load_experiment
+
+pytest.importorskip(
+    "ctranslate2", reason="CTranslate2 is not installed (pip install 'jaxformer[ctranslate2]')"
+)
+
+
+def test_bench_decode_smoke_writes_results(tmp_path):
+    bench = load_experiment("bench_decode")
+    engines = ["--engines", "jaxformer", "ct2_float32"]
+    workloads = ["--workloads", "b1_greedy", "b2_beam2"]
+    args = bench.parse_args(["--smoke", "--out-dir", str(tmp_path), *engines, *workloads])
+    result = bench.run(args)
+    saved = json.loads((tmp_path / "bench_decode.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert "| tiny | b2_beam2 | jaxformer |" in (tmp_path / "bench_decode.md").read_text()
+    rows = {(r["workload"], r["engine"]): r for r in saved["rows"]}
+    assert set(rows) == {
+        (w, e) for w in ("b1_greedy", "b2_beam2") for e in ("jaxformer", "ct2_float32")
+    }
+    for (workload, _), row in rows.items():
+        batch = {"b1_greedy": 1, "b2_beam2": 2}[workload]
+        assert row["tokens"] == batch * 8 and len(row["times_s"]) == 1
+        assert row["tokens_per_s"] > 0 and row["first_call_s"] > 0
+        assert row["vs_ct2_float32"] == pytest.approx(
+            row["tokens_per_s"] / rows[(workload, "ct2_float32")]["tokens_per_s"]
+        )
+    # Same weights, same search: a peaked tiny model decodes to the same ids in both engines.
+    assert rows[("b1_greedy", "jaxformer")]["rows_equal_to_ct2_float32"] == 1.0
+    assert rows[("b2_beam2", "jaxformer")]["rows_equal_to_ct2_float32"] == 1.0
+    assert saved["machine"]["cpu_count"] >= 1 and len(saved["load_before"]) == 3
