@@ -99,7 +99,6 @@ def test_translate_experiment_bible_smoke_with_sentencepiece(tmp_path):
     # One joint sentencepiece model (shared embeddings), stored with the run for both sides.
     for side in ("source", "target"):
         assert (tmp_path / "bible" / "tokenizers" / side / "spm.model").is_file()
-    )
 
 
 def test_lm_experiment_smoke_on_a_text_file(tmp_path, capsys):
