@@ -177,11 +177,15 @@ def cmd_export(args) -> int:
 
 
 def _vocab(tokenizer) -> list[str]:
-    """One token string per id (``<blank> <s> </s> <unk>`` first, then the tokenizer's pieces)."""
-    pieces = getattr(tokenizer, "id_to_piece", None)
-    if pieces is not None:
-        return [pieces(i) for i in range(tokenizer.vocab_size)]
-    return [tokenizer.decode([i]) or f"<id{i}>" for i in range(tokenizer.vocab_size)]
+    """One distinct token string per id: OpenNMT's ``<blank> <s> </s> <unk>`` for ids 0-3, then
+    the characters (char), the sentencepiece pieces, or ``<0xNN>`` (byte)."""
+    specials = ["<blank>", "<s>", "</s>", "<unk>"]
+    size = tokenizer.vocab_size
+    if tokenizer.kind == "char":
+        return specials + list(tokenizer.chars)
+    if tokenizer.kind == "sentencepiece":
+        return specials + [tokenizer._processor.id_to_piece(i) for i in range(4, size)]
+    return specials + [f"<0x{i - 4:02X}>" for i in range(4, size)]
 
 
 def _add_decode_options(parser: argparse.ArgumentParser, max_length: int) -> None:

@@ -153,3 +153,30 @@ def test_generate_with_a_language_model(tmp_path, capsys, monkeypatch):
         capsys, monkeypatch, ["eval", "--workdir", str(workdir), "--split", "test"]
     )
     assert status == 0 and json.loads(out)["bits_per_token"] > 0
+
+
+def test_export_to_ctranslate2_translates_like_jaxformer(workdir, capsys, monkeypatch, tmp_path):
+    ctranslate2 = pytest.importorskip("ctranslate2")  # in the dev extra: CI runs this test
+    out_dir = tmp_path / "ct2"
+    status, printed, _ = run(
+        capsys,
+        monkeypatch,
+        ["export", "ctranslate2", "--workdir", str(workdir), "--out", str(out_dir)],
+    )
+    assert status == 0 and printed.strip() == str(out_dir) and (out_dir / "model.bin").is_file()
+    lines = ["7", "123", "45"]
+    _, ours, _ = run(
+        capsys,
+        monkeypatch,
+        ["translate", "--workdir", str(workdir), "--max-length", "12"],
+        "\n".join(lines),
+    )
+    source_vocab = json.loads((out_dir / "source_vocabulary.json").read_text())
+    index = {token: i for i, token in enumerate(source_vocab)}
+    translator = ctranslate2.Translator(str(out_dir))
+    results = translator.translate_batch(
+        [list(line) for line in lines], beam_size=1, max_decoding_length=12
+    )
+    assert all(c in index for line in lines for c in line)
+    theirs = ["".join(r.hypotheses[0]) for r in results]
+    assert any(theirs) and theirs == ours.splitlines()
