@@ -14,7 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.decoder_only import DecoderOnlyLM
-from jaxformer.decoding import BestSampler, DecodingResult, GreedySearch, dynamic_decode
+from jaxformer.decoding import (
+    BeamSearch,
+    BestSampler,
+    DecodingResult,
+    GreedySearch,
+    dynamic_decode,
+)
+from jaxformer.decoding.loop import COMPAT_MODES
 from jaxformer.encoder_decoder import Transformer
 from jaxformer.hourglass import HourglassLM
 from jaxformer.typing import Array, Int, PRNGKey, PyTree
@@ -125,6 +132,76 @@ def _continue(
     )
 
 
+def _check_inputs(model, inputs) -> Array:
+    """``inputs`` as int32 ``[B, S]`` after checking the dtype, the rank and (when concrete) the ids."""
+    encoder_decoder = isinstance(model, Transformer)
+    array = inputs if hasattr(inputs, "dtype") else np.asarray(inputs)
+    if array.size and not jnp.issubdtype(array.dtype, jnp.integer):
+        raise ValueError(f"inputs must be integer token ids, got dtype {array.dtype}")
+    inputs = jnp.asarray(inputs, jnp.int32)
+    shortest = 0 if encoder_decoder else 1
+    if inputs.ndim != 2 or inputs.shape[0] < 1 or inputs.shape[1] < shortest:
+        raise ValueError(
+            f"inputs must be [batch >= 1, length >= {shortest}] token ids, got shape {inputs.shape}"
+        )
+    config = model.config
+    what = "source" if encoder_decoder else "prompt"
+    vocab = config.source_vocab_size if encoder_decoder else config.vocab_size
+    if inputs.shape[1] > config.max_len:
+        raise ValueError(
+            f"inputs: a {what} of length {inputs.shape[1]} is longer than the model's "
+            f"max_len={config.max_len}; truncate it or use a model with a larger max_len"
+        )
+    if inputs.size and not isinstance(inputs, jax.core.Tracer):
+        low, high = int(jnp.min(inputs)), int(jnp.max(inputs))
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"inputs: {what} ids must be in [0, {vocab}) (the {what} vocabulary), got values "
+                f"in [{low}, {high}]"
+            )
+    return inputs
+
+
+def _check_options(model, inputs, start_id, end_id, max_length, min_length, strategy, sampler):
+    """Static options checked against the model's vocabulary and maximum length, before tracing."""
+    config = model.config
+    vocab = config.vocab_size
+    if not isinstance(strategy, GreedySearch | BeamSearch):
+        raise TypeError(f"strategy must be GreedySearch() or BeamSearch(...), got {strategy!r}")
+    if isinstance(model, Transformer) and start_id is None:
+        raise ValueError("an encoder-decoder needs start_id (the target's start token)")
+    for name, value in (("end_id", end_id), ("start_id", start_id)):
+        if name == "start_id" and (value is None or not isinstance(model, Transformer)):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise ValueError(f"{name} must be an int in [0, {vocab}), got {value!r}")
+        if not 0 <= value < vocab:
+            raise ValueError(f"{name}={value} is outside the target vocabulary [0, {vocab})")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
+    if isinstance(min_length, bool) or not isinstance(min_length, int):
+        raise ValueError(f"min_length must be an int in [0, max_length], got {min_length!r}")
+    if not 0 <= min_length <= max_length:
+        raise ValueError(f"min_length must be in [0, max_length={max_length}], got {min_length}")
+    # Target positions 0 .. max_length-1 (a prompt's P-1 tokens come first in a decoder-only LM).
+    positions = max_length + (0 if isinstance(model, Transformer) else inputs.shape[1] - 1)
+    if positions > config.max_len:
+        allowed = config.max_len - positions + max_length
+        raise ValueError(
+            f"max_length={max_length} needs {positions} positions, more than the model's "
+            f"max_len={config.max_len}; allowed here: max_length <= {allowed}"
+        )
+    if strategy.width > vocab:
+        raise ValueError(f"beam_size={strategy.width} must be in [1, vocab_size={vocab}]")
+    candidates = strategy.width * vocab
+    topk = getattr(sampler, "topk", 0)
+    if topk > candidates:
+        raise ValueError(
+            f"topk={topk} must be in [0, {candidates}] (0 = all; {strategy.width} beam(s) x "
+            f"vocab_size {vocab} candidates)"
+        )
+
+
 def generate(
     model: Transformer | DecoderOnlyLM | HourglassLM,
     params: PyTree,
@@ -150,24 +227,27 @@ def generate(
     The whole thing is one jit-compiled function per shape and option set; the sampler's temperature is
     data, so changing it per call does not recompile.
     """
-    inputs = jnp.asarray(inputs, jnp.int32)
-    if inputs.ndim != 2 or inputs.shape[1] < 1:
-        raise ValueError(f"inputs must be [batch, length >= 1] token ids, got shape {inputs.shape}")
+    if not isinstance(model, Transformer | DecoderOnlyLM | HourglassLM):
+        raise TypeError(
+            f"generate needs a Transformer, DecoderOnlyLM or HourglassLM, got {type(model).__name__}"
+        )
+    inputs = _check_inputs(model, inputs)
+    _check_options(model, inputs, start_id, end_id, max_length, min_length, strategy, sampler)
+    if getattr(sampler, "needs_rng", False) and rng is None:
+        raise ValueError(f"{type(sampler).__name__} needs rng=jax.random.key(...)")
+    if compat not in COMPAT_MODES:
+        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
     if isinstance(model, Transformer):
-        if start_id is None:
-            raise ValueError("an encoder-decoder needs start_id (the target's start token)")
+        if inputs.shape[1] == 0:  # empty sources: one padding column, i.e. fully masked memory
+            inputs = jnp.full([inputs.shape[0], 1], model.config.pad_id, jnp.int32)
         return _translate(
             model, params, inputs, rng, sampler, start_id=start_id, end_id=end_id,
             max_length=max_length, min_length=min_length, strategy=strategy,
             return_attention=return_attention, compat=compat,
         )  # fmt: skip
-    if isinstance(model, DecoderOnlyLM | HourglassLM):
-        if return_attention:
-            raise ValueError("a decoder-only LM has no source to return attention over")
-        return _continue(
-            model, params, inputs, rng, sampler, end_id=end_id, max_length=max_length,
-            min_length=min_length, strategy=strategy, compat=compat,
-        )  # fmt: skip
-    raise TypeError(
-        f"generate needs a Transformer, DecoderOnlyLM or HourglassLM, got {type(model).__name__}"
-    )
+    if return_attention:
+        raise ValueError("a decoder-only LM has no source to return attention over")
+    return _continue(
+        model, params, inputs, rng, sampler, end_id=end_id, max_length=max_length,
+        min_length=min_length, strategy=strategy, compat=compat,
+    )  # fmt: skip

@@ -77,9 +77,9 @@ class BeamSearch:
     def __post_init__(self):
         if not isinstance(self.beam_size, int) or self.beam_size < 1:
             raise ValueError(f"BeamSearch: beam_size must be an int >= 1, got {self.beam_size!r}")
-        if self.length_penalty < 0:
+        if not self.length_penalty >= 0:  # NaN too
             raise ValueError(f"BeamSearch: length_penalty must be >= 0, got {self.length_penalty}")
-        if self.coverage_penalty < 0:
+        if not self.coverage_penalty >= 0:
             raise ValueError(
                 f"BeamSearch: coverage_penalty must be >= 0, got {self.coverage_penalty}"
             )
