@@ -219,6 +219,9 @@ def fit(config: ExperimentConfig, workdir: str | Path) -> dict[str, Any]:
     manager = ckpt.make_manager(workdir / "checkpoints", keep=config.run.keep_checkpoints)
     if manager.latest_step() is not None:
         state = ckpt.restore_latest(manager, ckpt.abstract_state(state))
+        # Restored arrays are committed to their device, fresh ones are not, and jit keys its
+        # cache on that: without this a resumed run would compile every step shape once more.
+        state = jax.tree.map(lambda x: jax.device_put(np.asarray(x)), state)
     start = int(state.step)
     train_step = _train_step(model, config.optim)
     run = config.run

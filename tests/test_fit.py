@@ -103,3 +103,18 @@ def test_max_minutes_stops_early_and_saves(tmp_path):
     summary = fit(smoke("run.train_steps=1000", "run.max_minutes=0.0001"), tmp_path / "short")
     assert summary["step"] == 1 and summary["stopped_by"] == "run.max_minutes=0.0001"
     assert load_run(tmp_path / "short", "latest").step == 1
+
+
+def test_a_run_compiles_one_train_step_per_length_bucket(runs):
+    from jaxformer.data.datasets import LENGTH_STEP
+    from jaxformer.trainer import _train_step, build_model, prepare
+
+    root, _, _, _ = runs
+    config, data = prepare(smoke(), root / "whole")
+    shapes = {
+        tuple(v.shape for v in data.train(step).values()) for step in range(data.train.per_epoch)
+    }
+    # Sources of <= 3 digits fit one bucket; targets of <= 31 characters two.
+    assert 1 < len(shapes) <= 2 and all(s[0][1] % LENGTH_STEP == 0 for s in shapes)
+    step_fn = _train_step(build_model(config), config.optim)
+    assert step_fn._cache_size() == len(shapes)  # the 24 steps above compiled only these
