@@ -23,7 +23,7 @@ VARIANTS = {"num2words": ("default", "demo", "smoke")}
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_and_variant_loads(path):
-    for variant in VARIANTS.get(path.stem, ("default", "smoke")):
+    for variant in VARIANTS.get(path.stem, ("default", "cpu", "smoke")):
         config = load_config(path, variant)
         assert isinstance(config, ExperimentConfig)
         assert from_dict(to_dict(config)) == config

@@ -40,6 +40,15 @@ def get_config(variant: str = "default") -> ExperimentConfig:
     config = ExperimentConfig(task="translate", data=data, model=model, optim=optim, run=run)
     if variant == "default":
         return config
+    if variant == "cpu":  # minutes on 2 CPU cores (the figures in experiments/README.md)
+        return config.replace(
+            data=data.replace(sentencepiece_vocab_size=4000, max_length=64),
+            model=model.replace(
+                d_model=128, ffn_dim=512, num_encoder_layers=2, num_decoder_layers=2
+            ),
+            optim=optim.replace(warmup_steps=1000),
+            run=run.replace(train_steps=4000, eval_every=1000, checkpoint_every=1000),
+        )
     if variant == "smoke":
         return config.replace(
             data=data.replace(sentencepiece_vocab_size=80, max_length=48),
@@ -59,4 +68,4 @@ def get_config(variant: str = "default") -> ExperimentConfig:
                 progress=False,
             ),
         )
-    raise ValueError(f"unknown variant {variant!r} (default, smoke)")
+    raise ValueError(f"unknown variant {variant!r} (default, cpu, smoke)")

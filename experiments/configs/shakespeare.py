@@ -31,6 +31,13 @@ def get_config(variant: str = "default") -> ExperimentConfig:
     config = ExperimentConfig(task="lm", data=data, model=model, optim=optim, run=run)
     if variant == "default":
         return config
+    if variant == "cpu":  # minutes on 2 CPU cores (the figures in experiments/README.md)
+        return config.replace(
+            data=data.replace(max_length=128),
+            model=model.replace(d_model=128, num_heads=4, num_decoder_layers=3, ffn_dim=512),
+            optim=optim.replace(learning_rate=2.0, warmup_steps=300),
+            run=run.replace(train_steps=3000, eval_every=500, checkpoint_every=500),
+        )
     if variant == "smoke":
         return config.replace(
             data=data.replace(max_length=16),
@@ -45,4 +52,4 @@ def get_config(variant: str = "default") -> ExperimentConfig:
                 progress=False,
             ),
         )
-    raise ValueError(f"unknown variant {variant!r} (default, smoke)")
+    raise ValueError(f"unknown variant {variant!r} (default, cpu, smoke)")
