@@ -28,6 +28,7 @@ import functools
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def prepare(config: ExperimentConfig, workdir: Path) -> tuple[ExperimentConfig, 
         train_ids = datasets.token_pairs(split.train, src_tok, tgt_tok)
 
         def held_out(pairs):
-            settings = datasets.batch_config(data, run.batch_size, 0, train=False)
+            settings = datasets.batch_config(data, run.batch_size, train=False)
             batches, _ = datasets.bucket_batches(
                 datasets.token_pairs(pairs, src_tok, tgt_tok), settings, seed=None
             )
@@ -214,6 +215,14 @@ def fit(config: ExperimentConfig, workdir: str | Path) -> dict[str, Any]:
         _check_same_run(load_json(workdir / "config.json"), config, workdir)
     save_json(config, workdir / "config.json")
 
+    stats = data.train.stats
+    if stats is not None and (stats.dropped_too_long or stats.dropped_empty):
+        print(
+            f"jaxformer: training on {stats.examples} pairs; left out {stats.dropped_too_long} "
+            f"longer than data.max_length={config.data.max_length} tokens (BOS/EOS included) and "
+            f"{stats.dropped_empty} with an empty side",
+            file=sys.stderr,
+        )
     model = build_model(config)
     state = create_train_state(model, jax.random.key(config.optim.seed), config.optim)
     manager = ckpt.make_manager(workdir / "checkpoints", keep=config.run.keep_checkpoints)
@@ -287,6 +296,7 @@ def fit(config: ExperimentConfig, workdir: str | Path) -> dict[str, Any]:
         "stopped_by": stop_reason,
         "train_minutes": (time.perf_counter() - began) / 60,
         "checkpoint": str(workdir / "checkpoints" / str(step)),
+        "data": None if stats is None else dataclasses.asdict(stats),
         "valid": metrics,
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

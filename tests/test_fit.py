@@ -99,10 +99,17 @@ def test_best_and_latest_checkpoints(runs):
     assert load_run(root / "whole", 6).step == 6
 
 
-def test_max_minutes_stops_early_and_saves(tmp_path):
-    summary = fit(smoke("run.train_steps=1000", "run.max_minutes=0.0001"), tmp_path / "short")
+def test_max_minutes_stops_early_and_saves_and_dropped_examples_are_reported(tmp_path, capsys):
+    config = smoke("run.train_steps=1000", "run.max_minutes=0.0001", "data.max_length=16")
+    summary = fit(config, tmp_path / "short")
     assert summary["step"] == 1 and summary["stopped_by"] == "run.max_minutes=0.0001"
     assert load_run(tmp_path / "short", "latest").step == 1
+    # Targets of 15+ characters do not fit 16 tokens with BOS/EOS: left out, and said so.
+    data = summary["data"]
+    assert data["dropped_too_long"] > 0 and data["examples"] > 0
+    assert f"left out {data['dropped_too_long']} longer than data.max_length=16" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_run_compiles_one_train_step_per_length_bucket(runs):

@@ -9,11 +9,19 @@ or ``jaxformer translate`` loads them instead of training new ones.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from jaxformer.data.batching import Batch, BatchConfig, Buckets, bucket_batches, lm_windows
+from jaxformer.data.batching import (
+    Batch,
+    BatchConfig,
+    BatchStats,
+    Buckets,
+    bucket_batches,
+    lm_windows,
+)
 from jaxformer.data.corpora import (
     Pair,
     Split,
@@ -117,7 +125,7 @@ def token_pairs(
     return list(zip(sources, targets, strict=True))
 
 
-def batch_config(config: DataConfig, batch_size: int, vocab_size: int, train: bool) -> BatchConfig:
+def batch_config(config: DataConfig, batch_size: int, train: bool) -> BatchConfig:
     """Length buckets every ``LENGTH_STEP`` tokens; training drops examples over ``max_length``
     (counted and reported) and fills no partial batch; evaluation keeps every example or fails."""
     return BatchConfig(
@@ -144,10 +152,11 @@ class EpochBatches:
     uninterrupted run would have seen.
     """
 
-    make_epoch: object  # Callable[[int], list[dict[str, np.ndarray]]]
+    make_epoch: Callable[[int], list[dict[str, np.ndarray]]]  # seed -> the batches of an epoch
     seed: int
+    stats: BatchStats | None = None  # what batching kept and dropped (translation)
     _epoch: int = -1
-    _batches: list | None = None
+    _batches: list[dict[str, np.ndarray]] | None = None
 
     def __post_init__(self):
         self.per_epoch = len(self._load(0))
@@ -156,7 +165,7 @@ class EpochBatches:
 
     def _load(self, epoch: int) -> list:
         if epoch != self._epoch:
-            self._batches, self._epoch = self.make_epoch(self.seed + epoch), epoch  # type: ignore[operator]
+            self._batches, self._epoch = self.make_epoch(self.seed + epoch), epoch
         assert self._batches is not None
         return self._batches
 
@@ -168,13 +177,14 @@ class EpochBatches:
 def translation_batches(
     pairs: list[tuple[list[int], list[int]]], config: DataConfig, batch_size: int
 ) -> EpochBatches:
-    settings = batch_config(config, batch_size, 0, train=True)
+    settings = batch_config(config, batch_size, train=True)
 
     def make_epoch(seed: int):
         batches, _ = bucket_batches(pairs, settings, seed=seed)
         return [as_arrays(b) for b in batches]
 
-    return EpochBatches(make_epoch, config.seed)
+    _, stats = bucket_batches(pairs, settings, seed=None)
+    return EpochBatches(make_epoch, config.seed, stats)
 
 
 def lm_batches(ids: list[int], config: DataConfig, batch_size: int) -> EpochBatches:
