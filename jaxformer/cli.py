@@ -4,6 +4,7 @@
         --set run.train_steps=3000 --set model.d_model=128
     echo 60051 | jaxformer translate --workdir runs/demo --beam-size 4
     jaxformer eval --workdir runs/demo --split test --beam-size 4
+    jaxformer eval --workdir runs/demo --source src.txt --reference ref.txt --beam-size 4
     jaxformer generate --workdir runs/shakespeare --prompt "ROMEO." --sampling-topk 10
     jaxformer export ctranslate2 --workdir runs/demo --out runs/demo/ct2
 
@@ -144,15 +145,39 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from jaxformer.inference import corpus_scores, translate_texts
     from jaxformer.trainer import evaluate_run, prepare
 
     options = _decode_options(args)
-    run = _load(args, task=None)
-    _, data = prepare(run.config, Path(args.workdir))
-    metrics = evaluate_run(
-        run.config, run.model, run.params, data, split=args.split, options=options
-    )
-    print(json.dumps({"workdir": args.workdir, "step": run.step, "split": args.split} | metrics))
+    if (args.source is None) != (args.reference is None):
+        raise UsageError("--source and --reference go together (your own test set)")
+    run = _load(args, task="translate" if args.source else None)
+    if args.source is not None:
+        sources, references = _read_lines(args.source), _read_lines(args.reference)
+        if len(sources) != len(references):
+            raise UsageError(
+                f"--source has {len(sources)} lines but --reference has {len(references)}"
+            )
+        outputs = translate_texts(
+            run.model,
+            run.params,
+            run.source_tokenizer,
+            run.target_tokenizer,
+            sources,
+            options,
+            batch_size=args.batch_size,
+            truncate=args.truncate,
+            progress=len(sources) >= 64,
+        )
+        metrics = corpus_scores([o.texts[0] for o in outputs], references)
+        where = {"source": args.source, "reference": args.reference, "lines": len(sources)}
+    else:
+        _, data = prepare(run.config, Path(args.workdir))
+        metrics = evaluate_run(
+            run.config, run.model, run.params, data, split=args.split, options=options
+        )
+        where = {"split": args.split}
+    print(json.dumps({"workdir": args.workdir, "step": run.step} | where | metrics))
     return 0
 
 
@@ -243,9 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode_options(generate, max_length=200)
     generate.set_defaults(func=cmd_generate)
 
-    evaluate = sub.add_parser("eval", help="held-out loss/perplexity (+ BLEU, exact match)")
+    evaluate = sub.add_parser(
+        "eval", help="held-out loss/perplexity (+ BLEU, exact match), or BLEU of your own test set"
+    )
     _add_run(evaluate)
     evaluate.add_argument("--split", choices=("valid", "test"), default="test")
+    evaluate.add_argument("--source", help="your own test set: source lines (with --reference)")
+    evaluate.add_argument("--reference", help="reference translations, one per source line")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--truncate", action="store_true")
     _add_decode_options(evaluate, max_length=250)
     evaluate.set_defaults(func=cmd_eval)
 

@@ -78,6 +78,23 @@ def test_eval_reports_bleu_exact_match_and_perplexity(workdir, capsys, monkeypat
     assert metrics["split"] == "valid" and 0 <= metrics["exact_match"] <= 100
 
 
+def test_eval_on_your_own_test_set(workdir, capsys, monkeypatch, tmp_path):
+    source, reference = tmp_path / "src.txt", tmp_path / "ref.txt"
+    source.write_text("12\n345\n")
+    argv = ["translate", "--workdir", str(workdir), "--max-length", "12", "--input", str(source)]
+    _, translations, _ = run(capsys, monkeypatch, argv)
+    first = translations.splitlines()[0]
+    reference.write_text(f"{first}\nsomething else entirely\n")
+    argv = ["eval", "--workdir", str(workdir), "--max-length", "12"]
+    argv += ["--source", str(source), "--reference", str(reference)]
+    status, out, _ = run(capsys, monkeypatch, argv)
+    assert status == 0
+    assert json.loads(out)["exact_match"] == 50.0 and json.loads(out)["lines"] == 2
+    reference.write_text("only one line\n")
+    status, _, err = run(capsys, monkeypatch, argv)
+    assert status == 2 and "--source has 2 lines but --reference has 1" in err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
