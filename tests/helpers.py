@@ -1,11 +1,13 @@
 """Small shared fixtures for the model tests."""
 
+import contextlib
 import importlib.util
 import pathlib
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import jaxtyping
 
 from jaxformer import DecoderOnlyLM, Transformer, init_params, preset
 from jaxformer.layers import TokenEmbedding
@@ -47,6 +49,22 @@ def with_embedding_offset(fn, delta, module_name):
         return fn()
 
 
+@contextlib.contextmanager
+def as_a_user():
+    """Call jaxformer as a user does: without the test-only annotation checker.
+
+    ``make test`` checks every annotation in ``jaxformer`` (jaxtyping + beartype). A value of the wrong
+    type (``max_length=4.0``) is then refused by that checker before the library's own validation runs;
+    tests of the message a user gets run their call inside this context.
+    """
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", before)
+
+
 EXPERIMENTS = pathlib.Path(__file__).parent.parent / "experiments"
 
 
@@ -63,6 +81,7 @@ __all__ = [
     "VARIANTS",
     "DecoderOnlyLM",
     "Transformer",
+    "as_a_user",
     "load_experiment",
     "make",
     "source_batch",

@@ -28,7 +28,7 @@ from jaxformer import checkpoint as ckpt
 from jaxformer import decoding as dec
 from jaxformer.generate import _continue, _translate
 
-from helpers import source_batch
+from helpers import as_a_user, source_batch
 
 V = 32  # the tiny preset's vocabulary
 MAX_LEN = 16
@@ -130,7 +130,7 @@ def test_generate_refuses_bad_arguments_before_compiling(seq2seq, kwargs, messag
     kwargs = {"inputs": SRC, **GOOD, **kwargs}
     inputs = kwargs.pop("inputs")
     before = _translate._cache_size()
-    with pytest.raises((ValueError, TypeError), match=message):
+    with pytest.raises((ValueError, TypeError), match=message), as_a_user():
         generate(model, params, inputs, **kwargs)
     assert _translate._cache_size() == before  # refused before tracing
 
@@ -197,13 +197,13 @@ CONSTRUCTOR_CASES = [
     "build, message", [c[1:] for c in CONSTRUCTOR_CASES], ids=[c[0] for c in CONSTRUCTOR_CASES]
 )
 def test_strategies_samplers_and_configs_refuse_impossible_values(build, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message), as_a_user():
         build()
 
 
 def test_attention_size_that_does_not_match_the_source_is_refused(seq2seq):
     model, params = seq2seq
-    memory, valid = model.apply({"params": params}, SRC, method=Transformer.encode)
+    memory, valid = model.apply({"params": params}, jnp.asarray(SRC), method=Transformer.encode)
     cache = model.apply({"params": params}, memory, valid, 8, method=Transformer.init_cache)
     step_fn = transformer_step_fn(model, params)
     start = jnp.ones([3], jnp.int32)

@@ -15,7 +15,7 @@ from jaxformer.experiment import (
     to_dict,
 )
 
-from helpers import EXPERIMENTS
+from helpers import EXPERIMENTS, as_a_user
 
 CONFIGS = sorted((EXPERIMENTS / "configs").glob("*.py"))
 VARIANTS = {"num2words": ("default", "demo", "smoke")}
@@ -65,7 +65,7 @@ def test_overrides_parse_by_field_type():
     ],
 )
 def test_bad_overrides_name_the_key(assignment, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message), as_a_user():
         override(ExperimentConfig(), [assignment])
 
 

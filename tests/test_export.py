@@ -18,6 +18,8 @@ from jaxformer import Transformer, generate, init_params, preset
 from jaxformer.decoding import BeamSearch, GreedySearch
 from jaxformer.export import SPECIAL_TOKENS, ids_vocab, to_ctranslate2
 
+from helpers import as_a_user
+
 ctranslate2 = pytest.importorskip(
     "ctranslate2", reason="CTranslate2 is not installed (pip install 'jaxformer[ctranslate2]')"
 )
@@ -210,7 +212,7 @@ def test_ids_vocab():
 def test_bad_arguments_name_the_parameter(kwargs, error, match, tmp_path):
     config, params = random_model()
     args = dict(source_vocab=ids_vocab(VOCAB), target_vocab=ids_vocab(VOCAB)) | kwargs
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match), as_a_user():
         to_ctranslate2(config, params, tmp_path / "x", **args)
 
 
