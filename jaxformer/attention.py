@@ -131,11 +131,14 @@ class MultiHeadAttention(nn.Module):
         """One token at absolute position ``step``: write its K/V into slot ``step``, attend to 0..step."""
         qkv = self.qkv(x)  # [B, 1, 3, N, H]  the projections see one token
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        cache = _write(cache, k, v, step)  # [B, S, N, H]
+        cache = cache.write(k, v, step)  # [B, S, N, H]
         slots = jnp.arange(cache.length)  # [S]
         mask = (slots <= step)[None, None, None, :]  # [1, 1, 1, S]
         rel_k, rel_v = self._relative(step[None], slots)  # [1, S, H]
-        out, _ = dot_product_attention(q, cache.k, cache.v, mask, rel_k, rel_v)
+        if cache.origin is None:
+            out, _ = dot_product_attention(q, cache.k, cache.v, mask, rel_k, rel_v)
+        else:
+            out = _attend_through_origin(q, cache, mask, rel_k, rel_v)
         return self.out(out), cache
 
     def self_attend_prefill(
@@ -147,24 +150,75 @@ class MultiHeadAttention(nn.Module):
         pos = jnp.arange(x.shape[1])
         rel_k, rel_v = self._relative(pos, pos)
         out, _ = dot_product_attention(q, k, v, mask, rel_k, rel_v)
-        return self.out(out), _write(cache, k, v, 0)
+        return self.out(out), cache.write(k, v, 0)
 
     def cross_attend_cached(
         self,
-        x: Float[Array, "B T D"],
+        x: Float[Array, "R T D"],
         memory_k: Float[Array, "B S N H"],
         memory_v: Float[Array, "B S N H"],
         memory_mask: Bool[Array, "B S"],
-    ) -> tuple[Float[Array, "B T D"], Float[Array, "B N T S"]]:
-        """Cross-attention against memory keys/values computed once by ``project_kv``."""
-        q = self.query(x)  # [B, T, N, H]
-        out, probs = dot_product_attention(q, memory_k, memory_v, memory_mask[:, None, None, :])
+    ) -> tuple[Float[Array, "R T D"], Float[Array, "R N T S"]]:
+        """Cross-attention against memory keys/values computed once by ``project_kv``.
+
+        ``x`` may have W rows per memory entry (``R = B*W`` search rows laid out ``[b0w0, b0w1, ...,
+        b1w0, ...]``): the W queries of an entry then attend to its one copy of the memory, so the
+        memory never has to be tiled to ``R`` rows nor reordered with the beams.
+        """
+        q = self.query(x)  # [R, T, N, H]
+        rows, length = q.shape[:2]
+        batch = memory_k.shape[0]
+        if rows % batch:
+            raise ValueError(f"{rows} query rows do not split evenly over {batch} memory entries")
+        width = rows // batch
+        grouped = q.reshape(batch, width * length, *q.shape[2:])  # --> [B, W*T, N, H]
+        out, probs = dot_product_attention(
+            grouped, memory_k, memory_v, memory_mask[:, None, None, :]
+        )  # [B, W*T, N, H], probs [B, N, W*T, S]
+        out = out.reshape(q.shape)  # --> [R, T, N, H]
+        if width > 1:
+            heads, source = probs.shape[1], probs.shape[-1]
+            probs = probs.reshape(batch, heads, width, length, source).transpose(0, 2, 1, 3, 4)
+            probs = probs.reshape(rows, heads, length, source)  # --> [R, N, T, S]
         return self.out(out), probs
 
 
-def _write(cache: KVCache, k, v, start) -> KVCache:
-    """Write ``[B, T, N, H]`` keys/values into cache slots ``start .. start+T-1``."""
-    return KVCache(
-        k=jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), start, 1),
-        v=jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), start, 1),
-    )
+def _attend_through_origin(
+    q: Float[Array, "R 1 N H"],
+    cache: KVCache,
+    mask: Bool[Array, "..."],
+    relative_keys: Float[Array, "1 S H"] | None,
+    relative_values: Float[Array, "1 S H"] | None,
+) -> Float[Array, "R 1 N H"]:
+    """One query per row against slots read through ``cache.origin`` (see ``cache.py``).
+
+    Each of the W queries of a batch entry is scored against the keys of all W beams of that entry
+    (W times the dot products of plain attention, which are few at one query per row), then each slot
+    keeps the score of the beam its ``origin`` names; the values are mixed the same way. Nothing of
+    size ``[R, S, N, H]`` is gathered or copied. Equals ``dot_product_attention`` on the reordered cache
+    up to float rounding (the sums run over beams and slots together).
+    """
+    rows, _, heads, head_dim = q.shape
+    width = cache.width
+    batch, length = rows // width, cache.length
+    q = q.reshape(batch, width, heads, head_dim) * jnp.asarray(
+        head_dim**-0.5, q.dtype
+    )  # [B, W, N, H]
+    k = cache.k.reshape(batch, width, length, heads, head_dim)  # [B, U=W, S, N, H]
+    v = cache.v.reshape(batch, width, length, heads, head_dim)  # [B, U, S, N, H]
+    pick = jax.nn.one_hot(cache.origin.reshape(batch, width, length), width, dtype=jnp.float32)
+    pick = jnp.swapaxes(pick, -1, -2)  # [B, W, U, S]: 1 where origin[b, w, s] == u
+    every = jnp.einsum("BWNH,BUSNH->BWUNS", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("BWUNS,BWUS->BWNS", every, pick)  # [B, W, N, S]
+    if relative_keys is not None:
+        scores += jnp.einsum(
+            "BWNH,SH->BWNS", q, relative_keys[0], preferred_element_type=jnp.float32
+        )
+    mask = jnp.broadcast_to(mask, (1, 1, 1, length)).reshape(1, 1, 1, length)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)  # [B, W, N, S] float32
+    weights = jnp.einsum("BWNS,BWUS->BWUNS", probs, pick).astype(v.dtype)  # [B, W, U, N, S]
+    out = jnp.einsum("BWUNS,BUSNH->BWNH", weights, v)  # [B, W, N, H]
+    if relative_values is not None:
+        out += jnp.einsum("BWNS,SH->BWNH", probs.astype(v.dtype), relative_values[0])
+    return out.reshape(rows, 1, heads, head_dim)  # --> [R, 1, N, H]

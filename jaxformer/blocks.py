@@ -197,7 +197,8 @@ class DecoderStack(nn.Module):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         self_caches = tuple(
-            KVCache.zeros(batch, max_length, c.num_heads, c.head_dim, dtype) for _ in self.layers
+            KVCache.zeros(batch, max_length, c.num_heads, c.head_dim, dtype, indirect=True)
+            for _ in self.layers
         )
         memory_kv = ()
         if self.cross_attention:

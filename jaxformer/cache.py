@@ -3,6 +3,16 @@
 Every leaf has the batch (or search row) axis first, so a search can tile it to ``B*W`` rows and reorder
 it with one gather per leaf. Self-attention keys and values are preallocated to the maximum length and
 written one slot per step; cross-attention keys and values are computed once from the encoder memory.
+
+Beam search without copying the cache. A beam reorder would gather every preallocated slot of every
+layer (``2 * L * R * S * N * H`` numbers, about 100 MB a step for ``base`` at batch 16, beam 4), though
+only the newest slot of each row was written. A ``KVCache(indirect=True)`` (the Transformer and LM
+decoders make theirs so) is tiled with an ``origin [R, S]`` table instead: ``origin[r, t]`` is the beam,
+within row r's batch entry, whose slot t holds position t of row r's hypothesis. A reorder gathers only
+that table; a step writes its keys/values into its own row and ``origin[r, step] = own beam``; the
+attention reads slot t of beam ``origin[r, t]`` (``attention.py``). Slot t of a row is written once, at
+step t, so whatever an ``origin`` points to stays valid. FasterTransformer calls this table the cache
+indirection.
 """
 
 from __future__ import annotations
@@ -23,15 +33,36 @@ class KVCache:
     # Annotated as Any: pytree leaves are not always arrays (eval_shape, vmap, None placeholders).
     k: Any  # float[B, S, N, H]
     v: Any  # float[B, S, N, H]
+    origin: Any = None  # int32[R, S] beam whose slot t holds this row's position t; None: its own
+    indirect: bool = struct.field(pytree_node=False, default=False)  # tile with `origin`
+    width: int = struct.field(pytree_node=False, default=1)  # beams per batch entry (with `origin`)
 
     @classmethod
-    def zeros(cls, batch: int, length: int, num_heads: int, head_dim: int, dtype) -> KVCache:
+    def zeros(
+        cls, batch: int, length: int, num_heads: int, head_dim: int, dtype, indirect: bool = False
+    ) -> KVCache:
         shape = (batch, length, num_heads, head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), indirect=indirect)
 
     @property
     def length(self) -> int:
         return self.k.shape[1]
+
+    def write(self, k, v, start) -> KVCache:
+        """Keys/values ``[R, T, N, H]`` into slots ``start .. start+T-1`` of each row's own cache."""
+        update = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
+            cache, new.astype(cache.dtype), start, 1
+        )
+        origin = self.origin
+        if origin is not None:  # these slots now hold the row's own beam
+            own = jnp.arange(origin.shape[0], dtype=jnp.int32) % self.width  # [R]
+            own = jnp.broadcast_to(own[:, None], (origin.shape[0], k.shape[1]))  # [R, T]
+            origin = update(origin, own)
+        return self.replace(k=update(self.k, k), v=update(self.v, v), origin=origin)
+
+
+def _indirect(x) -> bool:
+    return isinstance(x, KVCache) and x.indirect
 
 
 @struct.dataclass
@@ -53,12 +84,38 @@ class DecoderCache:
 
 
 def reorder(state: PyTree, indices: Int[Array, " R"]) -> PyTree:
-    """Gather rows ``indices`` of every leaf (the beam-search reorder)."""
-    return jax.tree.map(lambda x: jnp.take(x, indices, axis=0), state)
+    """Gather rows ``indices`` of every leaf (the beam-search reorder).
+
+    An indirect ``KVCache`` gathers its ``origin`` table only (``indices`` stay within each batch
+    entry, so the beams it names stay valid).
+    """
+    gather = lambda x: jnp.take(x, indices, axis=0)
+
+    def one(x):
+        if _indirect(x) and x.origin is not None:
+            return x.replace(origin=gather(x.origin))  # [R, S]
+        return jax.tree.map(gather, x)
+
+    return jax.tree.map(one, state, is_leaf=_indirect)
 
 
 def tile_batch(state: PyTree, multiplier: int) -> PyTree:
-    """Repeat each batch entry ``multiplier`` times along axis 0: ``[b0, b0, b1, b1, ...]``."""
+    """Repeat each batch entry ``multiplier`` times along axis 0: ``[b0, b0, b1, b1, ...]``.
+
+    An indirect ``KVCache`` also gets its ``origin`` table: every slot of row r is its own (r % W).
+    """
     if multiplier == 1:
         return state
-    return jax.tree.map(lambda x: jnp.repeat(x, multiplier, axis=0), state)
+    repeat = lambda x: jnp.repeat(x, multiplier, axis=0)
+
+    def one(x):
+        if not _indirect(x):
+            return jax.tree.map(repeat, x)
+        if x.origin is not None:
+            raise ValueError("this KVCache is tiled already (it has an origin table)")
+        rows, length = x.k.shape[0] * multiplier, x.k.shape[1]
+        own = jnp.arange(rows, dtype=jnp.int32) % multiplier  # [R]
+        origin = jnp.broadcast_to(own[:, None], (rows, length))  # [R, S]
+        return x.replace(k=repeat(x.k), v=repeat(x.v), origin=origin, width=multiplier)
+
+    return jax.tree.map(one, state, is_leaf=_indirect)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxformer.cache import DecoderCache
 from jaxformer.decoder_only import DecoderOnlyLM
 from jaxformer.decoding import (
     BeamSearch,
@@ -36,13 +37,32 @@ def init_params(
     return model.init(rng, *args)["params"]
 
 
-def transformer_step_fn(model: Transformer, params: PyTree):
-    """The search's step function for an encoder-decoder: the cache is the state."""
+def transformer_step_fn(model: Transformer, params: PyTree, memory: DecoderCache | None = None):
+    """The search's step function for an encoder-decoder.
+
+    Without ``memory`` the whole ``DecoderCache`` is the search state: tiled to ``B*W`` rows and
+    reordered with the beams at every step. With ``memory`` (the cache from ``init_cache``) its
+    cross-attention keys/values and source mask are read from there, once per batch entry, and the
+    state is the cache without them (``without_memory(cache)``): the search tiles and reorders only the
+    self-attention caches. Both give the same results.
+    """
 
     def step_fn(ids, step, cache):
-        return model.apply({"params": params}, ids, step, cache, method=Transformer.decode_step)
+        if memory is not None:
+            cache = cache.replace(memory=memory.memory, memory_mask=memory.memory_mask)
+        logits, cache, attention = model.apply(
+            {"params": params}, ids, step, cache, method=Transformer.decode_step
+        )
+        if memory is not None:
+            cache = without_memory(cache)
+        return logits, cache, attention
 
     return step_fn
+
+
+def without_memory(cache: DecoderCache) -> DecoderCache:
+    """The self-attention part of a decoder cache (the search state when the memory is shared)."""
+    return cache.replace(memory=(), memory_mask=None)
 
 
 @functools.partial(
@@ -67,10 +87,10 @@ def _translate(
         {"params": params}, memory, valid, max_length, method=Transformer.init_cache
     )
     return dynamic_decode(
-        transformer_step_fn(model, params),
+        transformer_step_fn(model, params, memory=cache),  # the memory is never tiled nor reordered
         jnp.full([src_ids.shape[0]], start_id, jnp.int32),
         end_id,
-        cache,
+        without_memory(cache),
         strategy=strategy,
         sampler=sampler,
         max_length=max_length,

@@ -152,10 +152,7 @@ class AttentionUpsampling(_AttentionRefiner):
     def write(self, coarse: Float[Array, "B 1 D"], index: Int[Array, ""], cache: KVCache):
         """Keys/values of the coarse vector ``index`` into slot ``index``."""
         k, v = self.attention.project_kv(self.norm_memory(coarse))  # [B, 1, N, H]
-        return KVCache(
-            k=jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), index, 1),
-            v=jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), index, 1),
-        )
+        return cache.write(k, v, index)
 
     def step(self, coarse, residual, position, cache: KVCache):
         visible = jnp.arange(cache.length) <= position // self.factor  # [S1]

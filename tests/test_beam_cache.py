@@ -1,0 +1,108 @@
+"""Beam search reads the KV cache through an origin table instead of copying it at every reorder.
+
+The reference is the plain way: a cache whose rows are gathered whole at each reorder
+(``KVCache(indirect=False)``). Both must give the same logits at every step, for any sequence of
+reorders, and the same search results; the memory K/V are shared by the beams of an entry.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxformer import generate
+from jaxformer.cache import KVCache, reorder, tile_batch
+from jaxformer.decoding import BeamSearch, dynamic_decode
+from jaxformer.generate import transformer_step_fn
+
+from helpers import VARIANTS, DecoderOnlyLM, Transformer, make, source_batch
+
+WIDTH, STEPS = 3, 6
+
+
+def copied(cache):
+    """The same cache, reordered the plain way (whole rows gathered)."""
+    return jax.tree.map(
+        lambda x: x.replace(indirect=False) if isinstance(x, KVCache) else x,
+        cache,
+        is_leaf=lambda x: isinstance(x, KVCache),
+    )
+
+
+def random_reorders(seed, batch):
+    """Beam indices within each entry, as a search would produce: [STEPS, B*W]."""
+    beams = np.random.default_rng(seed).integers(0, WIDTH, (STEPS, batch * WIDTH))
+    return jnp.asarray(np.arange(batch * WIDTH) // WIDTH * WIDTH + beams, jnp.int32)
+
+
+def drive(model, params, cache, ids, reorders):
+    """Decode STEPS tokens, reordering the cache after each step; returns every step's logits."""
+    logits_per_step = []
+    for t in range(STEPS):
+        logits, cache, *_ = model.apply(
+            {"params": params}, ids[:, t], jnp.int32(t), cache, method=type(model).decode_step
+        )
+        logits_per_step.append(logits)
+        cache = reorder(cache, reorders[t])
+    return jnp.stack(logits_per_step), cache
+
+
+@pytest.mark.parametrize("overrides", VARIANTS.values(), ids=VARIANTS.keys())
+@pytest.mark.parametrize("family", ["encoder_decoder", "decoder_only"])
+def test_reading_through_the_origin_table_equals_copying_the_rows(family, overrides):
+    src = source_batch()
+    batch = src.shape[0]
+    if family == "encoder_decoder":
+        model, params = make(Transformer, **overrides)
+        memory, valid = model.apply({"params": params}, src, method=Transformer.encode)
+        cache = model.apply({"params": params}, memory, valid, STEPS, method=Transformer.init_cache)
+    else:
+        model, params = make(DecoderOnlyLM, **overrides)
+        cache = model.apply({"params": params}, batch, STEPS, method=DecoderOnlyLM.init_cache)
+    ids = jax.random.randint(jax.random.key(3), (batch * WIDTH, STEPS), 3, 32)
+    reorders = random_reorders(0, batch)
+    tiled = tile_batch(cache, WIDTH)
+    assert all(c.origin is not None for c in tiled.self_attention)
+    got, final = drive(model, params, tiled, ids, reorders)
+    want, _ = drive(model, params, tile_batch(copied(cache), WIDTH), ids, reorders)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    # The keys were never moved: row r's slot t holds what row r wrote at step t.
+    assert final.self_attention[0].origin.shape == (batch * WIDTH, STEPS)
+
+
+def test_a_reorder_moves_the_origin_table_not_the_keys():
+    cache = tile_batch(KVCache.zeros(2, 5, 2, 4, jnp.float32, indirect=True), WIDTH)
+    cache = cache.write(jnp.ones([6, 1, 2, 4]), jnp.ones([6, 1, 2, 4]), 2)
+    np.testing.assert_array_equal(cache.origin[:, 2], np.arange(6) % WIDTH)
+    indices = jnp.asarray([2, 2, 0, 4, 3, 3], jnp.int32)
+    moved = reorder(cache, indices)
+    assert moved.k is cache.k and moved.v is cache.v
+    np.testing.assert_array_equal(moved.origin, np.asarray(cache.origin)[np.asarray(indices)])
+    plain = reorder(copied(cache), indices)
+    assert plain.origin is not None  # the copy path gathers every leaf, origin included
+    np.testing.assert_array_equal(plain.k, np.asarray(cache.k)[np.asarray(indices)])
+    with pytest.raises(ValueError, match="tiled already"):
+        tile_batch(cache, 2)
+
+
+@pytest.mark.parametrize("overrides", [{}, VARIANTS["post_relative"]], ids=["pre", "post_rel"])
+def test_beam_search_equals_the_copying_search_with_a_tiled_memory(overrides):
+    """``generate`` (origin table, one memory per entry) == the plain search over the whole cache."""
+    model, params = make(Transformer, **overrides)
+    params = {**params, "output": jax.tree.map(lambda w: 4 * w, params["output"])}  # peaked
+    src = source_batch()
+    strategy = BeamSearch(WIDTH, length_penalty=0.6, coverage_penalty=0.2)
+    got = generate(
+        model, params, src, start_id=1, end_id=2, max_length=9, strategy=strategy,
+        return_attention=True,
+    )  # fmt: skip
+    memory, valid = model.apply({"params": params}, src, method=Transformer.encode)
+    cache = model.apply({"params": params}, memory, valid, 9, method=Transformer.init_cache)
+    want = dynamic_decode(
+        transformer_step_fn(model, params), jnp.ones([3], jnp.int32), 2, copied(cache),
+        strategy=strategy, max_length=9, attention_size=src.shape[1], return_attention=True,
+    )  # fmt: skip
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    np.testing.assert_allclose(got.log_probs, want.log_probs, atol=1e-5)
+    np.testing.assert_allclose(got.attention, want.attention, atol=1e-6)
