@@ -9,7 +9,9 @@ ways of returning results:
 
 * ``compat=None`` (default, corrected): the cumulative log-prob travels with its
   hypothesis; each token's attention is that of the row that generated it; every
-  returned field describes the same hypothesis, best first by score.
+  returned field describes the same hypothesis, best first by score; a batch entry
+  whose hypotheses have all finished is frozen (not re-scored while other entries
+  run), so an entry's result does not depend on its batch.
 * ``compat="opennmt-tf"``: what OpenNMT-tf 2.32 returns, its three defects included
   (old-row cumulative log-prob for a moved finished hypothesis; attention through
   ``gather_tree_from_array`` with the last step dropped; log-probs in the row order
@@ -180,6 +182,15 @@ def reference_decode(
                     penalty = penalty * F32(1.0 if finished[r] else 0.0)
                     scores[r] = scores[r] + F32(coverage_penalty) * penalty
             for b in range(B):
+                if not opennmt and finished[b * W : (b + 1) * W].all():
+                    # Corrected: an entry whose hypotheses have all finished stays as it is
+                    # (EOS from its own rows, same log-probs, scores and coverage), as it would
+                    # alone. OpenNMT-tf re-scores it while other entries run.
+                    for j in range(W):
+                        r = b * W + j
+                        words[r], beam_ids[r], parent_rows[r] = end_id, j, r
+                        new_cum[r], step_scores[r] = cum[r], last_scores[r]
+                    continue
                 flat = scores[b * W : (b + 1) * W].reshape(-1)  # [W*V]
                 for j, pick in enumerate(_top_k(flat, W)):
                     r = b * W + j

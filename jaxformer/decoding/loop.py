@@ -8,6 +8,14 @@ The order of operations at each step is OpenNMT-tf 2.32's (``opennmt.utils.decod
 4. Lengths grow for unfinished rows; lengths, finished flags, accumulators and the model state are
    gathered by the parent rows; ``finished |= word == end_id``.
 
+By default (not in compat mode), after the pick (3.) a batch entry whose hypotheses had all finished
+is frozen: it emits EOS from its own rows and keeps its log-probs, scores and coverage accumulator, as
+it would if it were decoded alone (the loop idles once every row has finished). So a row's result does
+not depend on the other entries of its batch. ``compat="opennmt-tf"`` keeps OpenNMT-tf's behaviour,
+which re-scores such an entry for as long as other entries run: the step after a hypothesis's EOS,
+its length penalty counts the EOS and its coverage penalty starts, so its score, and the order of the
+entry's beams, depend on the batch.
+
 The loop has a static length (``max_length`` steps). Once every row has finished, the remaining steps are
 skipped by a ``lax.cond`` (nothing runs, nothing changes), which is exactly OpenNMT-tf's stopping rule.
 With ``chunk_size``, a ``lax.while_loop`` over chunks of scan steps also leaves the loop early.
@@ -176,6 +184,8 @@ def dynamic_decode(
             sampler,
             rng,
         )
+        if not compat:
+            sel = _freeze_finished_entries(sel, state, end_id, batch, width)
         grown = jnp.where(state.finished, state.lengths, state.lengths + 1)  # [R]
         parent_finished = state.finished[sel.beam_indices]  # [R]
         # A finished hypothesis keeps its log-prob. OpenNMT-tf keeps the *row's* old value, so the
@@ -243,6 +253,32 @@ def dynamic_decode(
         final, records = _chunked_scan(body, idle, initial, max_length, chunk_size)
     return finalize(
         records, final, strategy, end_id, batch, max_length, source_len, return_attention, compat
+    )
+
+
+def _freeze_finished_entries(sel, state: SearchState, end_id: int, batch: int, width: int):
+    """The selection with every batch entry whose hypotheses had all finished left as it was.
+
+    Such an entry emits EOS from its own rows and keeps its log-probs, scores and coverage
+    accumulator, exactly as it would alone (the loop idles once every row has finished). Without this,
+    its finished hypotheses would be re-scored for as long as *other* entries run (the step after EOS,
+    the length penalty counts the EOS and the coverage penalty, which only counts hypotheses finished
+    before the step, starts; re-scored beams may swap places): the batch would change the result.
+    OpenNMT-tf has that dependence; compat mode keeps it.
+    """
+    rows = batch * width
+    done = jnp.repeat(jnp.all(state.finished.reshape(batch, width), axis=1), width)  # [R]
+    own = jnp.arange(rows, dtype=jnp.int32)  # [R]
+    accumulated = sel.accumulated_attention
+    if accumulated is not None:
+        accumulated = jnp.where(done[:, None], state.accumulated_attention, accumulated)  # [R, S]
+    return sel._replace(
+        word_ids=jnp.where(done, end_id, sel.word_ids),
+        beam_ids=jnp.where(done, own % width, sel.beam_ids),
+        beam_indices=jnp.where(done, own, sel.beam_indices),
+        cum_log_probs=jnp.where(done, state.cum_log_probs, sel.cum_log_probs),
+        scores=jnp.where(done, state.scores, sel.scores),
+        accumulated_attention=accumulated,
     )
 
 
