@@ -37,14 +37,17 @@ def random_reorders(seed, batch):
 
 def drive(model, params, cache, ids, reorders):
     """Decode STEPS tokens, reordering the cache after each step; returns every step's logits."""
-    logits_per_step = []
-    for t in range(STEPS):
+
+    def step(cache, inputs):
+        token, t, indices = inputs
         logits, cache, *_ = model.apply(
-            {"params": params}, ids[:, t], jnp.int32(t), cache, method=type(model).decode_step
+            {"params": params}, token, t, cache, method=type(model).decode_step
         )
-        logits_per_step.append(logits)
-        cache = reorder(cache, reorders[t])
-    return jnp.stack(logits_per_step), cache
+        return reorder(cache, indices), logits
+
+    steps = jnp.arange(STEPS, dtype=jnp.int32)
+    cache, logits = jax.jit(lambda c: jax.lax.scan(step, c, (ids.T, steps, reorders)))(cache)
+    return logits, cache
 
 
 @pytest.mark.parametrize("overrides", VARIANTS.values(), ids=VARIANTS.keys())
