@@ -1,6 +1,6 @@
 """jaxformer: pure-functional JAX/Flax Transformers with explicit KV caches and OpenNMT-tf-exact search."""
 
-from jaxformer import decoding
+from jaxformer import decoding, sharding
 from jaxformer.cache import DecoderCache, KVCache
 from jaxformer.config import PRESETS, TransformerConfig, preset
 from jaxformer.decoder_only import DecoderOnlyLM
@@ -32,5 +32,6 @@ __all__ = [
     "hourglass_step_fn",
     "init_params",
     "preset",
+    "sharding",
     "transformer_step_fn",
 ]

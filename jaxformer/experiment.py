@@ -94,6 +94,11 @@ class RunConfig:
     decode_max_length: int = 128
     progress: bool = True  # tqdm progress bar on stderr
     plot: bool = True  # learning curves PNG at the end
+    # The device mesh of ``jaxformer.sharding``: batch rows split over mesh_data devices (-1: all
+    # the devices mesh_model leaves), heads and feed-forward width over mesh_model. 1 x 1 trains on
+    # one device. Not part of the run's identity: a workdir may resume on another mesh.
+    mesh_data: int = 1
+    mesh_model: int = 1
 
     def __post_init__(self):
         for name in ("batch_size", "train_steps", "eval_every", "checkpoint_every", "log_every"):
@@ -105,6 +110,17 @@ class RunConfig:
             raise ValueError(f"run.beam_size must be >= 1, got {self.beam_size}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"run.max_minutes must be None or > 0, got {self.max_minutes}")
+        if self.mesh_data < 1 and self.mesh_data != -1:
+            raise ValueError(
+                f"run.mesh_data must be >= 1 or -1 (all devices), got {self.mesh_data}"
+            )
+        if self.mesh_model < 1:
+            raise ValueError(f"run.mesh_model must be >= 1, got {self.mesh_model}")
+        if self.mesh_data > 0 and self.batch_size % self.mesh_data:
+            raise ValueError(
+                f"run.batch_size ({self.batch_size}) must be a multiple of run.mesh_data "
+                f"({self.mesh_data}): each data shard takes batch_size / mesh_data rows"
+            )
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

@@ -18,6 +18,13 @@ Running ``fit`` again on a workdir continues from its latest checkpoint: the bat
 function of s (see ``EpochBatches``) and the dropout key is ``fold_in(seed, s)``, so the continued run
 is the uninterrupted one, step for step. A workdir whose stored model, data or optimiser settings
 differ from the config given is refused (only ``run.*`` may change, e.g. to train longer).
+
+Devices: ``run.mesh_data`` x ``run.mesh_model`` (``jaxformer.sharding.make_mesh``). On a mesh of
+more than one device the train state is sharded by ``jaxformer.sharding``'s rules, every batch is
+split by rows over ``"data"`` and the step is ``make_sharded_train_step``; checkpoints hold whole
+arrays, so a run may resume on another mesh (or on one device). A 1 x 1 mesh is the plain
+single-device path. Several processes (``initialize_distributed``): each feeds its own slice of the
+rows (untested here).
 """
 
 from __future__ import annotations
@@ -35,8 +42,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxformer import checkpoint as ckpt
+from jaxformer import sharding as shd
 from jaxformer.data import datasets
 from jaxformer.decoder_only import DecoderOnlyLM
 from jaxformer.encoder_decoder import Transformer
@@ -66,6 +75,45 @@ def _train_step(model, optim):
     """One jit-compiled step per (model, optimiser) settings and process: a resumed or repeated
     run in the same process (tests, notebooks) reuses the compiled programs."""
     return make_train_step(model, optim)
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_train_step(model, optim, mesh: Mesh):
+    """``_train_step`` on a mesh of several devices (the state's shardings follow from its shape)."""
+    abstract = jax.eval_shape(lambda: create_train_state(model, jax.random.key(0), optim))
+    return shd.make_sharded_train_step(model, optim, mesh, abstract)
+
+
+def make_run_mesh(config: ExperimentConfig) -> Mesh:
+    """The ``run.mesh_data`` x ``run.mesh_model`` mesh; a ValueError naming the keys if it does not
+    fit the devices or the batch."""
+    run = config.run
+    keys = f"run.mesh_data={run.mesh_data}, run.mesh_model={run.mesh_model}"
+    try:
+        mesh = shd.make_mesh(run.mesh_data, run.mesh_model)
+    except ValueError as error:
+        raise ValueError(f"{keys} do not fit the {jax.device_count()} device(s): {error}") from None
+    if run.batch_size % mesh.shape["data"]:
+        raise ValueError(
+            f"{keys}: run.batch_size ({run.batch_size}) must be a multiple of the mesh's data axis "
+            f"({mesh.shape['data']})"
+        )
+    return mesh
+
+
+def place_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict:
+    """``batch`` on ``mesh``: rows split over ``"data"`` when they divide evenly, else replicated
+    (a held-out batch of any size); unchanged without a mesh or on one device."""
+    if mesh is None or mesh.size == 1:
+        return batch
+    rows = len(next(iter(batch.values())))
+    if rows % mesh.shape["data"]:
+        return jax.device_put(batch, NamedSharding(mesh, PartitionSpec()))
+    if jax.process_count() > 1:  # every process holds the global batch: pass it its own rows
+        per = rows // jax.process_count()
+        start = jax.process_index() * per
+        batch = {k: v[start : start + per] for k, v in batch.items()}
+    return shd.shard_batch(batch, mesh)
 
 
 @dataclasses.dataclass
@@ -165,10 +213,13 @@ def evaluate_run(
     examples: int | None = None,
     options: DecodeOptions | None = None,
     decode: bool = True,
+    mesh: Mesh | None = None,
 ) -> dict[str, float]:
     """Held-out loss, perplexity, bits per token and token accuracy; for translation (if ``decode``),
-    BLEU and exact match of ``options`` (default: the run's beam) on the first ``examples`` pairs."""
+    BLEU and exact match of ``options`` (default: the run's beam) on the first ``examples`` pairs.
+    With ``mesh`` (and ``params`` sharded on it), the held-out batches are placed on it too."""
     batches = data.valid_batches if split == "valid" else data.test_batches
+    batches = [place_batch(b, mesh) for b in batches]
     out = evaluate(_eval_step(model), params, batches)
     metrics = {k: out[k] for k in ("loss", "perplexity", "accuracy")}
     metrics["bits_per_token"] = out["loss"] / math.log(2)
@@ -209,6 +260,8 @@ def _progress(config: ExperimentConfig, start: int):
 def fit(config: ExperimentConfig, workdir: str | Path) -> dict[str, Any]:
     """Trains (or continues) the run in ``workdir``; returns the final summary (also summary.json)."""
     workdir = Path(workdir)
+    mesh = make_run_mesh(config)  # before any work: a mesh that does not fit fails at once
+    sharded = mesh.size > 1
     workdir.mkdir(parents=True, exist_ok=True)
     config, data = prepare(config, workdir)
     if (workdir / "config.json").is_file():
@@ -225,20 +278,35 @@ def fit(config: ExperimentConfig, workdir: str | Path) -> dict[str, Any]:
         )
     model = build_model(config)
     state = create_train_state(model, jax.random.key(config.optim.seed), config.optim)
+    if sharded:
+        state = shd.shard_params(state, mesh)
     manager = ckpt.make_manager(workdir / "checkpoints", keep=config.run.keep_checkpoints)
     if manager.latest_step() is not None:
+        # The abstract state carries the shardings, so a checkpoint of any mesh (or of one device)
+        # is read straight into this run's layout.
         state = ckpt.restore_latest(manager, ckpt.abstract_state(state))
-        # Restored arrays are committed to their device, fresh ones are not, and jit keys its
-        # cache on that: without this a resumed run would compile every step shape once more.
-        state = jax.tree.map(lambda x: jax.device_put(np.asarray(x)), state)
+        if not sharded:
+            # Restored arrays are committed to their device, fresh ones are not, and jit keys its
+            # cache on that: without this a resumed run would compile every step shape once more.
+            # (Sharded, fresh and restored arrays are both committed to the same shardings.)
+            state = jax.tree.map(lambda x: jax.device_put(np.asarray(x)), state)
     start = int(state.step)
-    train_step = _train_step(model, config.optim)
+    if sharded:
+        train_step = _sharded_train_step(model, config.optim, mesh)
+    else:
+        train_step = _train_step(model, config.optim)
     run = config.run
     stop_reason = "train_steps"
 
     def evaluation(step: int, decode: bool) -> dict[str, float]:
         metrics = evaluate_run(
-            config, model, state.params, data, examples=run.eval_examples, decode=decode
+            config,
+            model,
+            state.params,
+            data,
+            examples=run.eval_examples,
+            decode=decode,
+            mesh=mesh if sharded else None,
         )
         log.write(step, {f"valid/{k}": v for k, v in metrics.items()})
         return metrics
@@ -251,7 +319,7 @@ def fit(config: ExperimentConfig, workdir: str | Path) -> dict[str, Any]:
         metrics: dict[str, float] = {}
         while step < run.train_steps:
             batch = data.train(step)
-            state, out = train_step(state, batch)
+            state, out = train_step(state, place_batch(batch, mesh if sharded else None))
             step += 1
             if step % run.log_every == 0 or step == run.train_steps:
                 out = jax.device_get(out)  # the only host sync of a logging interval

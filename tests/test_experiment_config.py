@@ -62,6 +62,10 @@ def test_overrides_parse_by_field_type():
         ("data.tokenizer=bpe", r"tokenizer must be one of \('char', 'byte', 'sentencepiece'\)"),
         ("optim.label_smoothing=1.0", r"label_smoothing must be in \[0, 1\)"),
         ("task=lm", r"task 'lm' cannot train on data.corpus='numbers'"),
+        ("run.mesh_data=0", r"run.mesh_data=0: run.mesh_data must be >= 1 or -1 \(all devices\)"),
+        ("run.mesh_model=0", r"run.mesh_model=0: run.mesh_model must be >= 1, got 0"),
+        ("run.mesh_model=2.0", r"run.mesh_model=2.0: expected int"),
+        ("run.mesh_data=3", r"run.batch_size \(64\) must be a multiple of run.mesh_data \(3\)"),
     ],
 )
 def test_bad_overrides_name_the_key(assignment, message):
@@ -80,6 +84,16 @@ def test_every_key_is_settable_to_its_own_value():
     assert sorted(flat) == sorted(keys(config))
     assignments = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in flat.items()]
     assert override(config, assignments) == config
+
+
+def test_the_mesh_is_a_run_setting_and_old_configs_default_to_one_device():
+    config = override(ExperimentConfig(), ["run.mesh_data=-1", "run.mesh_model=2"])
+    assert (config.run.mesh_data, config.run.mesh_model) == (-1, 2)
+    assert (ExperimentConfig().run.mesh_data, ExperimentConfig().run.mesh_model) == (1, 1)
+    # A config.json written before the mesh keys existed (an old workdir) still loads.
+    data = to_dict(config)
+    del data["run"]["mesh_data"], data["run"]["mesh_model"]
+    assert from_dict(data) == ExperimentConfig()
 
 
 def test_json_round_trip_and_unknown_keys(tmp_path):
