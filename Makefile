@@ -18,7 +18,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -n 2 --durations=10 --jaxtyping-packages=jaxformer,beartype.beartype
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25 --jaxtyping-packages=jaxformer,beartype.beartype
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

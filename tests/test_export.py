@@ -24,6 +24,10 @@ ctranslate2 = pytest.importorskip(
     "ctranslate2", reason="CTranslate2 is not installed (pip install 'jaxformer[ctranslate2]')"
 )
 
+# The trained model is trained once per test process: its tests share one xdist worker
+# (`make test` runs with --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("trained_number_model")
+
 BOS, EOS = 1, 2
 MAX_LENGTH = 16
 VOCAB = 40

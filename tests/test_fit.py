@@ -102,8 +102,12 @@ def test_best_and_latest_checkpoints(runs):
 def test_max_minutes_stops_early_and_saves_and_dropped_examples_are_reported(tmp_path, capsys):
     config = smoke("run.train_steps=1000", "run.max_minutes=0.0001", "data.max_length=16")
     summary = fit(config, tmp_path / "short")
-    assert summary["step"] == 1 and summary["stopped_by"] == "run.max_minutes=0.0001"
-    assert load_run(tmp_path / "short", "latest").step == 1
+    # The clock is read after each (asynchronously dispatched) step: with the step already compiled
+    # by an earlier test in this process, the first ones can return within 6 ms, so the run stops
+    # after one step or a few, not after the 1000 asked for.
+    assert summary["stopped_by"] == "run.max_minutes=0.0001"
+    assert 1 <= summary["step"] < 1000
+    assert load_run(tmp_path / "short", "latest").step == summary["step"]  # saved where it stopped
     # Targets of 15+ characters do not fit 16 tokens with BOS/EOS: left out, and said so.
     data = summary["data"]
     assert data["dropped_too_long"] > 0 and data["examples"] > 0

@@ -20,6 +20,10 @@ from jaxformer import decoding as dec
 from jaxformer.losses import cross_entropy, padding_weights
 from jaxformer.train import TrainConfig, create_train_state, make_train_step
 
+# The trained model is trained once per test process: its tests share one xdist worker
+# (`make test` runs with --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("trained_number_model")
+
 MAX_LENGTH = 48
 PRECISIONS = ("float32", "bfloat16")
 
