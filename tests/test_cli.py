@@ -10,6 +10,9 @@ from jaxformer.cli import main
 
 from helpers import EXPERIMENTS
 
+# Its module fixture is costly: keep the module on one xdist worker (`make test`: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("cli_trained_run")
+
 NUM2WORDS = str(EXPERIMENTS / "configs" / "num2words.py")
 SHAKESPEARE = str(EXPERIMENTS / "configs" / "shakespeare.py")
 

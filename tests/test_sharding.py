@@ -41,6 +41,9 @@ from jaxformer.trainer import fit, load_run, make_run_mesh
 
 from helpers import EXPERIMENTS
 
+# Its module fixture is costly: keep the module on one xdist worker (`make test`: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("sharding_worker")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = pathlib.Path(__file__).with_name("sharding_worker.py")
 RTOL, PARAM_ATOL = 1e-5, 2e-6
