@@ -1,16 +1,47 @@
-"""Strict test settings: rank promotion raises, float32 everywhere, deterministic CPU."""
+"""Strict test settings: rank promotion raises, float32 everywhere, deterministic CPU.
+
+One persistent compilation cache per test run, shared by the xdist workers and the subprocesses the
+tests start (through the environment): many tests build the same small models in new closures, and
+XLA's output for an identical program is reused instead of compiled again. The cache starts empty
+for every run (its directory is named after the run) and is removed when the run ends, so no result
+depends on an earlier run.
+"""
 
 import os
+import shutil
+import tempfile
 
+# The controller (or a run without xdist) makes the directory; workers and subprocesses inherit it.
+OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    OWN_CACHE = tempfile.mkdtemp(prefix="jaxformer-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = OWN_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax
-import pytest
+import jax  # noqa: E402  (after the environment above)
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+# In case a plugin imported jax before the environment above was set.
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
+jax.config.update(
+    "jax_persistent_cache_min_entry_size_bytes",
+    int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]),
+)
 
 
 @pytest.fixture(scope="session")
 def key():
     return jax.random.key(0)
+
+
+def pytest_unconfigure(config):
+    if OWN_CACHE is not None:  # the process that made the cache, after every worker is done
+        shutil.rmtree(OWN_CACHE, ignore_errors=True)

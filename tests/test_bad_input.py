@@ -34,19 +34,19 @@ V = 32  # the tiny preset's vocabulary
 MAX_LEN = 16
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def seq2seq():
     model = Transformer(preset("tiny", max_len=MAX_LEN))
     return model, init_params(model, jax.random.key(0))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lm():
     model = DecoderOnlyLM(preset("tiny", max_len=MAX_LEN))
     return model, init_params(model, jax.random.key(0))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hourglass():
     model = HourglassLM(hourglass_preset("tiny", max_len=MAX_LEN))
     return model, init_params(model, jax.random.key(0))
@@ -223,7 +223,7 @@ CHECKPOINT_CASES = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def saved_params(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ckpt") / "run"
     model = Transformer(preset("tiny"))

@@ -93,11 +93,12 @@ def test_a_cached_step_projects_one_token_and_reuses_the_memory_kv():
         for old, new in zip(cache.memory, new_cache.memory, strict=True):
             assert new.k is old.k or np.array_equal(new.k, old.k)
             assert np.array_equal(new.v, old.v)
-        # Self-attention K/V: preallocated to the maximum length, slot t written, later slots empty.
+        # Self-attention K/V: preallocated to the maximum length, heads-major [B, N, S, H], slot t
+        # written, later slots empty.
         for layer in new_cache.self_attention:
-            chex.assert_shape([layer.k, layer.v], (3, 10, 4, 8))
-            assert np.abs(np.asarray(layer.k[:, t])).sum() > 0
-            np.testing.assert_array_equal(layer.k[:, t + 1 :], 0.0)
+            chex.assert_shape([layer.k, layer.v], (3, 4, 10, 8))
+            assert np.abs(np.asarray(layer.k[:, :, t])).sum() > 0
+            np.testing.assert_array_equal(layer.k[:, :, t + 1 :], 0.0)
         cache = new_cache
     # The memory K/V in the cache are the projections of the encoder output.
     layer0 = model.bind({"params": params}).decoder.layers[0]

@@ -10,7 +10,8 @@ from jaxformer.cli import main
 
 from helpers import EXPERIMENTS
 
-# Its module fixture is costly: keep the module on one xdist worker (`make test`: --dist loadgroup).
+# Its costly fixture runs once per process (session scope: a module fixture is set up again whenever
+# xdist interleaves another module), so keep the module on one worker (`make test`: --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("cli_trained_run")
 
 NUM2WORDS = str(EXPERIMENTS / "configs" / "num2words.py")
@@ -24,7 +25,7 @@ def run(capsys, monkeypatch, argv, stdin=""):
     return status, out, err
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "run"
     status = main(["train", "--config", f"{NUM2WORDS}:smoke", "--workdir", str(path)])

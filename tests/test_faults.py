@@ -146,7 +146,7 @@ def small_state(seed: int):
     }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def saved(tmp_path_factory):
     """Steps 1 and 2 of a small state."""
     directory = tmp_path_factory.mktemp("faults") / "checkpoints"

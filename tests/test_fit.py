@@ -20,7 +20,7 @@ def smoke(*assignments):
     return override(load_config(NUM2WORDS, "smoke"), list(assignments))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     """One uninterrupted run of 12 steps, and one stopped at 6 and continued to 12."""
     root = tmp_path_factory.mktemp("fit")

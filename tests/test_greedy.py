@@ -1,5 +1,7 @@
 """Greedy decoding: hand-checked answers, a naive prefix-recomputing loop, one trace per shape."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -47,18 +49,28 @@ def test_finished_rows_keep_emitting_eos_and_their_score():
 
 
 def naive_greedy(model, params, src, start_id, end_id, max_length):
-    """The Annotated Transformer's greedy_decode: recompute the whole prefix at every step."""
+    """The Annotated Transformer's greedy_decode: rerun the whole decoder on the prefix at every step.
+
+    The prefix lives in a buffer of fixed width (start token, the tokens so far, then padding) and
+    step t reads the logits at position t: the causal mask (tested on its own in
+    test_model_properties) keeps the padding after t out of them, and one compiled full pass
+    serves every step (growing the prefix by one each step compiled twelve programs, most of the
+    test's time).
+    """
     memory, valid = model.apply({"params": params}, src, method=Transformer.encode)
-    ys = jnp.full((src.shape[0], 1), start_id, jnp.int32)
+    decode = jax.jit(functools.partial(model.apply, method=Transformer.decode))
+    ys = np.zeros((src.shape[0], max_length), np.int32)
+    ys[:, 0] = start_id
     done = np.zeros(src.shape[0], bool)
     out = []
-    for _ in range(max_length):
-        logits, _ = model.apply({"params": params}, ys, memory, valid, method=Transformer.decode)
-        token = np.asarray(jnp.argmax(logits[:, -1], axis=-1))
+    for t in range(max_length):
+        logits, _ = decode({"params": params}, jnp.asarray(ys), memory, valid)
+        token = np.asarray(jnp.argmax(logits[:, t], axis=-1))
         token = np.where(done, end_id, token)
         done |= token == end_id
         out.append(token)
-        ys = jnp.concatenate([ys, jnp.asarray(token)[:, None]], axis=1)
+        if t + 1 < max_length:
+            ys[:, t + 1] = token
     return np.stack(out, axis=1)
 
 
@@ -125,8 +137,9 @@ def test_greedy_log_probs_equal_teacher_forced_likelihood():
 def lm_greedy_by_recomputation(model, params, prompt, steps):
     """Greedy continuation of a language model, rerunning the whole sequence for every token."""
     ids = np.asarray(prompt)
+    forward = jax.jit(model.apply)  # one compilation per length instead of one per operation
     for _ in range(steps):
-        logits = model.apply({"params": params}, jnp.asarray(ids))
+        logits = forward({"params": params}, jnp.asarray(ids))
         ids = np.concatenate([ids, np.asarray(jnp.argmax(logits[:, -1], -1))[:, None]], axis=1)
     return ids[:, prompt.shape[1] :]
 

@@ -144,7 +144,7 @@ def test_cached_decoding_equals_the_full_pass(hierarchy, shortening, upsampling)
     # 0..ceil(T/f)-1 of its caches are written, the others are still zero.
     level, factor = cache, 1
     for spec in parse_hierarchy(hierarchy):
-        written = np.abs(np.asarray(level.pre[0].k)).sum(axis=(0, 2, 3)) > 0  # [S]
+        written = np.abs(np.asarray(level.pre[0].k)).sum(axis=(0, 1, 3)) > 0  # [S]
         runs = -(-LENGTH // factor)
         assert written[:runs].all() and not written[runs:].any(), f"factor {factor}"
         level, factor = level.inner, factor * max(spec.shorten, 1)
@@ -282,8 +282,9 @@ def test_tiny_preset_shapes_and_parameters_at_no_cost():
     cache = jax.eval_shape(
         lambda p: model.apply({"params": p}, 2, 9, method=HourglassLM.init_cache), shapes
     )
-    assert cache.pre[0].k.shape == (2, 9, 4, 8) and cache.inner.pre[1].k.shape == (2, 5, 4, 8)
-    assert isinstance(cache.upsampling, KVCache) and cache.upsampling.k.shape == (2, 5, 4, 8)
+    # KV caches are heads-major: [B, N, S, H]
+    assert cache.pre[0].k.shape == (2, 4, 9, 8) and cache.inner.pre[1].k.shape == (2, 4, 5, 8)
+    assert isinstance(cache.upsampling, KVCache) and cache.upsampling.k.shape == (2, 4, 5, 8)
     assert cache.window.shape == (2, 2, 32) and cache.coarse.shape == (2, 1, 32)
     with pytest.raises(ValueError, match="unknown hourglass preset"):
         hourglass_preset("huge")

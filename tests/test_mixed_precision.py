@@ -33,7 +33,7 @@ def pad(rows) -> np.ndarray:
     return np.array([row + [0] * (width - len(row)) for row in rows], np.int32)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs():
     """Held-out batch and, per precision: teacher forcing, greedy and beam search outputs."""
     model, params, src_tok, tgt_tok, heldout = trained_number_model()

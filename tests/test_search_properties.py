@@ -15,7 +15,7 @@ from reference_search import toy_model
 from toy import initial_state, jax_toy_step_fn
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model_and_params():
     return make(Transformer, maximum_relative_position=4)
 

@@ -41,7 +41,8 @@ from jaxformer.trainer import fit, load_run, make_run_mesh
 
 from helpers import EXPERIMENTS
 
-# Its module fixture is costly: keep the module on one xdist worker (`make test`: --dist loadgroup).
+# Its costly fixture runs once per process (session scope: a module fixture is set up again whenever
+# xdist interleaves another module), so keep the module on one worker (`make test`: --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("sharding_worker")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ WORKER = pathlib.Path(__file__).with_name("sharding_worker.py")
 RTOL, PARAM_ATOL = 1e-5, 2e-6
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def worker(tmp_path_factory):
     """``(arrays, info)`` of one run of the worker on 8 simulated CPU devices."""
     out = tmp_path_factory.mktemp("sharding")
