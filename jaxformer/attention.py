@@ -1,7 +1,10 @@
 """Multi-head scaled dot-product attention: full passes (training, prefill) and one cached step.
 
-Keys and values are kept in the ``[B, S, N, H]`` layout that the projections produce, so a cache slot is
-one ``dynamic_update_slice`` along S. Scores are ``q . k / sqrt(H)`` computed and soft-maxed in float32.
+A ``KVCache`` keeps keys and values heads-major, ``[B, N, S, H]``: the one-token attention of a decode
+step is then a batched matrix product over (B, N) that reads the cache where it lies. In the ``[B, S,
+N, H]`` layout that the projections produce, XLA:CPU copied every layer's cache (and the memory keys
+and values) into that order at every step, which was half the time of a ``small`` batch-64 step.
+Full passes (training, prefill) take the projections' layout. Scores are ``q . k / sqrt(H)`` computed and soft-maxed in float32.
 A masked score gets the most negative finite value and its probability is then set to exactly 0, so a
 fully masked row gives an all-zero attention vector and a zero output, never NaN.
 
@@ -35,8 +38,24 @@ def dot_product_attention(
     ``dropout`` (training only) maps the probabilities to the weights actually applied to the values;
     the returned probabilities are the undropped ones.
     """
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [B, S, N, H] --> [B, N, S, H]
+    return attend_heads_major(
+        q, heads_major(k), heads_major(v), mask, relative_keys, relative_values, dropout
+    )
+
+
+def attend_heads_major(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B N S H"],
+    v: Float[Array, "B N S H"],
+    mask: Bool[Array, "..."] | None,
+    relative_keys: Float[Array, "T S H"] | None = None,
+    relative_values: Float[Array, "T S H"] | None = None,
+    dropout=None,
+) -> tuple[Float[Array, "B T N H"], Float[Array, "B N T S"]]:
+    """``dot_product_attention`` with keys and values in the cache's ``[B, N, S, H]`` layout."""
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("BTNH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32)
     if relative_keys is not None:
         scores += jnp.einsum("BTNH,TSH->BNTS", q, relative_keys, preferred_element_type=jnp.float32)
     if mask is not None:
@@ -45,7 +64,7 @@ def dot_product_attention(
     if mask is not None:
         probs = jnp.where(mask, probs, 0.0)  # fully masked rows -> zeros, not a uniform spread
     weights = (probs if dropout is None else dropout(probs)).astype(v.dtype)
-    out = jnp.einsum("BNTS,BSNH->BTNH", weights, v)
+    out = jnp.einsum("BNTS,BNSH->BTNH", weights, v)
     if relative_values is not None:
         out += jnp.einsum("BNTS,TSH->BTNH", weights, relative_values)
     return out, probs
@@ -131,12 +150,12 @@ class MultiHeadAttention(nn.Module):
         """One token at absolute position ``step``: write its K/V into slot ``step``, attend to 0..step."""
         qkv = self.qkv(x)  # [B, 1, 3, N, H]  the projections see one token
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        cache = cache.write(k, v, step)  # [B, S, N, H]
+        cache = cache.write(k, v, step)  # [B, N, S, H]
         slots = jnp.arange(cache.length)  # [S]
         mask = (slots <= step)[None, None, None, :]  # [1, 1, 1, S]
         rel_k, rel_v = self._relative(step[None], slots)  # [1, S, H]
         if cache.origin is None:
-            out, _ = dot_product_attention(q, cache.k, cache.v, mask, rel_k, rel_v)
+            out, _ = attend_heads_major(q, cache.k, cache.v, mask, rel_k, rel_v)
         else:
             out = _attend_through_origin(q, cache, mask, rel_k, rel_v)
         return self.out(out), cache
@@ -155,11 +174,11 @@ class MultiHeadAttention(nn.Module):
     def cross_attend_cached(
         self,
         x: Float[Array, "R T D"],
-        memory_k: Float[Array, "B S N H"],
-        memory_v: Float[Array, "B S N H"],
+        memory_k: Float[Array, "B N S H"],
+        memory_v: Float[Array, "B N S H"],
         memory_mask: Bool[Array, "B S"],
     ) -> tuple[Float[Array, "R T D"], Float[Array, "R N T S"]]:
-        """Cross-attention against memory keys/values computed once by ``project_kv``.
+        """Cross-attention against memory keys/values computed once (``project_kv``, heads-major).
 
         ``x`` may have W rows per memory entry (``R = B*W`` search rows laid out ``[b0w0, b0w1, ...,
         b1w0, ...]``): the W queries of an entry then attend to its one copy of the memory, so the
@@ -172,7 +191,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"{rows} query rows do not split evenly over {batch} memory entries")
         width = rows // batch
         grouped = q.reshape(batch, width * length, *q.shape[2:])  # --> [B, W*T, N, H]
-        out, probs = dot_product_attention(
+        out, probs = attend_heads_major(
             grouped, memory_k, memory_v, memory_mask[:, None, None, :]
         )  # [B, W*T, N, H], probs [B, N, W*T, S]
         out = out.reshape(q.shape)  # --> [R, T, N, H]
@@ -195,7 +214,7 @@ def _attend_through_origin(
     Each of the W queries of a batch entry is scored against the keys of all W beams of that entry
     (W times the dot products of plain attention, which are few at one query per row), then each slot
     keeps the score of the beam its ``origin`` names; the values are mixed the same way. Nothing of
-    size ``[R, S, N, H]`` is gathered or copied. Equals ``dot_product_attention`` on the reordered cache
+    size ``[R, N, S, H]`` is gathered or copied. Equals ``dot_product_attention`` on the reordered cache
     up to float rounding (the sums run over beams and slots together).
     """
     rows, _, heads, head_dim = q.shape
@@ -204,21 +223,21 @@ def _attend_through_origin(
     q = q.reshape(batch, width, heads, head_dim) * jnp.asarray(
         head_dim**-0.5, q.dtype
     )  # [B, W, N, H]
-    k = cache.k.reshape(batch, width, length, heads, head_dim)  # [B, U=W, S, N, H]
-    v = cache.v.reshape(batch, width, length, heads, head_dim)  # [B, U, S, N, H]
+    k = cache.k.reshape(batch, width, heads, length, head_dim)  # [B, U=W, N, S, H]
+    v = cache.v.reshape(batch, width, heads, length, head_dim)  # [B, U, N, S, H]
     pick = jax.nn.one_hot(cache.origin.reshape(batch, width, length), width, dtype=jnp.float32)
     pick = jnp.swapaxes(pick, -1, -2)  # [B, W, U, S]: 1 where origin[b, w, s] == u
-    every = jnp.einsum("BWNH,BUSNH->BWUNS", q, k, preferred_element_type=jnp.float32)
+    every = jnp.einsum("BWNH,BUNSH->BWUNS", q, k, preferred_element_type=jnp.float32)
     scores = jnp.einsum("BWUNS,BWUS->BWNS", every, pick)  # [B, W, N, S]
     if relative_keys is not None:
         scores += jnp.einsum(
             "BWNH,SH->BWNS", q, relative_keys[0], preferred_element_type=jnp.float32
         )
-    mask = jnp.broadcast_to(mask, (1, 1, 1, length)).reshape(1, 1, 1, length)
+    mask = jnp.broadcast_to(mask, (1, 1, 1, length))
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)  # [B, W, N, S] float32
     weights = jnp.einsum("BWNS,BWUS->BWUNS", probs, pick).astype(v.dtype)  # [B, W, U, N, S]
-    out = jnp.einsum("BWUNS,BUSNH->BWNH", weights, v)  # [B, W, N, H]
+    out = jnp.einsum("BWUNS,BUNSH->BWNH", weights, v)  # [B, W, N, H]
     if relative_values is not None:
         out += jnp.einsum("BWNS,SH->BWNH", probs.astype(v.dtype), relative_values[0])
     return out.reshape(rows, 1, heads, head_dim)  # --> [R, 1, N, H]

@@ -125,8 +125,7 @@ class DecoderLayer(_Sublayers):
         return self._ffn(x, deterministic), probs
 
     def memory_kv(self, memory: Float[Array, "B S D"]) -> KVCache:
-        k, v = self.memory_attention.project_kv(memory)
-        return KVCache(k=k, v=v)
+        return KVCache.of(*self.memory_attention.project_kv(memory))  # [B, N, S, H]
 
     def step(self, x, step, self_cache: KVCache, memory: KVCache | None, memory_mask):
         """One cached token (inference: no dropout)."""

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxformer.typing import Array, Int, PyTree
+from jaxformer.typing import Array, Float, Int, PyTree
 
 
 @struct.dataclass
@@ -31,8 +31,8 @@ class KVCache:
     """Keys and values of one attention layer."""
 
     # Annotated as Any: pytree leaves are not always arrays (eval_shape, vmap, None placeholders).
-    k: Any  # float[B, S, N, H]
-    v: Any  # float[B, S, N, H]
+    k: Any  # float[B, N, S, H]: heads-major (see attention.py)
+    v: Any  # float[B, N, S, H]
     origin: Any = None  # int32[R, S] beam whose slot t holds this row's position t; None: its own
     indirect: bool = struct.field(pytree_node=False, default=False)  # tile with `origin`
     width: int = struct.field(pytree_node=False, default=1)  # beams per batch entry (with `origin`)
@@ -41,24 +41,32 @@ class KVCache:
     def zeros(
         cls, batch: int, length: int, num_heads: int, head_dim: int, dtype, indirect: bool = False
     ) -> KVCache:
-        shape = (batch, length, num_heads, head_dim)
+        shape = (batch, num_heads, length, head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), indirect=indirect)
+
+    @classmethod
+    def of(cls, k: Float[Array, "B S N H"], v: Float[Array, "B S N H"]) -> KVCache:
+        """A cache holding keys and values given in the projections' ``[B, S, N, H]`` layout."""
+        return cls(k=jnp.swapaxes(k, 1, 2), v=jnp.swapaxes(v, 1, 2))
 
     @property
     def length(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[2]
 
     def write(self, k, v, start) -> KVCache:
         """Keys/values ``[R, T, N, H]`` into slots ``start .. start+T-1`` of each row's own cache."""
-        update = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
-            cache, new.astype(cache.dtype), start, 1
+        update = lambda cache, new, axis: jax.lax.dynamic_update_slice_in_dim(
+            cache, new.astype(cache.dtype), start, axis
         )
+        heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [R, T, N, H] --> [R, N, T, H]
         origin = self.origin
         if origin is not None:  # these slots now hold the row's own beam
             own = jnp.arange(origin.shape[0], dtype=jnp.int32) % self.width  # [R]
             own = jnp.broadcast_to(own[:, None], (origin.shape[0], k.shape[1]))  # [R, T]
-            origin = update(origin, own)
-        return self.replace(k=update(self.k, k), v=update(self.v, v), origin=origin)
+            origin = update(origin, own, 1)
+        return self.replace(
+            k=update(self.k, heads_major(k), 2), v=update(self.v, heads_major(v), 2), origin=origin
+        )
 
 
 def _indirect(x) -> bool:
@@ -113,7 +121,7 @@ def tile_batch(state: PyTree, multiplier: int) -> PyTree:
             return jax.tree.map(repeat, x)
         if x.origin is not None:
             raise ValueError("this KVCache is tiled already (it has an origin table)")
-        rows, length = x.k.shape[0] * multiplier, x.k.shape[1]
+        rows, length = x.k.shape[0] * multiplier, x.length
         own = jnp.arange(rows, dtype=jnp.int32) % multiplier  # [R]
         origin = jnp.broadcast_to(own[:, None], (rows, length))  # [R, S]
         return x.replace(k=repeat(x.k), v=repeat(x.v), origin=origin, width=multiplier)

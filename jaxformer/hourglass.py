@@ -200,14 +200,14 @@ class HourglassCache:
     ``pre`` (its layers); the other fields are None there.
     """
 
-    pre: Any  # tuple[KVCache, ...]: float[B, S, N, H] per pre layer (innermost: per layer)
-    post: Any  # tuple[KVCache, ...]: float[B, S, N, H] per post layer
+    pre: Any  # tuple[KVCache, ...]: float[B, N, S, H] per pre layer (innermost: per layer)
+    post: Any  # tuple[KVCache, ...]: float[B, N, S, H] per post layer
     window: (
         Any  # float[B, K, D]: the last K inputs to the shortening, oldest first (None innermost)
     )
     coarse: Any  # float[B, 1, D]: the inner level's latest output y_{i // K} (None innermost)
     upsampling: (
-        Any  # KVCache float[B, S1, N, H] of the coarse outputs (attention upsampling) or None
+        Any  # KVCache float[B, N, S1, H] of the coarse outputs (attention upsampling) or None
     )
     inner: Any  # HourglassCache of the next level, or None
 
