@@ -211,33 +211,34 @@ def _attend_through_origin(
 ) -> Float[Array, "R 1 N H"]:
     """One query per row against slots read through ``cache.origin`` (see ``cache.py``).
 
-    Each of the W queries of a batch entry is scored against the keys of all W beams of that entry
-    (W times the dot products of plain attention, which are few at one query per row), then each slot
-    keeps the score of the beam its ``origin`` names; the values are mixed the same way. Nothing of
-    size ``[R, N, S, H]`` is gathered or copied. Equals ``dot_product_attention`` on the reordered cache
-    up to float rounding (the sums run over beams and slots together).
+    The cache holds ``[B, N, U, S, H]``: for each entry and head, the slots of its U = W beams side by
+    side. Each of the W queries of an entry is scored against all ``U * S`` of them in one batched
+    matrix product over (B, N) (W times the dot products of plain attention, which are few at one
+    query per row), then each slot keeps the score of the beam its ``origin`` names; the values are
+    mixed the same way. Nothing of the cache's size is gathered or copied. Equals
+    ``dot_product_attention`` on the reordered cache up to float rounding.
     """
     rows, _, heads, head_dim = q.shape
-    width = cache.width
-    batch, length = rows // width, cache.length
-    q = q.reshape(batch, width, heads, head_dim) * jnp.asarray(
-        head_dim**-0.5, q.dtype
-    )  # [B, W, N, H]
-    k = cache.k.reshape(batch, width, heads, length, head_dim)  # [B, U=W, N, S, H]
-    v = cache.v.reshape(batch, width, heads, length, head_dim)  # [B, U, N, S, H]
+    batch, _, width, length, _ = cache.k.shape
+    q = q.reshape(batch, width, heads, head_dim) * jnp.asarray(head_dim**-0.5, q.dtype)
+    q = jnp.swapaxes(q, 1, 2)  # [B, N, W, H]
+    k = cache.k.reshape(batch, heads, width * length, head_dim)  # [B, N, U*S, H]
+    v = cache.v.reshape(batch, heads, width * length, head_dim)  # [B, N, U*S, H]
     pick = jax.nn.one_hot(cache.origin.reshape(batch, width, length), width, dtype=jnp.float32)
-    pick = jnp.swapaxes(pick, -1, -2)  # [B, W, U, S]: 1 where origin[b, w, s] == u
-    every = jnp.einsum("BWNH,BUNSH->BWUNS", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.einsum("BWUNS,BWUS->BWNS", every, pick)  # [B, W, N, S]
+    pick = jnp.swapaxes(pick, -1, -2)[:, None]  # [B, 1, W, U, S]: 1 where origin[b, w, s] == u
+    every = jnp.einsum("BNWH,BNKH->BNWK", q, k, preferred_element_type=jnp.float32)
+    every = every.reshape(batch, heads, width, width, length)  # [B, N, W, U, S]
+    scores = jnp.sum(every * pick, axis=3)  # [B, N, W, S]
     if relative_keys is not None:
         scores += jnp.einsum(
-            "BWNH,SH->BWNS", q, relative_keys[0], preferred_element_type=jnp.float32
+            "BNWH,SH->BNWS", q, relative_keys[0], preferred_element_type=jnp.float32
         )
     mask = jnp.broadcast_to(mask, (1, 1, 1, length))
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)  # [B, W, N, S] float32
-    weights = jnp.einsum("BWNS,BWUS->BWUNS", probs, pick).astype(v.dtype)  # [B, W, U, N, S]
-    out = jnp.einsum("BWUNS,BUNSH->BWNH", weights, v)  # [B, W, N, H]
+    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)  # [B, N, W, S] float32
+    weights = (probs[:, :, :, None, :] * pick).astype(v.dtype)  # [B, N, W, U, S]
+    weights = weights.reshape(batch, heads, width, width * length)  # [B, N, W, U*S]
+    out = jnp.einsum("BNWK,BNKH->BNWH", weights, v)  # [B, N, W, H]
     if relative_values is not None:
-        out += jnp.einsum("BWNS,SH->BWNH", probs.astype(v.dtype), relative_values[0])
-    return out.reshape(rows, 1, heads, head_dim)  # --> [R, 1, N, H]
+        out += jnp.einsum("BNWS,SH->BNWH", probs.astype(v.dtype), relative_values[0])
+    return jnp.swapaxes(out, 1, 2).reshape(rows, 1, heads, head_dim)  # --> [R, 1, N, H]

@@ -12,7 +12,10 @@ within row r's batch entry, whose slot t holds position t of row r's hypothesis.
 that table; a step writes its keys/values into its own row and ``origin[r, step] = own beam``; the
 attention reads slot t of beam ``origin[r, t]`` (``attention.py``). Slot t of a row is written once, at
 step t, so whatever an ``origin`` points to stays valid. FasterTransformer calls this table the cache
-indirection.
+indirection. A tiled indirect cache keeps its keys and values as ``[B, N, W, S, H]`` (the W beams of
+an entry inside each head), so that the attention of a query against all the slots of its entry's
+beams is one batched matrix product over (B, N) with nothing copied; ``rows()`` gives the ``[R, N, S,
+H]`` view.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ class KVCache:
     """Keys and values of one attention layer."""
 
     # Annotated as Any: pytree leaves are not always arrays (eval_shape, vmap, None placeholders).
-    k: Any  # float[B, N, S, H]: heads-major (see attention.py)
-    v: Any  # float[B, N, S, H]
+    k: Any  # float[B, N, S, H]: heads-major (see attention.py); [B, N, W, S, H] tiled with origin
+    v: Any  # float[B, N, S, H] or [B, N, W, S, H]
     origin: Any = None  # int32[R, S] beam whose slot t holds this row's position t; None: its own
     indirect: bool = struct.field(pytree_node=False, default=False)  # tile with `origin`
     width: int = struct.field(pytree_node=False, default=1)  # beams per batch entry (with `origin`)
@@ -51,21 +54,36 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[-2]
+
+    def rows(self) -> tuple[Array, Array]:
+        """Keys and values ``[R, N, S, H]``, one row per search row (slots as written, not via origin)."""
+        if self.k.ndim == 4:
+            return self.k, self.v
+        per_row = lambda x: jnp.swapaxes(x, 1, 2).reshape(-1, x.shape[1], *x.shape[3:])
+        return per_row(self.k), per_row(self.v)
 
     def write(self, k, v, start) -> KVCache:
         """Keys/values ``[R, T, N, H]`` into slots ``start .. start+T-1`` of each row's own cache."""
         update = lambda cache, new, axis: jax.lax.dynamic_update_slice_in_dim(
             cache, new.astype(cache.dtype), start, axis
         )
-        heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [R, T, N, H] --> [R, N, T, H]
-        origin = self.origin
-        if origin is not None:  # these slots now hold the row's own beam
-            own = jnp.arange(origin.shape[0], dtype=jnp.int32) % self.width  # [R]
-            own = jnp.broadcast_to(own[:, None], (origin.shape[0], k.shape[1]))  # [R, T]
-            origin = update(origin, own, 1)
+        if self.k.ndim == 4:
+            heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [R, T, N, H] --> [R, N, T, H]
+            return self.replace(
+                k=update(self.k, heads_major(k), 2), v=update(self.v, heads_major(v), 2)
+            )
+        rows, length = k.shape[:2]
+        batch = rows // self.width
+        beams_in_heads = lambda x: x.reshape(batch, self.width, *x.shape[1:]).transpose(
+            0, 3, 1, 2, 4
+        )  # [R, T, N, H] --> [B, N, W, T, H]
+        own = jnp.arange(rows, dtype=jnp.int32) % self.width  # [R]: these slots now hold own beam
+        origin = update(self.origin, jnp.broadcast_to(own[:, None], (rows, length)), 1)  # [R, S]
         return self.replace(
-            k=update(self.k, heads_major(k), 2), v=update(self.v, heads_major(v), 2), origin=origin
+            k=update(self.k, beams_in_heads(k), 3),
+            v=update(self.v, beams_in_heads(v), 3),
+            origin=origin,
         )
 
 
@@ -124,6 +142,7 @@ def tile_batch(state: PyTree, multiplier: int) -> PyTree:
         rows, length = x.k.shape[0] * multiplier, x.length
         own = jnp.arange(rows, dtype=jnp.int32) % multiplier  # [R]
         origin = jnp.broadcast_to(own[:, None], (rows, length))  # [R, S]
-        return x.replace(k=repeat(x.k), v=repeat(x.v), origin=origin, width=multiplier)
+        beams = lambda a: jnp.repeat(a[:, :, None], multiplier, axis=2)  # --> [B, N, W, S, H]
+        return x.replace(k=beams(x.k), v=beams(x.v), origin=origin, width=multiplier)
 
     return jax.tree.map(one, state, is_leaf=_indirect)

@@ -89,9 +89,11 @@ def test_a_reorder_moves_the_origin_table_not_the_keys():
     moved = reorder(cache, indices)
     assert moved.k is cache.k and moved.v is cache.v
     np.testing.assert_array_equal(moved.origin, np.asarray(cache.origin)[np.asarray(indices)])
-    plain = reorder(copied(cache), indices)
+    k_rows, v_rows = cache.rows()  # [R, N, S, H]
+    np.testing.assert_array_equal(k_rows[:, :, 2], 1.0)  # each row wrote slot 2 of its own beam
+    plain = reorder(KVCache(k=k_rows, v=v_rows, origin=cache.origin), indices)
     assert plain.origin is not None  # the copy path gathers every leaf, origin included
-    np.testing.assert_array_equal(plain.k, np.asarray(cache.k)[np.asarray(indices)])
+    np.testing.assert_array_equal(plain.k, np.asarray(k_rows)[np.asarray(indices)])
     with pytest.raises(ValueError, match="tiled already"):
         tile_batch(cache, 2)
 

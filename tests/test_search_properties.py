@@ -68,7 +68,7 @@ def test_hypotheses_come_best_first_and_score_their_own_ids(model_and_params):
 def test_early_exit_gives_identical_results(strategy, chunk_size):
     step_fn, state, start = toy(max_length=9)
     kwargs = dict(strategy=strategy, max_length=9, attention_size=4, return_attention=True)
-    plain = dec.dynamic_decode(step_fn, start, 2, state, **kwargs)
+    plain = dec.dynamic_decode(step_fn, start, 2, state, chunk_size=None, **kwargs)  # one scan
     early = dec.dynamic_decode(step_fn, start, 2, state, chunk_size=chunk_size, **kwargs)
     assert int(plain.steps) < 9  # everything finished early: the exit is exercised
     for a, b in zip(plain[:6], early[:6], strict=True):

@@ -16,9 +16,11 @@ which re-scores such an entry for as long as other entries run: the step after a
 its length penalty counts the EOS and its coverage penalty starts, so its score, and the order of the
 entry's beams, depend on the batch.
 
-The loop has a static length (``max_length`` steps). Once every row has finished, the remaining steps are
-skipped by a ``lax.cond`` (nothing runs, nothing changes), which is exactly OpenNMT-tf's stopping rule.
-With ``chunk_size``, a ``lax.while_loop`` over chunks of scan steps also leaves the loop early.
+The loop has a static length (``max_length`` steps) and OpenNMT-tf's stopping rule: once every row
+has finished, the remaining steps change nothing (the search state and the records of such a step
+are selected as they were, leaf by leaf). By default the steps run in chunks of ``chunk_size`` (8)
+scan steps inside a ``lax.while_loop``, which leaves the loop at the first chunk boundary after every
+row has finished; ``chunk_size=None`` runs all ``max_length`` steps in one ``lax.scan``.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def dynamic_decode(
     attention_size: int | None = None,
     return_attention: bool = False,
     compat: str | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | None = 8,
     trace: bool = False,
 ) -> DecodingResult:
     """Decode with ``step_fn(ids [R], step, state) -> (logits [R, V], state[, attention [R, S]])``.
@@ -111,7 +113,8 @@ def dynamic_decode(
     See ``DESIGN.md`` §2 for the contract. ``compat="opennmt-tf"`` reproduces OpenNMT-tf 2.32's returned
     values exactly, defects included; the default corrects them (every returned field describes the same
     hypothesis; log_probs travel with their hypothesis; each token's attention comes from the row that
-    generated it). ``chunk_size`` enables the early exit; ``trace`` returns the per-step tensors of the
+    generated it). ``chunk_size`` steps run between two checks for the early exit (None: no early exit,
+    one scan); ``trace`` returns the per-step tensors of the
     OpenNMT-tf article in ``result.trace``. It runs eagerly or inside ``jax.jit``; every option is static
     except the sampler's temperature, which may be traced.
     """
@@ -302,6 +305,7 @@ def _chunked_scan(body, idle, initial, max_length: int, chunk_size: int):
     The steps left after the last whole chunk run as one more scan. Gives the records of the plain
     scan: the steps it never runs hold the idle record.
     """
+    chunk_size = min(chunk_size, max_length)
     num_chunks, remainder = divmod(max_length, chunk_size)
     steps = jnp.arange(max_length, dtype=jnp.int32)
     _, fill = idle(initial, jnp.int32(0))
