@@ -1,7 +1,7 @@
 """Decoding speed side by side: jaxformer vs CTranslate2 (float32, int8) vs HuggingFace PyTorch.
 
-Command:  python experiments/bench_decode.py            (about 15 minutes on 2 CPU cores)
-          python experiments/bench_decode.py --scaling  (adds the N / batch / beam scaling tables)
+Command:  python experiments/bench_decode.py            (7 rounds: about 10 minutes on 2 CPU cores)
+          python experiments/bench_decode.py --scaling  (adds the N / batch / beam scaling tables, about 2 minutes)
           python experiments/bench_decode.py --smoke    (tiny sizes, a few seconds, into a temp dir)
 Needs:    pip install '.[bench]'  (CTranslate2; HF transformers + PyTorch are used when importable)
 
