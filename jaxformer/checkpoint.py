@@ -73,8 +73,9 @@ def make_manager(
     )
     # One item handled by StandardCheckpointHandler, so item_metadata() and a target-free restore
     # work on a fresh manager (a new process) too.
+    # orbax refuses a relative path (at the first save): resolve it against the working directory.
     return ocp.CheckpointManager(
-        os.fspath(directory), options=options, item_handlers=ocp.StandardCheckpointHandler()
+        os.path.abspath(directory), options=options, item_handlers=ocp.StandardCheckpointHandler()
     )
 
 

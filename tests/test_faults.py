@@ -301,3 +301,15 @@ def test_a_killed_training_run_resumes_to_the_uninterrupted_run(tmp_path):
         manager.close()
     assert int(states[0]["step"]) == steps
     chex.assert_trees_all_equal(*states)  # params, Adam moments, step, dropout key: bit for bit
+
+
+def test_a_relative_checkpoint_directory_is_resolved(tmp_path, monkeypatch):
+    """``make demo`` and ``jaxformer train --workdir runs/x`` pass relative paths; orbax needs absolute."""
+    monkeypatch.chdir(tmp_path)
+    manager = ckpt.make_manager("run/checkpoints", best_metric=None)
+    assert ckpt.save(manager, 1, saved_state(1))
+    manager.close()
+    reader = ckpt.make_manager("run/checkpoints", best_metric=None, read_only=True)
+    restored = ckpt.restore_latest(reader, ckpt.abstract_state(saved_state(0)))
+    chex.assert_trees_all_equal(restored, saved_state(1))
+    assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
