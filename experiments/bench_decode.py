@@ -8,7 +8,7 @@ Needs:    pip install '.[bench]'  (CTranslate2; HF transformers + PyTorch are us
 Models. For each preset (``small``: 3+3 layers, D 256, N 4, F 1024, V 8000; ``base``: 6+6, D 512, N 8,
 F 2048, V 32000) one set of random jaxformer parameters (key 0, output layer scaled by 4 so that the
 random model's distributions are peaked) is decoded by jaxformer and, through
-``jaxformer.export.to_ctranslate2``, by CTranslate2 with float32 and with int8 weights: the same
+``jaxformer.interop.to_ctranslate2``, by CTranslate2 with float32 and with int8 weights: the same
 weights. HuggingFace ``MarianMTModel.generate`` runs a Marian model of the same shape (relu, sinusoidal
 positions, scaled embeddings) with its own random weights: same size and work per token, not the same
 numbers.
@@ -60,7 +60,7 @@ import numpy as np
 import jaxformer
 from jaxformer import Transformer, generate, init_params
 from jaxformer.decoding import BeamSearch, GreedySearch
-from jaxformer.export import ids_vocab, to_ctranslate2
+from jaxformer.interop import ids_vocab, to_ctranslate2
 
 DEFAULT_OUT_DIR = pathlib.Path(__file__).resolve().parent / "results"
 BOS, EOS = 1, 2

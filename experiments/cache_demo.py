@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxformer import Transformer, generate, init_params, preset
 from jaxformer import decoding as dec
-from jaxformer.baselines import greedy_without_cache
+from jaxformer.decoding.baselines import greedy_without_cache
 
 
 def timed(fn, repeats=3):

@@ -23,9 +23,9 @@ import time
 
 import jax
 
-from jaxformer.experiment import load_config, override
-from jaxformer.inference import DecodeOptions, corpus_scores, translate_texts
-from jaxformer.trainer import fit, load_run, prepare
+from jaxformer.decoding.texts import DecodeOptions, corpus_scores, translate_texts
+from jaxformer.training.experiment import load_config, override
+from jaxformer.training.fit import fit, load_run, prepare
 
 CONFIG = pathlib.Path(__file__).parent / "configs" / "num2words.py"
 BAR = 90.0  # percent exact match with beam search

@@ -79,11 +79,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxformer
-from jaxformer.baselines import lm_greedy_without_cache
 from jaxformer.data.batching import lm_windows
 from jaxformer.data.corpora import shakespeare_text, split_text
 from jaxformer.data.tokenizers import EOS_ID, CharTokenizer
-from jaxformer.train import (
+from jaxformer.decoding.baselines import lm_greedy_without_cache
+from jaxformer.training.step import (
     TrainConfig,
     create_train_state,
     evaluate,
@@ -263,7 +263,7 @@ def train_model(name, model, args, train_windows, valid_batches) -> dict:
 
 
 def recompute_greedy(model, params, prompt_ids, *, new_tokens: int, end_id: int = EOS_ID):
-    """Greedy ``[B, new_tokens]`` ids without a cache (``jaxformer.baselines.lm_greedy_without_cache``):
+    """Greedy ``[B, new_tokens]`` ids without a cache (``jaxformer.decoding.baselines.lm_greedy_without_cache``):
     the full causal pass over a static buffer at every step, exactly ``new_tokens`` tokens."""
     return lm_greedy_without_cache(
         model, params, prompt_ids, end_id=end_id, max_length=new_tokens, min_length=new_tokens

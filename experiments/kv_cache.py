@@ -74,7 +74,7 @@ import numpy as np
 
 import jaxformer
 from jaxformer import Transformer
-from jaxformer.baselines import greedy_without_cache
+from jaxformer.decoding.baselines import greedy_without_cache
 
 DEFAULT_OUT_DIR = pathlib.Path(__file__).resolve().parent / "results"
 START_ID, END_ID = 1, 2  # pad is 0; source ids are drawn from [3, V)
@@ -87,7 +87,7 @@ MAX_REPEATS = 50  # for runs so short that --min-time-s asks for more than --rep
 def recompute_greedy(
     model: Transformer, params, src_ids, *, start_id: int, end_id: int, length: int
 ):
-    """Greedy ids ``[B, length]`` without a KV cache (``jaxformer.baselines.greedy_without_cache``).
+    """Greedy ids ``[B, length]`` without a KV cache (``jaxformer.decoding.baselines.greedy_without_cache``).
 
     Encoder once; then a ``lax.scan`` over ``length`` steps, where step t reruns the teacher-forced
     decoder over the whole padded buffer ``[B, length]`` and reads position t. ``min_length == length``

@@ -6,7 +6,7 @@ Commands:
     python experiments/lm.py --config experiments/configs/shakespeare.py:smoke --workdir /tmp/s \\
         --set data.text_file=some.txt
 
-Trains with ``jaxformer.trainer.fit`` (resuming if ``--workdir`` holds a run), then reports the
+Trains with ``jaxformer.training.fit.fit`` (resuming if ``--workdir`` holds a run), then reports the
 test split's loss and bits per character and prints a sampled continuation of ``--prompt``.
 """
 
@@ -17,9 +17,9 @@ import json
 import pathlib
 import sys
 
-from jaxformer.experiment import load_config, override
-from jaxformer.inference import DecodeOptions, continue_texts
-from jaxformer.trainer import evaluate_run, fit, load_run, prepare
+from jaxformer.decoding.texts import DecodeOptions, continue_texts
+from jaxformer.training.experiment import load_config, override
+from jaxformer.training.fit import evaluate_run, fit, load_run, prepare
 
 DEFAULT = pathlib.Path(__file__).parent / "configs" / "shakespeare.py"
 

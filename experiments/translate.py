@@ -5,7 +5,7 @@ Commands:
     python experiments/translate.py --config experiments/configs/bible_en_ru.py --workdir runs/bible
     python experiments/translate.py --config experiments/configs/num2words.py:smoke --workdir /tmp/s
 
-Trains with ``jaxformer.trainer.fit`` (resuming if ``--workdir`` holds a run), then decodes the
+Trains with ``jaxformer.training.fit.fit`` (resuming if ``--workdir`` holds a run), then decodes the
 held-out test split with greedy and beam search and prints loss, perplexity, BLEU and exact match
 for each; ``--json`` writes them. ``jaxformer train`` runs the same training from the command line.
 """
@@ -17,9 +17,9 @@ import json
 import pathlib
 import sys
 
-from jaxformer.experiment import load_config, override
-from jaxformer.inference import DecodeOptions
-from jaxformer.trainer import evaluate_run, fit, load_run, prepare
+from jaxformer.decoding.texts import DecodeOptions
+from jaxformer.training.experiment import load_config, override
+from jaxformer.training.fit import evaluate_run, fit, load_run, prepare
 
 DEFAULT = pathlib.Path(__file__).parent / "configs" / "num2words.py"
 

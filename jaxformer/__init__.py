@@ -1,12 +1,22 @@
-"""jaxformer: pure-functional JAX/Flax Transformers with explicit KV caches and OpenNMT-tf-exact search."""
+"""jaxformer: pure-functional JAX/Flax Transformers with explicit KV caches and OpenNMT-tf-exact search.
 
-from jaxformer import decoding, sharding
-from jaxformer.cache import DecoderCache, KVCache
-from jaxformer.config import PRESETS, TransformerConfig, preset
-from jaxformer.decoder_only import DecoderOnlyLM
-from jaxformer.encoder_decoder import Transformer
-from jaxformer.generate import generate, init_params, transformer_step_fn
-from jaxformer.hourglass import (
+The layout follows the architecture (arrows run one way: models <- decoding <- training / interop <- cli):
+
+- ``jaxformer.models``: configs, layers, attention, KV caches, the encoder-decoder, the decoder-only LM
+  and the Hourglass LM.
+- ``jaxformer.decoding``: the model-agnostic search (``dynamic_decode``), its state protocol, one
+  adapter per model family, ``generate`` and text-level inference.
+- ``jaxformer.training``: losses, the train step, ``fit``, checkpoints, metrics, sharding.
+- ``jaxformer.data``: tokenizers, corpora, batching. ``jaxformer.interop``: export to CTranslate2.
+"""
+
+from jaxformer import decoding
+from jaxformer.decoding.generation import generate, transformer_step_fn
+from jaxformer.models.cache import DecoderCache, KVCache
+from jaxformer.models.config import PRESETS, TransformerConfig, preset
+from jaxformer.models.decoder_only import DecoderOnlyLM
+from jaxformer.models.encoder_decoder import Transformer
+from jaxformer.models.hourglass import (
     HOURGLASS_PRESETS,
     HourglassCache,
     HourglassConfig,
@@ -14,6 +24,8 @@ from jaxformer.hourglass import (
     hourglass_preset,
     hourglass_step_fn,
 )
+from jaxformer.models.params import init_params
+from jaxformer.training import sharding
 
 __all__ = [
     "HOURGLASS_PRESETS",

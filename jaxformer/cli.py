@@ -34,8 +34,8 @@ def _config_path(text: str) -> tuple[str, str]:
 
 
 def cmd_train(args) -> int:
-    from jaxformer.experiment import load_config, override
-    from jaxformer.trainer import fit
+    from jaxformer.training.experiment import load_config, override
+    from jaxformer.training.fit import fit
 
     path, variant = _config_path(args.config)
     config = override(load_config(path, variant), args.set or [])
@@ -45,7 +45,7 @@ def cmd_train(args) -> int:
 
 
 def _decode_options(args):
-    from jaxformer.inference import DecodeOptions
+    from jaxformer.decoding.texts import DecodeOptions
 
     return DecodeOptions(
         beam_size=args.beam_size,
@@ -71,7 +71,7 @@ def _read_lines(path: str | None) -> list[str]:
 
 def _load(args, task: str | None):
     """The run in ``--workdir`` at ``--checkpoint``; ``task`` (if given) must be its task."""
-    from jaxformer.trainer import load_run
+    from jaxformer.training.fit import load_run
 
     step = args.checkpoint if args.checkpoint in ("best", "latest") else _int(args.checkpoint)
     run = load_run(args.workdir, step)
@@ -97,7 +97,7 @@ def _write(outputs, n_best: int, with_scores: bool, out) -> None:
 
 
 def cmd_translate(args) -> int:
-    from jaxformer.inference import translate_texts
+    from jaxformer.decoding.texts import translate_texts
 
     options = _decode_options(args)
     run = _load(args, "translate")
@@ -130,7 +130,7 @@ def cmd_translate(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from jaxformer.inference import continue_texts
+    from jaxformer.decoding.texts import continue_texts
 
     options = _decode_options(args)
     run = _load(args, "lm")
@@ -145,8 +145,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from jaxformer.inference import corpus_scores, translate_texts
-    from jaxformer.trainer import evaluate_run, prepare
+    from jaxformer.decoding.texts import corpus_scores, translate_texts
+    from jaxformer.training.fit import evaluate_run, prepare
 
     options = _decode_options(args)
     if (args.source is None) != (args.reference is None):
@@ -185,7 +185,7 @@ def cmd_export(args) -> int:
     if args.format != "ctranslate2":
         raise UsageError(f"export format must be 'ctranslate2', got {args.format!r}")
     try:
-        from jaxformer.export import to_ctranslate2
+        from jaxformer.interop import to_ctranslate2
     except ImportError as error:
         raise UsageError(f"CTranslate2 export is unavailable: {error}") from error
     run = _load(args, "translate")

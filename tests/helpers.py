@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import jaxtyping
 
 from jaxformer import DecoderOnlyLM, Transformer, init_params, preset
-from jaxformer.layers import TokenEmbedding
+from jaxformer.models.layers import TokenEmbedding
 
 VARIANTS = {
     "pre_sinusoidal": dict(pre_norm=True),

@@ -6,7 +6,7 @@ Runs the same computations on one device and on a ("data" 4, "model" 2) mesh and
 ``arrays.npz`` (losses, final parameters, decoding results of both) and ``info.json`` (shard shapes,
 partition specs, error messages). It asserts nothing itself: the test compares the two runs.
 
-Then ``jaxformer.trainer.fit`` on the smoke config, with the mesh from the config: OUT/fit_mixed
+Then ``jaxformer.training.fit.fit`` on the smoke config, with the mesh from the config: OUT/fit_mixed
 trains steps 1-2 with ``run.mesh_data=1, run.mesh_model=1`` (one device) and resumes, from that
 checkpoint, steps 3-4 with ``run.mesh_data=4, run.mesh_model=2``; OUT/fit_one_device trains steps
 1-4 on one device. Both workdirs stay for the test, which loads their checkpoints on one device.
@@ -24,10 +24,10 @@ with install_import_hook("jaxformer", "beartype.beartype"):  # as the suite chec
     import numpy as np
 
     import jaxformer
-    from jaxformer import checkpoint, experiment, sharding, trainer
     from jaxformer import decoding as dec
-    from jaxformer.metrics import read_jsonl, series
-    from jaxformer.train import TrainConfig, create_train_state, make_train_step
+    from jaxformer.training import checkpoint, experiment, sharding, trainer
+    from jaxformer.training.metrics import read_jsonl, series
+    from jaxformer.training.step import TrainConfig, create_train_state, make_train_step
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.attention import MultiHeadAttention, dot_product_attention
+from jaxformer.models.attention import MultiHeadAttention, dot_product_attention
 
 
 def numpy_attention(q, k, v, mask):

@@ -24,9 +24,9 @@ from jaxformer import (
     preset,
     transformer_step_fn,
 )
-from jaxformer import checkpoint as ckpt
 from jaxformer import decoding as dec
-from jaxformer.generate import _continue, _translate
+from jaxformer.decoding.generation import _continue, _translate
+from jaxformer.training import checkpoint as ckpt
 
 from helpers import as_a_user, source_batch
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from jaxformer import generate
-from jaxformer.cache import KVCache, reorder, tile_batch
 from jaxformer.decoding import BeamSearch, dynamic_decode
-from jaxformer.generate import transformer_step_fn
+from jaxformer.decoding.generation import transformer_step_fn
+from jaxformer.models.cache import KVCache, reorder, tile_batch
 
 from helpers import VARIANTS, DecoderOnlyLM, Transformer, make, source_batch
 

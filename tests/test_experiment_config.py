@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from jaxformer.experiment import (
+from jaxformer.training.experiment import (
     ExperimentConfig,
     from_dict,
     keys,

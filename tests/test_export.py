@@ -16,7 +16,7 @@ import pytest
 
 from jaxformer import Transformer, generate, init_params, preset
 from jaxformer.decoding import BeamSearch, GreedySearch
-from jaxformer.export import SPECIAL_TOKENS, ids_vocab, to_ctranslate2
+from jaxformer.interop import SPECIAL_TOKENS, ids_vocab, to_ctranslate2
 
 from helpers import as_a_user
 

@@ -3,7 +3,7 @@
 What orbax-checkpoint 0.12.8 does on its own (measured): a step is written into
 ``STEP.orbax-checkpoint-tmp`` and renamed to ``STEP`` once complete; truncated or deleted files make
 it raise (an opaque tensorstore error); bytes overwritten inside an array's data load silently as
-other numbers. ``jaxformer.checkpoint`` turns the first into a ValueError naming the step and catches
+other numbers. ``jaxformer.training.checkpoint`` turns the first into a ValueError naming the step and catches
 the second with the SHA-256 checksums it stores at save time.
 """
 
@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxformer import checkpoint as ckpt
-from jaxformer.experiment import load_config, override
-from jaxformer.trainer import fit
+from jaxformer.training import checkpoint as ckpt
+from jaxformer.training.experiment import load_config, override
+from jaxformer.training.fit import fit
 
 from helpers import EXPERIMENTS
 
@@ -75,7 +75,7 @@ SAVER = f"""
 import sys
 import jax.numpy as jnp
 import numpy as np
-from jaxformer import checkpoint as ckpt
+from jaxformer.training import checkpoint as ckpt
 
 base = np.random.default_rng(0).standard_normal({SIZE}, dtype=np.float32)
 manager = ckpt.make_manager(sys.argv[1], keep=2, best_metric=None)

@@ -1,4 +1,4 @@
-"""``jaxformer.trainer.fit`` end to end on the smoke configs: files, logs, exact resume, refusals."""
+"""``jaxformer.training.fit.fit`` end to end on the smoke configs: files, logs, exact resume, refusals."""
 
 import json
 import shutil
@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxformer.experiment import load_config, override
-from jaxformer.metrics import read_jsonl, series
-from jaxformer.trainer import fit, load_run
+from jaxformer.training.experiment import load_config, override
+from jaxformer.training.fit import fit, load_run
+from jaxformer.training.metrics import read_jsonl, series
 
 from helpers import EXPERIMENTS
 
@@ -118,7 +118,7 @@ def test_max_minutes_stops_early_and_saves_and_dropped_examples_are_reported(tmp
 
 def test_a_run_compiles_one_train_step_per_length_bucket(runs):
     from jaxformer.data.datasets import LENGTH_STEP
-    from jaxformer.trainer import _train_step, build_model, prepare
+    from jaxformer.training.fit import _train_step, build_model, prepare
 
     root, _, _, _ = runs
     config, data = prepare(smoke(), root / "whole")

@@ -112,7 +112,7 @@ def test_decode_loop_traces_once_per_shape():
 
 
 def test_generate_compiles_once_per_shape():
-    from jaxformer.generate import _translate
+    from jaxformer.decoding.generation import _translate
 
     model, params = make(Transformer)
     before = _translate._cache_size()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from jaxformer import decoding as dec
-from jaxformer.cache import KVCache
-from jaxformer.hourglass import (
+from jaxformer.models.cache import KVCache
+from jaxformer.models.hourglass import (
     HOURGLASS_PRESETS,
     HourglassConfig,
     HourglassLM,

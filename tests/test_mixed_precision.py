@@ -17,8 +17,8 @@ from trained import trained_number_model
 
 from jaxformer import Transformer, generate
 from jaxformer import decoding as dec
-from jaxformer.losses import cross_entropy, padding_weights
-from jaxformer.train import TrainConfig, create_train_state, make_train_step
+from jaxformer.training.losses import cross_entropy, padding_weights
+from jaxformer.training.step import TrainConfig, create_train_state, make_train_step
 
 # The trained model is trained once per test process: its tests share one xdist worker
 # (`make test` runs with --dist loadgroup).

@@ -3,7 +3,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.positions import relative_positions, sinusoidal_table
+from jaxformer.models.positions import relative_positions, sinusoidal_table
 
 
 def test_sinusoidal_table_matches_closed_form():

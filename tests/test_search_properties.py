@@ -220,7 +220,7 @@ def test_bad_end_id_and_sampler_options_are_refused():
 
 
 def test_temperature_changes_per_call_without_recompiling(model_and_params):
-    from jaxformer.generate import _translate
+    from jaxformer.decoding.generation import _translate
 
     model, params = model_and_params
     src = source_batch()

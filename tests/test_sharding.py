@@ -34,10 +34,10 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from jaxformer import DecoderOnlyLM, Transformer, init_params, preset
-from jaxformer import sharding as shd
-from jaxformer.experiment import load_config, override
-from jaxformer.train import TrainConfig, create_train_state
-from jaxformer.trainer import fit, load_run, make_run_mesh
+from jaxformer.training import sharding as shd
+from jaxformer.training.experiment import load_config, override
+from jaxformer.training.fit import fit, load_run, make_run_mesh
+from jaxformer.training.step import TrainConfig, create_train_state
 
 from helpers import EXPERIMENTS
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from jaxformer import Transformer, init_params, preset
-from jaxformer import checkpoint as ckpt
-from jaxformer.losses import cross_entropy, token_accuracy
-from jaxformer.train import (
+from jaxformer.training import checkpoint as ckpt
+from jaxformer.training.losses import cross_entropy, token_accuracy
+from jaxformer.training.step import (
     TrainConfig,
     create_train_state,
     make_eval_step,

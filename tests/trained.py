@@ -15,7 +15,7 @@ from jaxformer import Transformer, preset
 from jaxformer.data.batching import BatchConfig, Buckets, bucket_batches
 from jaxformer.data.corpora import number_pairs, split_pairs
 from jaxformer.data.tokenizers import CharTokenizer, encode_all
-from jaxformer.train import TrainConfig, create_train_state, make_train_step
+from jaxformer.training.step import TrainConfig, create_train_state, make_train_step
 
 STEPS = 600
 BATCH = 32

@@ -9,9 +9,9 @@ Transformer recipes for related languages do. ``smoke`` needs ``--set data.bible
 pointing at a small database of the same layout (the tests make one).
 """
 
-from jaxformer.config import TransformerConfig
-from jaxformer.experiment import DataConfig, ExperimentConfig, RunConfig
-from jaxformer.train import TrainConfig
+from jaxformer.models.config import TransformerConfig
+from jaxformer.training.experiment import DataConfig, ExperimentConfig, RunConfig
+from jaxformer.training.step import TrainConfig
 
 
 def get_config(variant: str = "default") -> ExperimentConfig:

@@ -7,9 +7,9 @@ Variants: ``default`` (the full run), ``demo`` (what ``make demo`` trains: about
 cores), ``smoke`` (seconds; the tests run it end to end).
 """
 
-from jaxformer.config import TransformerConfig
-from jaxformer.experiment import DataConfig, ExperimentConfig, RunConfig
-from jaxformer.train import TrainConfig
+from jaxformer.models.config import TransformerConfig
+from jaxformer.training.experiment import DataConfig, ExperimentConfig, RunConfig
+from jaxformer.training.step import TrainConfig
 
 
 def get_config(variant: str = "default") -> ExperimentConfig:

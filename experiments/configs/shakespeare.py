@@ -8,9 +8,9 @@ Contiguous 90/5/5 split; validation reports bits per character (``valid/bits_per
 ``--set data.text_file=PATH`` trains on any UTF-8 text file instead (the smoke test does).
 """
 
-from jaxformer.config import TransformerConfig
-from jaxformer.experiment import DataConfig, ExperimentConfig, RunConfig
-from jaxformer.train import TrainConfig
+from jaxformer.models.config import TransformerConfig
+from jaxformer.training.experiment import DataConfig, ExperimentConfig, RunConfig
+from jaxformer.training.step import TrainConfig
 
 
 def get_config(variant: str = "default") -> ExperimentConfig:

@@ -39,7 +39,7 @@ from jaxformer.data.tokenizers import (
     encode_all,
     load_tokenizer,
 )
-from jaxformer.experiment import DataConfig
+from jaxformer.training.experiment import DataConfig
 
 LENGTH_STEP = 16  # bucket boundaries: multiples of 16 tokens up to data.max_length
 

@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxformer.cache import reorder, tile_batch
 from jaxformer.decoding.result import DecodingResult, finalize
 from jaxformer.decoding.samplers import BestSampler
 from jaxformer.decoding.strategies import BeamSearch, GreedySearch
+from jaxformer.models.cache import reorder, tile_batch
 from jaxformer.typing import Array, Bool, Float, Int, PRNGKey, PyTree
 
 EOS_PENALTY = -1e7  # added to the EOS logit before min_length, as OpenNMT-tf does

@@ -9,19 +9,23 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxformer.blocks import DecoderStack
-from jaxformer.cache import DecoderCache
-from jaxformer.config import TransformerConfig
-from jaxformer.encoder_decoder import check_length
-from jaxformer.layers import TokenEmbedding
-from jaxformer.masks import self_attention_mask
+from jaxformer.models.blocks import DecoderStack
+from jaxformer.models.cache import DecoderCache
+from jaxformer.models.config import TransformerConfig
+from jaxformer.models.encoder_decoder import check_length
+from jaxformer.models.layers import TokenEmbedding
+from jaxformer.models.masks import self_attention_mask
 from jaxformer.typing import Array, Bool, Float, Int
 
 
 class DecoderOnlyLM(nn.Module):
+    INPUTS: ClassVar[tuple[str, ...]] = ("ids",)  # the token arrays __call__ takes
+
     config: TransformerConfig
 
     def setup(self):

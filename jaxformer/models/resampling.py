@@ -35,9 +35,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxformer.attention import MultiHeadAttention
-from jaxformer.cache import KVCache
-from jaxformer.layers import FeedForward, layer_norm
+from jaxformer.models.attention import MultiHeadAttention
+from jaxformer.models.cache import KVCache
+from jaxformer.models.layers import FeedForward, layer_norm
 from jaxformer.typing import Array, Float, Int
 
 

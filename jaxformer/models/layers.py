@@ -5,7 +5,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxformer.positions import sinusoidal_table
+from jaxformer.models.positions import sinusoidal_table
 from jaxformer.typing import Array, Float, Int
 
 

@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxformer.train import TrainConfig, make_train_step
+from jaxformer.training.step import TrainConfig, make_train_step
 from jaxformer.typing import PyTree
 
 MESH_AXES = ("data", "model")
@@ -244,7 +244,7 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
 
 
 def make_sharded_train_step(model, config: TrainConfig, mesh: Mesh, state: PyTree):
-    """``jaxformer.train.make_train_step`` jit-compiled with the state and the batch sharded.
+    """``jaxformer.training.step.make_train_step`` jit-compiled with the state and the batch sharded.
 
     ``state`` (a ``TrainState``, sharded or not: only its structure and shapes are read) gives the
     shardings: parameters and Adam moments by ``param_shardings``, scalars replicated; the state comes

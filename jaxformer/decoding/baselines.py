@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxformer.decoding.loop import EOS_PENALTY
-from jaxformer.encoder_decoder import Transformer
+from jaxformer.models.encoder_decoder import Transformer
 from jaxformer.typing import Array, Int, PyTree
 
 

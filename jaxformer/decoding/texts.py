@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxformer.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from jaxformer.decoding import BeamSearch, BestSampler, GreedySearch, RandomSampler
-from jaxformer.generate import generate
+from jaxformer.decoding.generation import generate
 
 
 @dataclasses.dataclass(frozen=True)

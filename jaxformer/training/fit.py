@@ -19,8 +19,8 @@ function of s (see ``EpochBatches``) and the dropout key is ``fold_in(seed, s)``
 is the uninterrupted one, step for step. A workdir whose stored model, data or optimiser settings
 differ from the config given is refused (only ``run.*`` may change, e.g. to train longer).
 
-Devices: ``run.mesh_data`` x ``run.mesh_model`` (``jaxformer.sharding.make_mesh``). On a mesh of
-more than one device the train state is sharded by ``jaxformer.sharding``'s rules, every batch is
+Devices: ``run.mesh_data`` x ``run.mesh_model`` (``jaxformer.training.sharding.make_mesh``). On a mesh of
+more than one device the train state is sharded by ``jaxformer.training.sharding``'s rules, every batch is
 split by rows over ``"data"`` and the step is ``make_sharded_train_step``; checkpoints hold whole
 arrays, so a run may resume on another mesh (or on one device). A 1 x 1 mesh is the plain
 single-device path. Several processes (``initialize_distributed``): each feeds its own slice of the
@@ -44,16 +44,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxformer import checkpoint as ckpt
-from jaxformer import sharding as shd
 from jaxformer.data import datasets
-from jaxformer.decoder_only import DecoderOnlyLM
-from jaxformer.encoder_decoder import Transformer
-from jaxformer.experiment import ExperimentConfig, load_json, save_json, to_dict
-from jaxformer.generate import init_params
-from jaxformer.inference import DecodeOptions, corpus_scores, translate_texts
-from jaxformer.metrics import MetricsLog, plot_curves
-from jaxformer.train import (
+from jaxformer.decoding.texts import DecodeOptions, corpus_scores, translate_texts
+from jaxformer.models.decoder_only import DecoderOnlyLM
+from jaxformer.models.encoder_decoder import Transformer
+from jaxformer.models.params import init_params
+from jaxformer.training import checkpoint as ckpt
+from jaxformer.training import sharding as shd
+from jaxformer.training.experiment import ExperimentConfig, load_json, save_json, to_dict
+from jaxformer.training.metrics import MetricsLog, plot_curves
+from jaxformer.training.step import (
     create_train_state,
     evaluate,
     make_eval_step,

@@ -54,18 +54,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 from flax import struct
 
-from jaxformer.blocks import DecoderLayer
-from jaxformer.cache import KVCache
-from jaxformer.config import TransformerConfig
-from jaxformer.layers import TokenEmbedding, layer_norm
-from jaxformer.masks import causal_mask
-from jaxformer.resampling import SHORTENING, UPSAMPLING
+from jaxformer.models.blocks import DecoderLayer
+from jaxformer.models.cache import KVCache
+from jaxformer.models.config import TransformerConfig
+from jaxformer.models.layers import TokenEmbedding, layer_norm
+from jaxformer.models.masks import causal_mask
+from jaxformer.models.resampling import SHORTENING, UPSAMPLING
 from jaxformer.typing import Array, Float, Int
 
 
@@ -318,6 +318,8 @@ class HourglassLevel(nn.Module):
 
 class HourglassLM(nn.Module):
     """``__call__(ids) -> logits``, ``init_cache(batch, max_length)``, ``decode_step(ids, step, cache)``."""
+
+    INPUTS: ClassVar[tuple[str, ...]] = ("ids",)  # the token arrays __call__ takes
 
     config: HourglassConfig
 

@@ -40,11 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from jaxformer.config import TransformerConfig
-from jaxformer.positions import sinusoidal_table
+from jaxformer.models.config import TransformerConfig
+from jaxformer.models.positions import sinusoidal_table
 
 SPECIAL_TOKENS = ("<blank>", "<s>", "</s>", "<unk>")  # ids 0..3: pad, bos, eos, unk
-LAYER_NORM_EPSILON = 1e-6  # jaxformer.layers.layer_norm
+LAYER_NORM_EPSILON = 1e-6  # jaxformer.models.layers.layer_norm
 QUANTIZATIONS = (
     None,
     "int8",

@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxformer.cache import KVCache
-from jaxformer.positions import relative_positions
+from jaxformer.models.cache import KVCache
+from jaxformer.models.positions import relative_positions
 from jaxformer.typing import Array, Bool, Float, Int
 
 

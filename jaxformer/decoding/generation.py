@@ -13,8 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.cache import DecoderCache
-from jaxformer.decoder_only import DecoderOnlyLM
 from jaxformer.decoding import (
     BeamSearch,
     BestSampler,
@@ -23,18 +21,11 @@ from jaxformer.decoding import (
     dynamic_decode,
 )
 from jaxformer.decoding.loop import COMPAT_MODES
-from jaxformer.encoder_decoder import Transformer
-from jaxformer.hourglass import HourglassLM
+from jaxformer.models.cache import DecoderCache
+from jaxformer.models.decoder_only import DecoderOnlyLM
+from jaxformer.models.encoder_decoder import Transformer
+from jaxformer.models.hourglass import HourglassLM
 from jaxformer.typing import Array, Int, PRNGKey, PyTree
-
-
-def init_params(
-    model: Transformer | DecoderOnlyLM | HourglassLM, rng: PRNGKey, length: int = 4
-) -> PyTree:
-    """Random parameters for ``model`` (shapes do not depend on ``length``)."""
-    ids = jnp.ones([1, length], jnp.int32)
-    args = (ids, ids) if isinstance(model, Transformer) else (ids,)
-    return model.init(rng, *args)["params"]
 
 
 def transformer_step_fn(model: Transformer, params: PyTree, memory: DecoderCache | None = None):

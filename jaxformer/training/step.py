@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxformer.encoder_decoder import Transformer
-from jaxformer.generate import init_params
-from jaxformer.losses import SmoothOver, cross_entropy, padding_weights, token_accuracy
+from jaxformer.models.encoder_decoder import Transformer
+from jaxformer.models.params import init_params
+from jaxformer.training.losses import SmoothOver, cross_entropy, padding_weights, token_accuracy
 from jaxformer.typing import PRNGKey, PyTree
 
 

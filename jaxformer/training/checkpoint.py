@@ -199,7 +199,7 @@ def _verify(manager: ocp.CheckpointManager, step: int, restored: PyTree, prefix:
     if not isinstance(stored, dict):
         raise ValueError(
             f"checkpoint {directory} step {step} has no array checksums (its _CHECKPOINT_METADATA "
-            f"is missing, or it was not saved by jaxformer.checkpoint.save), so its arrays cannot "
+            f"is missing, or it was not saved by jaxformer.training.checkpoint.save), so its arrays cannot "
             f"be verified; pass verify=False to load it unverified"
         )
     got = checksums(restored)

@@ -25,8 +25,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from jaxformer.config import TransformerConfig
-from jaxformer.train import TrainConfig
+from jaxformer.models.config import TransformerConfig
+from jaxformer.training.step import TrainConfig
 
 Task = Literal["translate", "lm"]
 Corpus = Literal["numbers", "bible", "shakespeare"]
@@ -94,7 +94,7 @@ class RunConfig:
     decode_max_length: int = 128
     progress: bool = True  # tqdm progress bar on stderr
     plot: bool = True  # learning curves PNG at the end
-    # The device mesh of ``jaxformer.sharding``: batch rows split over mesh_data devices (-1: all
+    # The device mesh of ``jaxformer.training.sharding``: batch rows split over mesh_data devices (-1: all
     # the devices mesh_model leaves), heads and feed-forward width over mesh_model. 1 x 1 trains on
     # one device. Not part of the run's identity: a workdir may resume on another mesh.
     mesh_data: int = 1

@@ -12,10 +12,10 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxformer.attention import MultiHeadAttention
-from jaxformer.cache import DecoderCache, KVCache
-from jaxformer.config import TransformerConfig
-from jaxformer.layers import FeedForward, layer_norm
+from jaxformer.models.attention import MultiHeadAttention
+from jaxformer.models.cache import DecoderCache, KVCache
+from jaxformer.models.config import TransformerConfig
+from jaxformer.models.layers import FeedForward, layer_norm
 from jaxformer.typing import Array, Bool, Float, Int
 
 

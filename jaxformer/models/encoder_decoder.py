@@ -14,14 +14,16 @@ Used purely: ``model.apply({"params": params}, ..., method=Transformer.METHOD)``
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxformer.blocks import DecoderStack, Encoder
-from jaxformer.cache import DecoderCache
-from jaxformer.config import TransformerConfig
-from jaxformer.layers import TokenEmbedding
-from jaxformer.masks import causal_mask, padding_mask
+from jaxformer.models.blocks import DecoderStack, Encoder
+from jaxformer.models.cache import DecoderCache
+from jaxformer.models.config import TransformerConfig
+from jaxformer.models.layers import TokenEmbedding
+from jaxformer.models.masks import causal_mask, padding_mask
 from jaxformer.typing import Array, Bool, Float, Int
 
 
@@ -33,6 +35,8 @@ def check_length(name: str, length: int, config: TransformerConfig):
 
 
 class Transformer(nn.Module):
+    INPUTS: ClassVar[tuple[str, ...]] = ("src_ids", "tgt_in_ids")  # the token arrays __call__ takes
+
     config: TransformerConfig
 
     def setup(self):

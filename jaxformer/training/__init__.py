@@ -1,0 +1,1 @@
+"""Training: losses, the train step (pure and jitted), ``fit``, checkpoints, metrics, sharding."""
