@@ -1,8 +1,11 @@
-"""Three-line decoding: encode (or prefill), make the cache, run ``dynamic_decode``, all in one jit.
+"""``generate``: decode with any model that has an adapter, in one jit-compiled function.
 
-model = Transformer(preset("tiny"))
-params = init_params(model, jax.random.key(0))
-result = generate(model, params, src_ids, start_id=1, end_id=2, max_length=50)
+    model = Transformer(preset("tiny"))
+    params = init_params(model, jax.random.key(0))
+    result = generate(model, params, src_ids, start_id=1, end_id=2, max_length=50)
+
+The model's adapter (``adapters.py``) prepares the search (encode or prefill, the caches, the start
+ids) and takes each step; ``dynamic_decode`` does the rest. Nothing here depends on the model family.
 """
 
 from __future__ import annotations
@@ -13,210 +16,53 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.decoding import (
-    BeamSearch,
-    BestSampler,
-    DecodingResult,
-    GreedySearch,
-    dynamic_decode,
-)
-from jaxformer.decoding.loop import COMPAT_MODES
-from jaxformer.models.cache import DecoderCache
-from jaxformer.models.decoder_only import DecoderOnlyLM
-from jaxformer.models.encoder_decoder import Transformer
-from jaxformer.models.hourglass import HourglassLM
+from jaxformer.decoding import options as opt
+from jaxformer.decoding.adapters import Adapter, adapter_for, step_function
+from jaxformer.decoding.loop import dynamic_decode
+from jaxformer.decoding.result import DecodingResult
+from jaxformer.decoding.samplers import BestSampler
+from jaxformer.decoding.strategies import GreedySearch
 from jaxformer.typing import Array, Int, PRNGKey, PyTree
 
-
-def transformer_step_fn(model: Transformer, params: PyTree, memory: DecoderCache | None = None):
-    """The search's step function for an encoder-decoder.
-
-    Without ``memory`` the whole ``DecoderCache`` is the search state: tiled to ``B*W`` rows and
-    reordered with the beams at every step. With ``memory`` (the cache from ``init_cache``) its
-    cross-attention keys/values and source mask are read from there, once per batch entry, and the
-    state is the cache without them (``without_memory(cache)``): the search tiles and reorders only the
-    self-attention caches. Both give the same results.
-    """
-
-    def step_fn(ids, step, cache):
-        if memory is not None:
-            cache = cache.replace(memory=memory.memory, memory_mask=memory.memory_mask)
-        logits, cache, attention = model.apply(
-            {"params": params}, ids, step, cache, method=Transformer.decode_step
-        )
-        if memory is not None:
-            cache = without_memory(cache)
-        return logits, cache, attention
-
-    return step_fn
-
-
-def without_memory(cache: DecoderCache) -> DecoderCache:
-    """The self-attention part of a decoder cache (the search state when the memory is shared)."""
-    return cache.replace(memory=(), memory_mask=None)
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "model",
-        "start_id",
-        "end_id",
-        "max_length",
-        "min_length",
-        "strategy",
-        "return_attention",
-        "compat",
-    ),
+STATIC = (
+    "adapter",
+    "start_id",
+    "end_id",
+    "max_length",
+    "min_length",
+    "strategy",
+    "return_attention",
+    "compat",
 )
-def _translate(
-    model, params, src_ids, rng, sampler, *, start_id, end_id, max_length, min_length, strategy,
-    return_attention, compat,
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
+def _run(
+    adapter, params, inputs, lengths, rng, sampler, *, start_id, end_id, max_length, min_length,
+    strategy, return_attention, compat,
 ):  # fmt: skip
-    memory, valid = model.apply({"params": params}, src_ids, method=Transformer.encode)
-    cache = model.apply(
-        {"params": params}, memory, valid, max_length, method=Transformer.init_cache
-    )
+    prepared = adapter.prepare(params, inputs, lengths, start_id, max_length)
     return dynamic_decode(
-        transformer_step_fn(model, params, memory=cache),  # the memory is never tiled nor reordered
-        jnp.full([src_ids.shape[0]], start_id, jnp.int32),
+        step_function(adapter, params),
+        prepared.start_ids,
         end_id,
-        without_memory(cache),
+        prepared.state,
         strategy=strategy,
         sampler=sampler,
         max_length=max_length,
         min_length=min_length,
         rng=rng,
-        attention_size=src_ids.shape[1],
+        attention_size=prepared.attention_size,
         return_attention=return_attention,
         compat=compat,
+        shared=prepared.shared,  # the memory is never tiled nor reordered
     )
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "model",
-        "end_id",
-        "max_length",
-        "min_length",
-        "strategy",
-        "compat",
-    ),
-)
-def _continue(
-    model, params, prompt_ids, rng, sampler, *, end_id, max_length, min_length, strategy, compat
-):
-    offset = prompt_ids.shape[1] - 1  # the last prompt token is the search's start id
-    lm = type(model)
-    cache = model.apply(
-        {"params": params}, prompt_ids.shape[0], offset + max_length, method=lm.init_cache
-    )
-
-    def step_fn(ids, step, cache):
-        logits, cache, _ = model.apply(
-            {"params": params}, ids, step + offset, cache, method=lm.decode_step
-        )
-        return logits, cache
-
-    if offset > 0 and hasattr(lm, "prefill"):  # the whole prompt in one pass
-        _, cache = model.apply({"params": params}, prompt_ids[:, :-1], cache, method=lm.prefill)
-    elif offset > 0:  # one cached step per prompt token, in a scan
-
-        def feed(cache, t):
-            _, cache = step_fn(prompt_ids[:, t], t - offset, cache)
-            return cache, None
-
-        cache, _ = jax.lax.scan(feed, cache, jnp.arange(offset, dtype=jnp.int32))
-
-    return dynamic_decode(
-        step_fn,
-        prompt_ids[:, -1],
-        end_id,
-        cache,
-        strategy=strategy,
-        sampler=sampler,
-        max_length=max_length,
-        min_length=min_length,
-        rng=rng,
-        compat=compat,
-    )
-
-
-def _check_inputs(model, inputs) -> Array:
-    """``inputs`` as int32 ``[B, S]`` after checking the dtype, the rank and (when concrete) the ids."""
-    encoder_decoder = isinstance(model, Transformer)
-    array = inputs if hasattr(inputs, "dtype") else np.asarray(inputs)
-    if array.size and not jnp.issubdtype(array.dtype, jnp.integer):
-        raise ValueError(f"inputs must be integer token ids, got dtype {array.dtype}")
-    inputs = jnp.asarray(inputs, jnp.int32)
-    shortest = 0 if encoder_decoder else 1
-    if inputs.ndim != 2 or inputs.shape[0] < 1 or inputs.shape[1] < shortest:
-        raise ValueError(
-            f"inputs must be [batch >= 1, length >= {shortest}] token ids, got shape {inputs.shape}"
-        )
-    config = model.config
-    what = "source" if encoder_decoder else "prompt"
-    vocab = config.source_vocab_size if encoder_decoder else config.vocab_size
-    if inputs.shape[1] > config.max_len:
-        raise ValueError(
-            f"inputs: a {what} of length {inputs.shape[1]} is longer than the model's "
-            f"max_len={config.max_len}; truncate it or use a model with a larger max_len"
-        )
-    if inputs.size and not isinstance(inputs, jax.core.Tracer):
-        low, high = int(jnp.min(inputs)), int(jnp.max(inputs))
-        if low < 0 or high >= vocab:
-            raise ValueError(
-                f"inputs: {what} ids must be in [0, {vocab}) (the {what} vocabulary), got values "
-                f"in [{low}, {high}]"
-            )
-    return inputs
-
-
-def _check_options(model, inputs, start_id, end_id, max_length, min_length, strategy, sampler):
-    """Static options checked against the model's vocabulary and maximum length, before tracing."""
-    config = model.config
-    vocab = config.vocab_size
-    if not isinstance(strategy, GreedySearch | BeamSearch):
-        raise TypeError(f"strategy must be GreedySearch() or BeamSearch(...), got {strategy!r}")
-    if isinstance(model, Transformer) and start_id is None:
-        raise ValueError("an encoder-decoder needs start_id (the target's start token)")
-    for name, value in (("end_id", end_id), ("start_id", start_id)):
-        if name == "start_id" and (value is None or not isinstance(model, Transformer)):
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise ValueError(f"{name} must be an int in [0, {vocab}), got {value!r}")
-        if not 0 <= value < vocab:
-            raise ValueError(f"{name}={value} is outside the target vocabulary [0, {vocab})")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
-    if isinstance(min_length, bool) or not isinstance(min_length, int):
-        raise ValueError(f"min_length must be an int in [0, max_length], got {min_length!r}")
-    if not 0 <= min_length <= max_length:
-        raise ValueError(f"min_length must be in [0, max_length={max_length}], got {min_length}")
-    # Target positions 0 .. max_length-1 (a prompt's P-1 tokens come first in a decoder-only LM).
-    positions = max_length + (0 if isinstance(model, Transformer) else inputs.shape[1] - 1)
-    if positions > config.max_len:
-        allowed = config.max_len - positions + max_length
-        raise ValueError(
-            f"max_length={max_length} needs {positions} positions, more than the model's "
-            f"max_len={config.max_len}; allowed here: max_length <= {allowed}"
-        )
-    if strategy.width > vocab:
-        raise ValueError(f"beam_size={strategy.width} must be in [1, vocab_size={vocab}]")
-    candidates = strategy.width * vocab
-    topk = getattr(sampler, "topk", 0)
-    if topk > candidates:
-        raise ValueError(
-            f"topk={topk} must be in [0, {candidates}] (0 = all; {strategy.width} beam(s) x "
-            f"vocab_size {vocab} candidates)"
-        )
 
 
 def generate(
-    model: Transformer | DecoderOnlyLM | HourglassLM,
+    model,
     params: PyTree,
-    inputs: Int[Array | np.ndarray, "B S"],
+    inputs: Int[Array | np.ndarray, "B S"] | list,
     *,
     end_id: int,
     start_id: int | None = None,
@@ -227,38 +73,124 @@ def generate(
     rng: PRNGKey | None = None,
     return_attention: bool = False,
     compat: str | None = None,
+    prompt_lengths: Int[Array | np.ndarray, " B"] | None = None,
 ) -> DecodingResult:
-    """Decode with a Transformer (``inputs`` = source ids) or continue prompts with a decoder-only LM.
+    """Translate sources with an encoder-decoder, or continue prompts with a decoder-only LM.
 
-    Encoder-decoder: every hypothesis starts from ``start_id``; ``max_length`` bounds the target.
-    Decoder-only (``DecoderOnlyLM``, ``HourglassLM``): ``inputs`` are prompts of equal length P >= 1; the
-    first P-1 tokens go into the cache (in one pass where the model has ``prefill``, else one cached
-    step per token inside a scan) and the search starts from the last one; ``max_length`` new tokens at
-    most.
-    The whole thing is one jit-compiled function per shape and option set; the sampler's temperature is
-    data, so changing it per call does not recompile.
+    ``inputs``: ``int32[B, S]`` right-padded with the model's ``pad_id``, or a list of token-id lists
+    of any lengths (padded here). Encoder-decoder: every hypothesis starts from ``start_id``;
+    ``max_length`` bounds the target. Decoder-only (``DecoderOnlyLM``, ``HourglassLM``): ``inputs``
+    are prompts (P >= 1 tokens); ``prompt_lengths`` ``[B]`` gives each padded prompt's real length
+    (None: all P, or taken from a list); all but each prompt's last token go into the cache, the
+    search starts from its last one and writes at most ``max_length`` new tokens. A row's result is
+    the one it has alone, whatever the lengths of the others.
+    The whole thing is one jit-compiled function per shape and option set; the sampler's temperature
+    is data, so changing it per call does not recompile.
     """
-    if not isinstance(model, Transformer | DecoderOnlyLM | HourglassLM):
-        raise TypeError(
-            f"generate needs a Transformer, DecoderOnlyLM or HourglassLM, got {type(model).__name__}"
-        )
-    inputs = _check_inputs(model, inputs)
-    _check_options(model, inputs, start_id, end_id, max_length, min_length, strategy, sampler)
-    if getattr(sampler, "needs_rng", False) and rng is None:
-        raise ValueError(f"{type(sampler).__name__} needs rng=jax.random.key(...)")
-    if compat not in COMPAT_MODES:
-        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
-    if isinstance(model, Transformer):
-        if inputs.shape[1] == 0:  # empty sources: one padding column, i.e. fully masked memory
-            inputs = jnp.full([inputs.shape[0], 1], model.config.pad_id, jnp.int32)
-        return _translate(
-            model, params, inputs, rng, sampler, start_id=start_id, end_id=end_id,
-            max_length=max_length, min_length=min_length, strategy=strategy,
-            return_attention=return_attention, compat=compat,
-        )  # fmt: skip
-    if return_attention:
-        raise ValueError("a decoder-only LM has no source to return attention over")
-    return _continue(
-        model, params, inputs, rng, sampler, end_id=end_id, max_length=max_length,
-        min_length=min_length, strategy=strategy, compat=compat,
+    adapter = adapter_for(model)
+    inputs, lengths = _as_batch(adapter, inputs, prompt_lengths)
+    _check_options(adapter, inputs, locals())
+    return _run(
+        adapter, params, inputs, lengths, rng, sampler, start_id=start_id, end_id=end_id,
+        max_length=max_length, min_length=min_length, strategy=strategy,
+        return_attention=return_attention, compat=compat,
     )  # fmt: skip
+
+
+def _as_batch(adapter: Adapter, inputs, prompt_lengths) -> tuple[Array, Array | None]:
+    """``inputs`` as int32 ``[B, P]`` and the prompt lengths (None: all P), after checking them."""
+    spec = adapter.inputs
+    if isinstance(inputs, list | tuple) and inputs and all(np.ndim(x) == 1 for x in inputs):
+        rows = [np.asarray(x) for x in inputs]
+        if len({len(x) for x in rows}) > 1:  # ragged: right-pad, remember the lengths
+            width = max(len(x) for x in rows)
+            padded = np.full((len(rows), width), spec.pad_id, np.int64)
+            for i, row in enumerate(rows):
+                padded[i, : len(row)] = row
+            if prompt_lengths is None and not spec.needs_start_id:
+                prompt_lengths = [len(x) for x in rows]
+            inputs = padded
+    array = inputs if hasattr(inputs, "dtype") else np.asarray(inputs)
+    if array.size and not jnp.issubdtype(array.dtype, jnp.integer):
+        raise ValueError(f"inputs must be integer token ids, got dtype {array.dtype}")
+    array = jnp.asarray(array, jnp.int32)
+    if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < spec.shortest:
+        raise ValueError(
+            f"inputs must be [batch >= 1, length >= {spec.shortest}] token ids (or a list of "
+            f"token-id lists), got shape {array.shape}"
+        )
+    if array.shape[1] > spec.max_len:
+        raise ValueError(
+            f"inputs: a {spec.name} of length {array.shape[1]} is longer than the model's "
+            f"max_len={spec.max_len}; truncate it or use a model with a larger max_len"
+        )
+    if array.size and not isinstance(array, jax.core.Tracer):
+        low, high = int(jnp.min(array)), int(jnp.max(array))
+        if low < 0 or high >= spec.vocab_size:
+            raise ValueError(
+                f"inputs: {spec.name} ids must be in [0, {spec.vocab_size}) (the {spec.name} "
+                f"vocabulary), got values in [{low}, {high}]"
+            )
+    return array, _check_lengths(spec, array, prompt_lengths)
+
+
+def _check_lengths(spec, inputs, prompt_lengths) -> Array | None:
+    if prompt_lengths is None:
+        return None
+    if spec.needs_start_id:
+        raise ValueError(
+            f"prompt_lengths is for decoder-only LMs; a {spec.name} is right-padded with pad_id="
+            f"{spec.pad_id} and its padding is masked"
+        )
+    lengths = np.asarray(prompt_lengths)
+    batch, width = inputs.shape
+    if lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer):
+        raise ValueError(
+            f"prompt_lengths must be {batch} ints (one per prompt), got {lengths.dtype} "
+            f"of shape {lengths.shape}"
+        )
+    if lengths.min() < 1 or lengths.max() > width:
+        raise ValueError(
+            f"prompt_lengths must be in [1, {width}] (the padded prompt width), got values in "
+            f"[{lengths.min()}, {lengths.max()}]"
+        )
+    if (lengths == width).all():
+        return None  # not ragged: every row at the same positions
+    return jnp.asarray(lengths, jnp.int32)
+
+
+def _check_options(adapter: Adapter, inputs, args: dict) -> None:
+    """Every option checked against the model's vocabulary and maximum length, before tracing."""
+    spec, strategy, sampler = adapter.inputs, args["strategy"], args["sampler"]
+    max_length, min_length = args["max_length"], args["min_length"]
+    if not spec.needs_start_id and args["return_attention"]:
+        raise ValueError("a decoder-only LM has no source to return attention over")
+    if spec.needs_start_id and args["start_id"] is None:
+        raise ValueError(f"a model with a {spec.name} needs start_id (the target's start token)")
+    if not isinstance(strategy, GreedySearch) and not hasattr(strategy, "beam_size"):
+        raise TypeError(f"strategy must be GreedySearch() or BeamSearch(...), got {strategy!r}")
+    start_id = args["start_id"] if spec.needs_start_id else None
+    opt.check_vocabulary(
+        spec.target_vocab_size, strategy, sampler, end_id=args["end_id"], start_id=start_id
+    )
+    opt.check_search(
+        strategy, sampler, max_length=max_length, min_length=min_length,
+        compat=args["compat"], rng=args["rng"],
+    )  # fmt: skip
+    positions = adapter.positions(inputs.shape[1], max_length)
+    if positions > spec.max_len:
+        allowed = spec.max_len - positions + max_length
+        raise ValueError(
+            f"max_length={max_length} needs {positions} positions, more than the model's "
+            f"max_len={spec.max_len}; allowed here: max_length <= {allowed}"
+        )
+
+
+def transformer_step_fn(model, params):
+    """The search's step function for an encoder-decoder ``Transformer``.
+
+    ``step_fn(ids, step, cache, memory)``: run ``dynamic_decode(step_fn, start_ids, end_id, cache,
+    shared=memory, ...)`` with ``cache = model.init_cache(B, max_length)`` and ``memory =
+    model.init_memory(*model.encode(src_ids))``: the cache follows the beams, the memory does not.
+    """
+    return step_function(adapter_for(model), params)

@@ -2,11 +2,11 @@
 
 The order of operations at each step is OpenNMT-tf 2.32's (``opennmt.utils.decoding``):
 
-1. ``logits, state[, attention] = step_fn(ids, step, state)``; logits cast to float32.
+1. ``logits, state[, attention] = step_fn(ids, step, state[, shared])``; logits cast to float32.
 2. Before ``min_length``: EOS logit -1e7. Otherwise finished rows are forced to EOS with log-prob 0.
 3. ``log_probs = log_softmax(logits)``; the strategy picks words, parent beams and new scores.
 4. Lengths grow for unfinished rows; lengths, finished flags, accumulators and the model state are
-   gathered by the parent rows; ``finished |= word == end_id``.
+   gathered by the parent rows (``state.reorder``); ``finished |= word == end_id``.
 
 By default (not in compat mode), after the pick (3.) a batch entry whose hypotheses had all finished
 is frozen: it emits EOS from its own rows and keeps its log-probs, scores and coverage accumulator, as
@@ -18,13 +18,19 @@ entry's beams, depend on the batch.
 
 The loop has a static length (``max_length`` steps) and OpenNMT-tf's stopping rule: once every row
 has finished, the remaining steps change nothing (the search state and the records of such a step
-are selected as they were, leaf by leaf). By default the steps run in chunks of ``chunk_size`` (8)
-scan steps inside a ``lax.while_loop``, which leaves the loop at the first chunk boundary after every
-row has finished; ``chunk_size=None`` runs all ``max_length`` steps in one ``lax.scan``.
+are selected as they were, leaf by leaf; a ``lax.cond`` instead made XLA copy every KV cache twice a
+step). By default the steps run in chunks of ``chunk_size`` (8) scan steps inside a
+``lax.while_loop``, which leaves at the first chunk boundary after every row has finished; the last
+chunk may reach past ``max_length``: those steps are idle, so one loop body serves every length and
+the step function is compiled once. ``chunk_size=None`` runs all ``max_length`` steps in one scan.
+
+The step function is traced twice: once by ``jax.eval_shape`` to check its outputs against the rows
+and the options, once inside the loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -32,19 +38,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxformer.decoding import options as opt
+from jaxformer.decoding.options import COMPAT_MODES
 from jaxformer.decoding.result import DecodingResult, finalize
 from jaxformer.decoding.samplers import BestSampler
+from jaxformer.decoding.state import check_batch_axis, reorder, tile_batch
 from jaxformer.decoding.strategies import BeamSearch, GreedySearch
-from jaxformer.models.cache import reorder, tile_batch
 from jaxformer.typing import Array, Bool, Float, Int, PRNGKey, PyTree
 
 EOS_PENALTY = -1e7  # added to the EOS logit before min_length, as OpenNMT-tf does
-COMPAT_MODES = (None, "opennmt-tf")
+__all__ = ["COMPAT_MODES", "EOS_PENALTY", "SearchState", "StepRecord", "dynamic_decode"]
 
 
 @struct.dataclass
 class SearchState:
-    """The scan carry. Every field has the search rows (R = B*W) first."""
+    """The loop carry. Every field has the search rows (R = B*W) first."""
 
     # Fields are annotated Any (with shape comments): pytree leaves are not always arrays.
     ids: Any  # int32[R] last emitted token of each row (the next step's input)
@@ -63,33 +71,37 @@ class StepRecord(NamedTuple):
     word_ids: Int[Array, " R"]
     beam_ids: Int[Array, " R"]  # parent pointers for backtracking
     ran: Bool[Array, ""]  # False for the steps skipped after every row had finished
-    attention: Float[Array, "R S"] | None  # see `_record_attention`
+    attention: Float[Array, "R S"] | None  # see `_advance`
     trace: dict | None  # the teaching trace (``trace=True``)
 
 
-def _check_args(strategy, sampler, max_length, min_length, compat, rng, attention_size, end_id):
-    if not isinstance(strategy, GreedySearch | BeamSearch):
-        raise TypeError(f"strategy must be GreedySearch() or BeamSearch(...), got {strategy!r}")
-    if not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
-    if not isinstance(min_length, int) or not 0 <= min_length <= max_length:
-        raise ValueError(
-            f"min_length must be an int in [0, max_length={max_length}], got {min_length!r}"
-        )
-    if compat not in COMPAT_MODES:
-        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
-    if sampler.needs_rng and rng is None:
-        raise ValueError(f"{type(sampler).__name__} needs rng=jax.random.key(...)")
-    if strategy.uses_coverage and attention_size is None:
-        raise ValueError("coverage_penalty needs attention_size (the source length S)")
-    if not isinstance(end_id, int | jnp.integer) or end_id < 0:
-        raise ValueError(f"end_id must be a non-negative int, got {end_id!r}")
+@dataclasses.dataclass(frozen=True)
+class Search:
+    """The static settings of one search (everything but arrays)."""
 
+    strategy: GreedySearch | BeamSearch
+    sampler: Any
+    end_id: int
+    batch: int
+    vocab: int
+    max_length: int
+    min_length: int
+    compat: str | None
+    return_attention: bool
+    trace: bool
+    attention_width: int  # S of the step's attention (0 when it is not used)
 
-def _unpack(outputs):
-    if not isinstance(outputs, tuple) or len(outputs) not in (2, 3):
-        raise TypeError("step_fn must return (logits, state) or (logits, state, attention)")
-    return outputs if len(outputs) == 3 else (*outputs, None)
+    @property
+    def width(self) -> int:
+        return self.strategy.width
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.strategy.width
+
+    @property
+    def wants_attention(self) -> bool:
+        return self.return_attention or self.strategy.uses_coverage
 
 
 def dynamic_decode(
@@ -107,173 +119,223 @@ def dynamic_decode(
     compat: str | None = None,
     chunk_size: int | None = 8,
     trace: bool = False,
+    shared: PyTree = None,
 ) -> DecodingResult:
-    """Decode with ``step_fn(ids [R], step, state) -> (logits [R, V], state[, attention [R, S]])``.
+    """Decode with ``step_fn(ids [R], step, state[, shared]) -> (logits [R, V], state[, attention [R, S]])``.
 
-    See ``DESIGN.md`` §2 for the contract. ``compat="opennmt-tf"`` reproduces OpenNMT-tf 2.32's returned
-    values exactly, defects included; the default corrects them (every returned field describes the same
-    hypothesis; log_probs travel with their hypothesis; each token's attention comes from the row that
-    generated it). ``chunk_size`` steps run between two checks for the early exit (None: no early exit,
-    one scan); ``trace`` returns the per-step tensors of the
-    OpenNMT-tf article in ``result.trace``. It runs eagerly or inside ``jax.jit``; every option is static
-    except the sampler's temperature, which may be traced.
+    The step-function contract is in the README ("The search, for any model") and ``DESIGN.md`` §2.
+    ``initial_state`` has one row per start id (scalar leaves have no batch axis and are kept as they
+    are; see ``jaxformer.decoding.state``); the search tiles it to ``R = B*W`` rows and reorders it
+    with the beams. ``shared`` (when not None) is passed to every step as its fourth argument and never
+    tiled nor reordered: per-entry data such as the encoder memory, which the W rows of an entry read.
+    ``compat="opennmt-tf"`` reproduces OpenNMT-tf 2.32's returned values exactly, defects included;
+    the default corrects them (every returned field describes the same hypothesis; log_probs travel
+    with their hypothesis; each token's attention comes from the row that generated it).
+    ``chunk_size`` steps run between two checks for the early exit (None: no early exit, one scan);
+    ``trace`` returns the per-step tensors of the OpenNMT-tf article in ``result.trace``. It runs
+    eagerly or inside ``jax.jit``; every option is static except the sampler's temperature.
     """
-    _check_args(strategy, sampler, max_length, min_length, compat, rng, attention_size, end_id)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    start_ids = jnp.asarray(start_ids, jnp.int32)
+    opt.check_search(
+        strategy, sampler, max_length=max_length, min_length=min_length, compat=compat, rng=rng
+    )
+    opt.check_chunk_size(chunk_size)
+    if strategy.uses_coverage and attention_size is None:
+        raise ValueError("coverage_penalty needs attention_size (the source length S)")
+    start_ids = _check_start_ids(start_ids)
+    check_batch_axis(initial_state, start_ids.shape[0])
+    step = _with_shared(step_fn, shared)
+    initial = _initial_search_state(start_ids, initial_state, strategy, attention_size, rng)
+    search = _probe(step, initial, end_id, strategy, sampler, attention_size, return_attention)
+    search = dataclasses.replace(
+        search, max_length=max_length, min_length=min_length, compat=compat, trace=trace
+    )
+    body = _loop_body(step, search)
+    if chunk_size is None:
+        steps = jnp.arange(max_length, dtype=jnp.int32)
+        final, records = jax.lax.scan(body, initial, steps)
+    else:
+        final, records = _chunked_loop(body, initial, search, chunk_size)
+    return finalize(records, final, search)
+
+
+def _check_start_ids(start_ids) -> Array:
+    shape = np.shape(start_ids)
+    if len(shape) != 1 or shape[0] < 1:
+        raise ValueError(f"start_ids must be int32[B] (one start token per row), got shape {shape}")
+    return jnp.asarray(start_ids, jnp.int32)
+
+
+def _with_shared(step_fn, shared):
+    """``step_fn`` as ``(ids, step, state) -> (logits, state, attention | None)``."""
+
+    def step(ids, t, state):
+        outputs = step_fn(ids, t, state) if shared is None else step_fn(ids, t, state, shared)
+        if not isinstance(outputs, tuple) or len(outputs) not in (2, 3):
+            raise TypeError("step_fn must return (logits, state) or (logits, state, attention)")
+        return outputs if len(outputs) == 3 else (*outputs, None)
+
+    return step
+
+
+def _initial_search_state(start_ids, initial_state, strategy, attention_size, rng) -> SearchState:
     batch, width = start_ids.shape[0], strategy.width
     rows = batch * width
-    want_attention = return_attention or strategy.uses_coverage
-
-    model_state = tile_batch(initial_state, width)
-    initial = SearchState(
-        ids=jnp.repeat(start_ids, width),
+    return SearchState(
+        ids=jnp.repeat(start_ids, width),  # [R]
         finished=jnp.zeros([rows], bool),
         lengths=jnp.zeros([rows], jnp.int32),
-        cum_log_probs=strategy.initial_log_probs(batch),
+        cum_log_probs=strategy.initial_log_probs(batch),  # [R]: [0, -inf, ...] per entry
         scores=strategy.initial_log_probs(batch),
         accumulated_attention=(
             jnp.zeros([rows, attention_size], jnp.float32) if strategy.uses_coverage else None
         ),
-        model_state=model_state,
+        model_state=tile_batch(initial_state, width),
         rng=rng,
     )
 
-    # The step function's output shapes (traced, not run) for the checks below.
-    probe = jax.eval_shape(step_fn, initial.ids, jnp.int32(0), model_state)
-    logits_shape, _, attention_shape = _unpack(probe)
-    vocab = logits_shape.shape[-1]
-    if not 0 <= end_id < vocab:
-        raise ValueError(f"end_id={end_id} is outside the vocabulary [0, {vocab})")
-    if width > vocab:
-        raise ValueError(f"beam_size={width} exceeds the vocabulary size {vocab}")
-    if not isinstance(start_ids, jax.core.Tracer):  # concrete ids can be checked before running
-        low, high = int(jnp.min(start_ids)), int(jnp.max(start_ids))
+
+def _probe(step, initial: SearchState, end_id, strategy, sampler, attention_size, return_attention):
+    """The step's output shapes (traced, not run), checked against the rows and the options."""
+    rows, batch = initial.ids.shape[0], initial.ids.shape[0] // strategy.width
+    logits, state, attention = jax.eval_shape(step, initial.ids, jnp.int32(0), initial.model_state)
+    if len(logits.shape) != 2 or logits.shape[0] != rows:
+        raise ValueError(
+            f"step_fn returned logits of shape {logits.shape}; expected [{rows}, V] "
+            f"(one row per search row: batch {batch} x beam width {strategy.width})"
+        )
+    expected = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), initial.model_state)
+    returned = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    if jax.tree.structure(expected) != jax.tree.structure(returned) or expected != returned:
+        raise ValueError(
+            "step_fn must return a state of the same structure, shapes and dtypes as it was "
+            f"given; got {jax.tree.structure(returned)} for {jax.tree.structure(expected)}"
+        )
+    vocab = logits.shape[1]
+    opt.check_vocabulary(vocab, strategy, sampler, end_id=end_id)
+    if not isinstance(initial.ids, jax.core.Tracer):  # concrete ids can be checked before running
+        low, high = int(jnp.min(initial.ids)), int(jnp.max(initial.ids))
         if low < 0 or high >= vocab:
             raise ValueError(f"start_ids must be in [0, {vocab}), got values in [{low}, {high}]")
-    if want_attention:
-        if attention_shape is None:
+    if return_attention or strategy.uses_coverage:
+        if attention is None:
             raise ValueError(
                 "return_attention / coverage_penalty need a step_fn that returns attention"
             )
-        if attention_size is not None and attention_shape.shape[-1] != attention_size:
+        if attention.shape[0] != rows or len(attention.shape) != 2:
+            raise ValueError(
+                f"step_fn returned attention of shape {attention.shape}; expected [{rows}, S]"
+            )
+        if attention_size is not None and attention.shape[-1] != attention_size:
             raise ValueError(
                 f"attention_size={attention_size} does not match the step function's attention "
-                f"width {attention_shape.shape[-1]}"
+                f"width {attention.shape[-1]}"
             )
-    source_len = attention_shape.shape[-1] if want_attention else 0
-
-    def run(state: SearchState, step) -> tuple[SearchState, StepRecord]:
-        logits, model_state, attention = _unpack(step_fn(state.ids, step, state.model_state))
-        logits = logits.astype(jnp.float32)  # [R, V]
-        attention = (
-            None if attention is None or not want_attention else attention.astype(jnp.float32)
-        )
-        eos = jax.nn.one_hot(end_id, vocab, dtype=jnp.float32)[None]  # [1, V]
-        forced = jnp.where(eos > 0, 0.0, -jnp.inf)  # [1, V] log-probs of a forced EOS
-        log_probs = jax.nn.log_softmax(
-            jnp.where(step < min_length, logits + EOS_PENALTY * eos, logits), axis=-1
-        )
-        log_probs = jnp.where((step >= min_length) & state.finished[:, None], forced, log_probs)
-        rng = None if state.rng is None else jax.random.fold_in(state.rng, step)
-        sel = strategy.select(
-            log_probs,
-            state.cum_log_probs,
-            state.finished,
-            state.lengths,
-            state.accumulated_attention,
-            attention,
-            sampler,
-            rng,
-        )
-        if not compat:
-            sel = _freeze_finished_entries(sel, state, end_id, batch, width)
-        grown = jnp.where(state.finished, state.lengths, state.lengths + 1)  # [R]
-        parent_finished = state.finished[sel.beam_indices]  # [R]
-        # A finished hypothesis keeps its log-prob. OpenNMT-tf keeps the *row's* old value, so the
-        # log-prob does not travel with a finished hypothesis that changes rows (its defect 1); by
-        # default it travels with the hypothesis (the parent row's value).
-        frozen = state.cum_log_probs if compat else state.cum_log_probs[sel.beam_indices]
-        cum = jnp.where(parent_finished, frozen, sel.cum_log_probs)
-        new_state = SearchState(
-            ids=sel.word_ids,
-            finished=parent_finished | (sel.word_ids == end_id),
-            lengths=grown[sel.beam_indices],
-            cum_log_probs=cum,
-            scores=sel.scores,
-            accumulated_attention=(
-                None
-                if sel.accumulated_attention is None
-                else sel.accumulated_attention[sel.beam_indices]
-            ),
-            model_state=model_state if width == 1 else reorder(model_state, sel.beam_indices),
-            rng=state.rng,
-        )
-        record_attention = None
-        if return_attention:
-            # Default: the attention of the row that generated each token (the parent row).
-            # OpenNMT-tf stacks the attention in the row order from before the reorder.
-            record_attention = attention if compat else attention[sel.beam_indices]
-        step_trace = None
-        if trace:
-            step_trace = dict(
-                log_probs=log_probs,
-                total_probs=sel.total_probs,
-                scores=sel.penalised,
-                sample_scores=sel.scores,
-                word_ids=sel.word_ids,
-                beam_ids=sel.beam_ids,
-                beam_indices=sel.beam_indices,
-                cum_log_probs=cum,
-                finished=new_state.finished,
-                sequence_lengths=new_state.lengths,
-                accumulated_attention=new_state.accumulated_attention,
-            )
-        record = StepRecord(
-            sel.word_ids, sel.beam_ids, jnp.bool_(True), record_attention, step_trace
-        )
-        return new_state, record
-
-    record_shapes = jax.eval_shape(lambda s: run(s, jnp.int32(0))[1], initial)
-
-    def idle(state: SearchState, step) -> tuple[SearchState, StepRecord]:
-        """Every row has finished: nothing changes; the record says 'EOS, same beam'."""
-        record = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), record_shapes)
-        record = record._replace(
-            word_ids=jnp.full([rows], end_id, jnp.int32),
-            beam_ids=jnp.arange(rows, dtype=jnp.int32) % width,
-            ran=jnp.bool_(False),
-        )
-        return state, record
-
-    def body(state, step):
-        """``run``, or ``idle`` once every row has finished, chosen leaf by leaf.
-
-        The step always runs and its model state is kept: once every row has finished nothing reads
-        that state again. Everything else is selected. (A ``lax.cond`` around the step made XLA copy
-        every layer's KV cache twice a step, about 15% of a ``small`` batch-64 step; the chunked
-        ``while_loop`` still leaves early.)
-        """
-        done = jnp.all(state.finished)
-        ran_state, ran_record = run(state, step)
-        idle_state, idle_record = idle(state, step)
-        pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(done, x, y), a, b)
-        aside = dict(model_state=None, rng=None)  # the rng key never changes
-        picked = pick(idle_state.replace(**aside), ran_state.replace(**aside))
-        picked = picked.replace(model_state=ran_state.model_state, rng=state.rng)
-        return picked, pick(idle_record, ran_record)
-
-    if chunk_size is None:
-        final, records = jax.lax.scan(body, initial, jnp.arange(max_length, dtype=jnp.int32))
-    else:
-        final, records = _chunked_scan(body, idle, initial, max_length, chunk_size)
-    return finalize(
-        records, final, strategy, end_id, batch, max_length, source_len, return_attention, compat
+    width = attention.shape[-1] if attention is not None else 0
+    return Search(
+        strategy, sampler, end_id, batch, vocab, 0, 0, None, return_attention, False, width
     )
 
 
-def _freeze_finished_entries(sel, state: SearchState, end_id: int, batch: int, width: int):
+def _loop_body(step, search: Search):
+    """One step of the loop: ``_advance``, or nothing once every row has finished, leaf by leaf.
+
+    The model step always runs and its state is kept: once every row has finished nothing reads that
+    state again. Everything else is selected, so an idle step leaves the search as it was and
+    records "EOS, same beam". Steps at or past ``max_length`` (the end of the last chunk) are idle.
+    """
+
+    def body(state: SearchState, t) -> tuple[SearchState, StepRecord]:
+        idle = jnp.all(state.finished) | (t >= search.max_length)
+        new, record = _advance(step, search, state, jnp.minimum(t, search.max_length - 1))
+        keep = lambda old, ran: jax.tree.map(lambda a, b: jnp.where(idle, a, b), old, ran)
+        aside = dict(model_state=None, rng=None)  # the model state is not selected; rng is fixed
+        picked = keep(state.replace(**aside), new.replace(**aside))
+        picked = picked.replace(model_state=new.model_state, rng=state.rng)
+        return picked, keep(_idle_record(record, search), record)
+
+    return body
+
+
+def _advance(step, search: Search, state: SearchState, t) -> tuple[SearchState, StepRecord]:
+    """Steps 1-4 of the module docstring for every row."""
+    logits, model_state, attention = step(state.ids, t, state.model_state)
+    logits = logits.astype(jnp.float32)  # [R, V]
+    attention = attention.astype(jnp.float32) if search.wants_attention else None  # [R, S]
+    eos = jax.nn.one_hot(search.end_id, search.vocab, dtype=jnp.float32)[None]  # [1, V]
+    forced = jnp.where(eos > 0, 0.0, -jnp.inf)  # [1, V] log-probs of a forced EOS
+    early = t < search.min_length
+    log_probs = jax.nn.log_softmax(jnp.where(early, logits + EOS_PENALTY * eos, logits), axis=-1)
+    log_probs = jnp.where(~early & state.finished[:, None], forced, log_probs)  # [R, V]
+    rng = None if state.rng is None else jax.random.fold_in(state.rng, t)
+    sel = search.strategy.select(log_probs, state, attention, search.sampler, rng)
+    if not search.compat:
+        sel = _freeze_finished_entries(sel, state, search)
+    parents = sel.beam_indices  # [R]
+    grown = jnp.where(state.finished, state.lengths, state.lengths + 1)  # [R]
+    parent_finished = state.finished[parents]  # [R]
+    # A finished hypothesis keeps its log-prob. OpenNMT-tf keeps the *row's* old value, so the
+    # log-prob does not travel with a finished hypothesis that changes rows (its defect 1); by
+    # default it travels with the hypothesis (the parent row's value).
+    frozen = state.cum_log_probs if search.compat else state.cum_log_probs[parents]
+    accumulated = sel.accumulated_attention
+    new = SearchState(
+        ids=sel.word_ids,
+        finished=parent_finished | (sel.word_ids == search.end_id),
+        lengths=grown[parents],
+        cum_log_probs=jnp.where(parent_finished, frozen, sel.cum_log_probs),
+        scores=sel.scores,
+        accumulated_attention=None if accumulated is None else accumulated[parents],
+        model_state=model_state if search.width == 1 else reorder(model_state, parents),
+        rng=state.rng,
+    )
+    record_attention = None
+    if search.return_attention:
+        # Default: the attention of the row that generated each token (the parent row).
+        # OpenNMT-tf stacks the attention in the row order from before the reorder.
+        record_attention = attention if search.compat else attention[parents]
+    trace = _trace(log_probs, sel, new) if search.trace else None
+    return new, StepRecord(sel.word_ids, sel.beam_ids, jnp.bool_(True), record_attention, trace)
+
+
+def _trace(log_probs, sel, new: SearchState) -> dict:
+    """The per-step tensors of the OpenNMT-tf article, under its names."""
+    return dict(
+        log_probs=log_probs,
+        total_probs=sel.total_probs,
+        scores=sel.penalised,
+        sample_scores=sel.scores,
+        word_ids=sel.word_ids,
+        beam_ids=sel.beam_ids,
+        beam_indices=sel.beam_indices,
+        cum_log_probs=new.cum_log_probs,
+        finished=new.finished,
+        sequence_lengths=new.lengths,
+        accumulated_attention=new.accumulated_attention,
+    )
+
+
+def _idle_record(record: StepRecord, search: Search) -> StepRecord:
+    """What a step records once every row has finished: EOS from the same beam, zeros elsewhere."""
+    return jax.tree.map(jnp.zeros_like, record)._replace(
+        word_ids=jnp.full([search.rows], search.end_id, jnp.int32),
+        beam_ids=jnp.arange(search.rows, dtype=jnp.int32) % search.width,
+        ran=jnp.bool_(False),
+    )
+
+
+def _record_like(body, initial: SearchState, search: Search) -> StepRecord:
+    """A record of the loop's shapes and dtypes (the teaching trace's by tracing the body)."""
+    if search.trace:
+        shapes = jax.eval_shape(lambda s: body(s, jnp.int32(0))[1], initial)
+        return jax.tree.map(lambda r: jnp.zeros(r.shape, r.dtype), shapes)
+    rows = jnp.zeros([search.rows], jnp.int32)
+    attention = None
+    if search.return_attention:
+        attention = jnp.zeros([search.rows, search.attention_width], jnp.float32)
+    return StepRecord(rows, rows, jnp.bool_(False), attention, None)
+
+
+def _freeze_finished_entries(sel, state: SearchState, search: Search):
     """The selection with every batch entry whose hypotheses had all finished left as it was.
 
     Such an entry emits EOS from its own rows and keeps its log-probs, scores and coverage
@@ -283,14 +345,14 @@ def _freeze_finished_entries(sel, state: SearchState, end_id: int, batch: int, w
     before the step, starts; re-scored beams may swap places): the batch would change the result.
     OpenNMT-tf has that dependence; compat mode keeps it.
     """
-    rows = batch * width
+    batch, width = search.batch, search.width
     done = jnp.repeat(jnp.all(state.finished.reshape(batch, width), axis=1), width)  # [R]
-    own = jnp.arange(rows, dtype=jnp.int32)  # [R]
+    own = jnp.arange(search.rows, dtype=jnp.int32)  # [R]
     accumulated = sel.accumulated_attention
     if accumulated is not None:
         accumulated = jnp.where(done[:, None], state.accumulated_attention, accumulated)  # [R, S]
     return sel._replace(
-        word_ids=jnp.where(done, end_id, sel.word_ids),
+        word_ids=jnp.where(done, search.end_id, sel.word_ids),
         beam_ids=jnp.where(done, own % width, sel.beam_ids),
         beam_indices=jnp.where(done, own, sel.beam_indices),
         cum_log_probs=jnp.where(done, state.cum_log_probs, sel.cum_log_probs),
@@ -299,34 +361,32 @@ def _freeze_finished_entries(sel, state: SearchState, end_id: int, batch: int, w
     )
 
 
-def _chunked_scan(body, idle, initial, max_length: int, chunk_size: int):
+def _chunked_loop(body, initial: SearchState, search: Search, chunk_size: int):
     """A ``while_loop`` over chunks of ``chunk_size`` scan steps that stops once every row finished.
 
-    The steps left after the last whole chunk run as one more scan. Gives the records of the plain
-    scan: the steps it never runs hold the idle record.
+    ``ceil(max_length / chunk_size)`` chunks; steps past ``max_length`` in the last one are idle and
+    their records are cut off. Gives the records of the plain scan: the steps it never runs hold the
+    idle record.
     """
-    chunk_size = min(chunk_size, max_length)
-    num_chunks, remainder = divmod(max_length, chunk_size)
-    steps = jnp.arange(max_length, dtype=jnp.int32)
-    _, fill = idle(initial, jnp.int32(0))
-    empty = jax.tree.map(lambda f: jnp.broadcast_to(f, (max_length, *f.shape)), fill)
+    chunk_size = min(chunk_size, search.max_length)
+    num_chunks = -(-search.max_length // chunk_size)
+    padded = num_chunks * chunk_size
+    steps = jnp.arange(padded, dtype=jnp.int32)
+    fill = _idle_record(_record_like(body, initial, search), search)
+    empty = jax.tree.map(lambda f: jnp.broadcast_to(f, (padded, *f.shape)), fill)
 
-    def cond(carry):
+    def more(carry):
         chunk, state, _ = carry
         return (chunk < num_chunks) & ~jnp.all(state.finished)
 
     def chunk_body(carry):
         chunk, state, records = carry
         start = chunk * chunk_size
-        chunk_steps = jax.lax.dynamic_slice_in_dim(steps, start, chunk_size)
-        state, new = jax.lax.scan(body, state, chunk_steps)
-        records = jax.tree.map(
-            lambda r, n: jax.lax.dynamic_update_slice_in_dim(r, n, start, 0), records, new
+        state, new = jax.lax.scan(
+            body, state, jax.lax.dynamic_slice_in_dim(steps, start, chunk_size)
         )
-        return chunk + 1, state, records
+        put = lambda r, n: jax.lax.dynamic_update_slice_in_dim(r, n, start, 0)
+        return chunk + 1, state, jax.tree.map(put, records, new)
 
-    _, final, records = jax.lax.while_loop(cond, chunk_body, (jnp.int32(0), initial, empty))
-    if remainder:
-        final, last = jax.lax.scan(body, final, steps[num_chunks * chunk_size :])
-        records = jax.tree.map(lambda r, n: r.at[num_chunks * chunk_size :].set(n), records, last)
-    return final, records
+    _, final, records = jax.lax.while_loop(more, chunk_body, (jnp.int32(0), initial, empty))
+    return final, jax.tree.map(lambda r: r[: search.max_length], records)

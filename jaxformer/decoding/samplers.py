@@ -95,7 +95,7 @@ class RandomSampler:
     needs_rng = True
 
     def __post_init__(self):
-        if not isinstance(self.topk, int) or self.topk < 0:
+        if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 0:
             raise ValueError(
                 f"RandomSampler: topk must be an int >= 0 (0 = all), got {self.topk!r}"
             )

@@ -8,11 +8,12 @@ A strategy is a frozen dataclass (hashable, a static jit argument) with ``initia
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
+from jaxformer.decoding.options import require_int
 from jaxformer.typing import Array, Bool, Float, Int, PRNGKey
 
 
@@ -45,18 +46,17 @@ class GreedySearch:
     def select(
         self,
         log_probs: Float[Array, "R V"],
-        cum_log_probs: Float[Array, " R"],
-        finished: Bool[Array, " R"],
-        lengths: Int[Array, " R"],
-        accumulated_attention: Float[Array, "R S"] | None,
+        state: Any,
         attention: Float[Array, "R S"] | None,
         sampler,
         rng: PRNGKey | None,
     ) -> Selection:
+        """The next word of every row; ``state`` is the loop's ``SearchState``."""
         ids, picked = sampler(log_probs, 1, rng)  # [R, 1] each
         word_ids, picked = ids[:, 0], picked[:, 0]
         # A finished row keeps its score (its forced EOS costs nothing anyway).
-        cum = jnp.where(finished, cum_log_probs, cum_log_probs + picked)
+        cum_log_probs = state.cum_log_probs  # [R]
+        cum = jnp.where(state.finished, cum_log_probs, cum_log_probs + picked)
         rows = jnp.arange(log_probs.shape[0], dtype=jnp.int32)
         total = log_probs + cum_log_probs[:, None]
         return Selection(word_ids, jnp.zeros_like(rows), rows, cum, cum, total, total, None)
@@ -75,8 +75,7 @@ class BeamSearch:
     num_hypotheses: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.beam_size, int) or self.beam_size < 1:
-            raise ValueError(f"BeamSearch: beam_size must be an int >= 1, got {self.beam_size!r}")
+        require_int("BeamSearch: beam_size", self.beam_size, 1)
         if not self.length_penalty >= 0:  # NaN too
             raise ValueError(f"BeamSearch: length_penalty must be >= 0, got {self.length_penalty}")
         if not self.coverage_penalty >= 0:
@@ -126,21 +125,20 @@ class BeamSearch:
     def select(
         self,
         log_probs: Float[Array, "R V"],
-        cum_log_probs: Float[Array, " R"],
-        finished: Bool[Array, " R"],
-        lengths: Int[Array, " R"],
-        accumulated_attention: Float[Array, "R S"] | None,
+        state: Any,
         attention: Float[Array, "R S"] | None,
         sampler,
         rng: PRNGKey | None,
     ) -> Selection:
+        """The next word and parent beam of every row; ``state`` is the loop's ``SearchState``."""
         rows, vocab = log_probs.shape
         width = self.beam_size
+        accumulated_attention = state.accumulated_attention  # [R, S] or None
         if self.uses_coverage:
-            live = (~finished).astype(attention.dtype)[:, None]
+            live = (~state.finished).astype(attention.dtype)[:, None]
             accumulated_attention = accumulated_attention + attention * live  # [R, S]
-        total = log_probs + cum_log_probs[:, None]  # [R, V]
-        scores = self.penalise(total, lengths, finished, accumulated_attention)  # [R, V]
+        total = log_probs + state.cum_log_probs[:, None]  # [R, V]
+        scores = self.penalise(total, state.lengths, state.finished, accumulated_attention)
         flat_scores = scores.reshape(rows // width, width * vocab)  # [R, V] -> [B, W*V]
         flat_total = total.reshape(rows // width, width * vocab)  # [B, W*V]
         ids, picked = sampler(flat_scores, width, rng)  # [B, W] each

@@ -9,6 +9,11 @@ Lines are sorted by length and cut into batches of ``batch_size`` whose source l
 to a multiple of ``length_step``, and the last batch is filled with empty rows: a file of any size
 compiles only a handful of shapes (one per length bucket), and results come back in input order.
 Decoding a row does not depend on the other rows of its batch.
+
+Sources are token ids without BOS or EOS, right-padded with ``PAD_ID`` (0), as ``encode_sources``
+and ``length_batches`` make them. A symbol the source tokenizer does not know becomes ``UNK_ID``:
+``Output.unknown`` lists such symbols per line (``unknown_summary`` words a warning), so a caller
+can tell the user rather than return a translation of ``<unk>`` without a word.
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jaxformer.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from jaxformer.data.tokenizers import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    Tokenizer,
+    out_of_vocabulary,
+)
 from jaxformer.decoding import BeamSearch, BestSampler, GreedySearch, RandomSampler
 from jaxformer.decoding.generation import generate
 
@@ -97,6 +109,7 @@ class Output:
     texts: list[str]  # n-best hypotheses, best first
     scores: list[float]  # their search scores (log-probabilities, with penalties for beams)
     truncated: bool  # the best hypothesis stopped at max_length without EOS
+    unknown: tuple[str, ...] = ()  # symbols of the input outside the vocabulary (encoded as UNK)
 
 
 def _round_up(n: int, step: int) -> int:
@@ -153,8 +166,14 @@ def translate_texts(
     truncate: bool = False,
     progress: bool = False,
 ) -> list[Output]:
-    """Translates ``lines`` (in order). Empty lines translate to an empty output without decoding."""
+    """Translates ``lines`` (in order). Empty lines translate to an empty output without decoding.
+
+    ``Output.unknown`` names the symbols of each line that the source vocabulary lacks (they were
+    translated as ``<unk>``).
+    """
+    _check_batch_size(batch_size)
     sources = encode_sources(src_tokenizer, lines, model.config.max_len, truncate)
+    unknown = _unknown(src_tokenizer, lines, sources)
     todo = [i for i, ids in enumerate(sources) if ids]
     outputs: list[Output | None] = [
         None if ids else Output([""] * options.n_best, [0.0] * options.n_best, False)
@@ -189,10 +208,45 @@ def translate_texts(
                 for k in range(options.n_best)
             ]
             truncated = bool(lengths[row, 0] >= options.max_length)  # no EOS within the limit
-            outputs[todo[i]] = Output(texts, scores[row, : options.n_best].tolist(), truncated)
+            line = todo[i]
+            outputs[line] = Output(
+                texts, scores[row, : options.n_best].tolist(), truncated, unknown[line]
+            )
             bar.update(1)
     bar.close()
     return [o for o in outputs if o is not None]
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+
+def _unknown(
+    tokenizer: Tokenizer, texts: Sequence[str], encoded: Sequence[Sequence[int]]
+) -> list[tuple[str, ...]]:
+    """Per text, the symbols encoded as UNK (looked up only where an UNK id occurs)."""
+    return [
+        tuple(out_of_vocabulary(tokenizer, text)) if UNK_ID in ids else ()
+        for text, ids in zip(texts, encoded, strict=True)
+    ]
+
+
+def unknown_summary(outputs: Sequence[Output], what: str = "lines") -> str | None:
+    """One sentence on the inputs that had symbols outside the vocabulary, or None if none had.
+
+    ``"2 of 5 lines had symbols outside the vocabulary (mapped to <unk>, so their outputs are
+    unreliable): 'h', 'e' (first: line 1)"``.
+    """
+    hit = [number for number, o in enumerate(outputs, 1) if o.unknown]
+    if not hit:
+        return None
+    symbols = list(dict.fromkeys(s for o in outputs for s in o.unknown))
+    shown = ", ".join(repr(s) for s in symbols[:10]) + (", ..." if len(symbols) > 10 else "")
+    return (
+        f"{len(hit)} of {len(outputs)} {what} had symbols outside the vocabulary (mapped to <unk>, "
+        f"so their outputs are unreliable): {shown} (first: {what[:-1]} {hit[0]})"
+    )
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -226,6 +280,7 @@ def continue_texts(
     Prompts of equal token length share a batch (the LM's prefill takes equal lengths).
     """
     encoded = [tokenizer.encode(p) for p in prompts]
+    unknown = _unknown(tokenizer, prompts, encoded)
     for number, ids in enumerate(encoded, 1):
         if not ids:
             raise ValueError(f"prompt {number} is empty: a language model needs >= 1 token")
@@ -258,5 +313,7 @@ def continue_texts(
                 for k in range(options.n_best)
             ]
             truncated = bool(lengths[row, 0] >= options.max_length)
-            outputs[i] = Output(texts, scores[row, : options.n_best].tolist(), truncated)
+            outputs[i] = Output(
+                texts, scores[row, : options.n_best].tolist(), truncated, unknown[i]
+            )
     return [o for o in outputs if o is not None]

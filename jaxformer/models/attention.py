@@ -1,12 +1,10 @@
-"""Multi-head scaled dot-product attention: full passes (training, prefill) and one cached step.
+"""Multi-head attention: full passes (training, prefill), one cached step, cross-attention to a memory.
 
-A ``KVCache`` keeps keys and values heads-major, ``[B, N, S, H]``: the one-token attention of a decode
-step is then a batched matrix product over (B, N) that reads the cache where it lies. In the ``[B, S,
-N, H]`` layout that the projections produce, XLA:CPU copied every layer's cache (and the memory keys
-and values) into that order at every step, which was half the time of a ``small`` batch-64 step.
-Full passes (training, prefill) take the projections' layout. Scores are ``q . k / sqrt(H)`` computed and soft-maxed in float32.
-A masked score gets the most negative finite value and its probability is then set to exactly 0, so a
-fully masked row gives an all-zero attention vector and a zero output, never NaN.
+The arithmetic is in ``dot_product.py``; the caches (``cache.py``) decide how a cached step reads its
+keys and values. A ``KVCache`` keeps them heads-major, ``[B, N, S, H]``: the one-token attention of a
+decode step is then a batched matrix product over (B, N) that reads the cache where it lies. (In the
+``[B, S, N, H]`` layout that the projections produce, XLA:CPU copied every layer's cache and the memory
+keys and values into that order at every step: half the time of a ``small`` batch-64 step.)
 
 With ``maximum_relative_position > 0`` (self-attention only) the relative key/value tables of Shaw et al.
 (2018) add ``q . rel_k[clip(j - i)]`` to the scores and ``sum_j p_ij rel_v[clip(j - i)]`` to the output,
@@ -16,58 +14,12 @@ with query and key positions measured absolutely (cache slot j holds position j)
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from jaxformer.models.cache import KVCache
+from jaxformer.models.cache import BeamKVCache, KVCache
+from jaxformer.models.dot_product import attend_heads_major, dot_product_attention
 from jaxformer.models.positions import relative_positions
 from jaxformer.typing import Array, Bool, Float, Int
-
-
-def dot_product_attention(
-    q: Float[Array, "B T N H"],
-    k: Float[Array, "B S N H"],
-    v: Float[Array, "B S N H"],
-    mask: Bool[Array, "..."] | None,
-    relative_keys: Float[Array, "T S H"] | None = None,
-    relative_values: Float[Array, "T S H"] | None = None,
-    dropout=None,
-) -> tuple[Float[Array, "B T N H"], Float[Array, "B N T S"]]:
-    """Softmax attention of already-projected heads; returns the output and the probabilities.
-
-    ``dropout`` (training only) maps the probabilities to the weights actually applied to the values;
-    the returned probabilities are the undropped ones.
-    """
-    heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [B, S, N, H] --> [B, N, S, H]
-    return attend_heads_major(
-        q, heads_major(k), heads_major(v), mask, relative_keys, relative_values, dropout
-    )
-
-
-def attend_heads_major(
-    q: Float[Array, "B T N H"],
-    k: Float[Array, "B N S H"],
-    v: Float[Array, "B N S H"],
-    mask: Bool[Array, "..."] | None,
-    relative_keys: Float[Array, "T S H"] | None = None,
-    relative_values: Float[Array, "T S H"] | None = None,
-    dropout=None,
-) -> tuple[Float[Array, "B T N H"], Float[Array, "B N T S"]]:
-    """``dot_product_attention`` with keys and values in the cache's ``[B, N, S, H]`` layout."""
-    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    scores = jnp.einsum("BTNH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32)
-    if relative_keys is not None:
-        scores += jnp.einsum("BTNH,TSH->BNTS", q, relative_keys, preferred_element_type=jnp.float32)
-    if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S] float32
-    if mask is not None:
-        probs = jnp.where(mask, probs, 0.0)  # fully masked rows -> zeros, not a uniform spread
-    weights = (probs if dropout is None else dropout(probs)).astype(v.dtype)
-    out = jnp.einsum("BNTS,BNSH->BTNH", weights, v)
-    if relative_values is not None:
-        out += jnp.einsum("BNTS,TSH->BTNH", weights, relative_values)
-    return out, probs
 
 
 class MultiHeadAttention(nn.Module):
@@ -145,20 +97,16 @@ class MultiHeadAttention(nn.Module):
         return dot_product_attention(q, k, v, mask, rel_k, rel_v, dropout)
 
     def self_attend_cached(
-        self, x: Float[Array, "B 1 D"], cache: KVCache, step: Int[Array, ""]
-    ) -> tuple[Float[Array, "B 1 D"], KVCache]:
-        """One token at absolute position ``step``: write its K/V into slot ``step``, attend to 0..step."""
-        qkv = self.qkv(x)  # [B, 1, 3, N, H]  the projections see one token
+        self, x: Float[Array, "R 1 D"], cache: KVCache | BeamKVCache, step
+    ) -> tuple[Float[Array, "R 1 D"], KVCache | BeamKVCache]:
+        """One token per row at absolute position ``step`` (a scalar, or ``int32[R]``: one per row):
+        write its K/V into slot ``step``, attend to slots 0..step."""
+        qkv = self.qkv(x)  # [R, 1, 3, N, H]  the projections see one token
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        cache = cache.write(k, v, step)  # [B, N, S, H]
-        slots = jnp.arange(cache.length)  # [S]
-        mask = (slots <= step)[None, None, None, :]  # [1, 1, 1, S]
-        rel_k, rel_v = self._relative(step[None], slots)  # [1, S, H]
-        if cache.origin is None:
-            out, _ = attend_heads_major(q, cache.k, cache.v, mask, rel_k, rel_v)
-        else:
-            out = _attend_through_origin(q, cache, mask, rel_k, rel_v)
-        return self.out(out), cache
+        cache = cache.write(k, v, step)
+        query = jnp.reshape(step, (-1,))  # [1] or [R]
+        relative = self._relative(query, jnp.arange(cache.length))  # [1 or R, S, H] each
+        return self.out(cache.attend(q, step, relative)), cache
 
     def self_attend_prefill(
         self, x: Float[Array, "B T D"], cache: KVCache, mask: Bool[Array, "..."]
@@ -200,45 +148,3 @@ class MultiHeadAttention(nn.Module):
             probs = probs.reshape(batch, heads, width, length, source).transpose(0, 2, 1, 3, 4)
             probs = probs.reshape(rows, heads, length, source)  # --> [R, N, T, S]
         return self.out(out), probs
-
-
-def _attend_through_origin(
-    q: Float[Array, "R 1 N H"],
-    cache: KVCache,
-    mask: Bool[Array, "..."],
-    relative_keys: Float[Array, "1 S H"] | None,
-    relative_values: Float[Array, "1 S H"] | None,
-) -> Float[Array, "R 1 N H"]:
-    """One query per row against slots read through ``cache.origin`` (see ``cache.py``).
-
-    The cache holds ``[B, N, U, S, H]``: for each entry and head, the slots of its U = W beams side by
-    side. Each of the W queries of an entry is scored against all ``U * S`` of them in one batched
-    matrix product over (B, N) (W times the dot products of plain attention, which are few at one
-    query per row), then each slot keeps the score of the beam its ``origin`` names; the values are
-    mixed the same way. Nothing of the cache's size is gathered or copied. Equals
-    ``dot_product_attention`` on the reordered cache up to float rounding.
-    """
-    rows, _, heads, head_dim = q.shape
-    batch, _, width, length, _ = cache.k.shape
-    q = q.reshape(batch, width, heads, head_dim) * jnp.asarray(head_dim**-0.5, q.dtype)
-    q = jnp.swapaxes(q, 1, 2)  # [B, N, W, H]
-    k = cache.k.reshape(batch, heads, width * length, head_dim)  # [B, N, U*S, H]
-    v = cache.v.reshape(batch, heads, width * length, head_dim)  # [B, N, U*S, H]
-    pick = jax.nn.one_hot(cache.origin.reshape(batch, width, length), width, dtype=jnp.float32)
-    pick = jnp.swapaxes(pick, -1, -2)[:, None]  # [B, 1, W, U, S]: 1 where origin[b, w, s] == u
-    every = jnp.einsum("BNWH,BNKH->BNWK", q, k, preferred_element_type=jnp.float32)
-    every = every.reshape(batch, heads, width, width, length)  # [B, N, W, U, S]
-    scores = jnp.sum(every * pick, axis=3)  # [B, N, W, S]
-    if relative_keys is not None:
-        scores += jnp.einsum(
-            "BNWH,SH->BNWS", q, relative_keys[0], preferred_element_type=jnp.float32
-        )
-    mask = jnp.broadcast_to(mask, (1, 1, 1, length))
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)  # [B, N, W, S] float32
-    weights = (probs[:, :, :, None, :] * pick).astype(v.dtype)  # [B, N, W, U, S]
-    weights = weights.reshape(batch, heads, width, width * length)  # [B, N, W, U*S]
-    out = jnp.einsum("BNWK,BNKH->BNWH", weights, v)  # [B, N, W, H]
-    if relative_values is not None:
-        out += jnp.einsum("BNWS,SH->BNWH", probs.astype(v.dtype), relative_values[0])
-    return jnp.swapaxes(out, 1, 2).reshape(rows, 1, heads, head_dim)  # --> [R, 1, N, H]

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxformer.models.attention import MultiHeadAttention
-from jaxformer.models.cache import DecoderCache, KVCache
+from jaxformer.models.cache import DecoderCache, KVCache, Memory
 from jaxformer.models.config import TransformerConfig
 from jaxformer.models.layers import FeedForward, layer_norm
 from jaxformer.typing import Array, Bool, Float, Int
@@ -102,8 +102,10 @@ class DecoderLayer(_Sublayers):
         )
         return x
 
-    def __call__(self, x, self_mask, memory=None, memory_mask=None, deterministic: bool = True):
-        """Full pass; returns the output and the cross-attention probabilities ``[B, N, T, S]``."""
+    def __call__(self, x, self_mask, encoded=None, src_valid=None, deterministic: bool = True):
+        """Full pass; returns the output and the cross-attention probabilities ``[B, N, T, S]``.
+
+        ``encoded [B, S, D]`` is the encoder output, ``src_valid [B, S]`` its real positions."""
         x, _ = self.residual(
             x,
             self.norm_self,
@@ -117,18 +119,18 @@ class DecoderLayer(_Sublayers):
                 x,
                 self.norm_memory,
                 lambda h: self.memory_attention(
-                    h, memory, memory_mask[:, None, None, :], deterministic
+                    h, encoded, src_valid[:, None, None, :], deterministic
                 ),
                 deterministic,
                 self.drop,
             )
         return self._ffn(x, deterministic), probs
 
-    def memory_kv(self, memory: Float[Array, "B S D"]) -> KVCache:
-        return KVCache.of(*self.memory_attention.project_kv(memory))  # [B, N, S, H]
+    def memory_kv(self, encoded: Float[Array, "B S D"]) -> KVCache:
+        return KVCache.of(*self.memory_attention.project_kv(encoded))  # [B, N, S, H]
 
-    def step(self, x, step, self_cache: KVCache, memory: KVCache | None, memory_mask):
-        """One cached token (inference: no dropout)."""
+    def step(self, x, step, self_cache, memory_kv: KVCache | None, memory_mask):
+        """One cached token per row (inference: no dropout); ``step``: scalar or ``int32[R]``."""
         x, kv = self.residual(
             x,
             self.norm_self,
@@ -142,7 +144,7 @@ class DecoderLayer(_Sublayers):
                 x,
                 self.norm_memory,
                 lambda h: self.memory_attention.cross_attend_cached(
-                    h, memory.k, memory.v, memory_mask
+                    h, memory_kv.k, memory_kv.v, memory_mask
                 ),
                 True,
                 self.drop,
@@ -179,40 +181,43 @@ class DecoderStack(nn.Module):
     def _final(self, x):
         return self.final_norm(x) if self.config.pre_norm else x
 
-    def __call__(self, x, self_mask, memory=None, memory_mask=None, deterministic: bool = True):
+    def __call__(self, x, self_mask, encoded=None, src_valid=None, deterministic: bool = True):
         """Full pass; returns ``(y [B, T, D], last layer's cross-attention [B, N, T, S] or None)``."""
         probs = None
         for layer in self.layers:
-            x, probs = layer(x, self_mask, memory, memory_mask, deterministic)
+            x, probs = layer(x, self_mask, encoded, src_valid, deterministic)
         return self._final(x), probs
 
-    def init_cache(
-        self,
-        batch: int,
-        max_length: int,
-        memory: Float[Array, "B S D"] | None = None,
-        memory_mask: Bool[Array, "B S"] | None = None,
-    ) -> DecoderCache:
+    def init_cache(self, batch: int, max_length: int) -> DecoderCache:
+        """Zeroed self-attention caches of ``max_length`` slots (indirect: beams read an origin table)."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
-        self_caches = tuple(
-            KVCache.zeros(batch, max_length, c.num_heads, c.head_dim, dtype, indirect=True)
-            for _ in self.layers
+        return DecoderCache(
+            tuple(
+                KVCache.zeros(batch, max_length, c.num_heads, c.head_dim, dtype, indirect=True)
+                for _ in self.layers
+            )
         )
-        memory_kv = ()
-        if self.cross_attention:
-            memory_kv = tuple(layer.memory_kv(memory) for layer in self.layers)
-        return DecoderCache(self_caches, memory_kv, memory_mask)
+
+    def init_memory(self, encoded: Float[Array, "B S D"], src_valid: Bool[Array, "B S"]) -> Memory:
+        """Each layer's cross-attention keys/values of the encoder output, computed once."""
+        return Memory(tuple(layer.memory_kv(encoded) for layer in self.layers), src_valid)
 
     def step(
-        self, x: Float[Array, "B 1 D"], step: Int[Array, ""], cache: DecoderCache
-    ) -> tuple[Float[Array, "B 1 D"], DecoderCache, Float[Array, "B N 1 S"] | None]:
+        self,
+        x: Float[Array, "R 1 D"],
+        step: Int[Array, ""] | Int[Array, " R"],
+        cache: DecoderCache,
+        memory: Memory | None = None,
+    ) -> tuple[Float[Array, "R 1 D"], DecoderCache, Float[Array, "R N 1 S"] | None]:
+        """One token per row; ``memory`` (cross-attention only) has one entry per W rows."""
         new_self, probs = [], None
         for i, layer in enumerate(self.layers):
-            memory = cache.memory[i] if self.cross_attention else None
-            x, kv, probs = layer.step(x, step, cache.self_attention[i], memory, cache.memory_mask)
-            new_self.append(kv)
-        return self._final(x), cache.replace(self_attention=tuple(new_self)), probs
+            kv = memory.kv[i] if self.cross_attention else None
+            mask = memory.mask if self.cross_attention else None
+            x, new, probs = layer.step(x, step, cache.self_attention[i], kv, mask)
+            new_self.append(new)
+        return self._final(x), DecoderCache(tuple(new_self)), probs
 
     def prefill(self, x: Float[Array, "B T D"], self_mask, cache: DecoderCache):
         new_self = []

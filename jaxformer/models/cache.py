@@ -1,21 +1,29 @@
-"""The KV cache: an explicit pytree that a decode step takes and returns.
+"""KV caches: explicit pytrees that a decode step takes and returns, and how they follow beams.
 
-Every leaf has the batch (or search row) axis first, so a search can tile it to ``B*W`` rows and reorder
-it with one gather per leaf. Self-attention keys and values are preallocated to the maximum length and
-written one slot per step; cross-attention keys and values are computed once from the encoder memory.
+Every per-row leaf has the batch (or search-row) axis first. Self-attention keys and values are
+preallocated to the maximum length and written one slot per step (slot j holds position j of the row);
+the encoder's keys and values (``Memory``) are computed once per source and never follow the beams.
 
-Beam search without copying the cache. A beam reorder would gather every preallocated slot of every
-layer (``2 * L * R * S * N * H`` numbers, about 100 MB a step for ``base`` at batch 16, beam 4), though
-only the newest slot of each row was written. A ``KVCache(indirect=True)`` (the Transformer and LM
-decoders make theirs so) is tiled with an ``origin [R, S]`` table instead: ``origin[r, t]`` is the beam,
-within row r's batch entry, whose slot t holds position t of row r's hypothesis. A reorder gathers only
-that table; a step writes its keys/values into its own row and ``origin[r, step] = own beam``; the
-attention reads slot t of beam ``origin[r, t]`` (``attention.py``). Slot t of a row is written once, at
-step t, so whatever an ``origin`` points to stays valid. FasterTransformer calls this table the cache
-indirection. A tiled indirect cache keeps its keys and values as ``[B, N, W, S, H]`` (the W beams of
-an entry inside each head), so that the attention of a query against all the slots of its entry's
-beams is one batched matrix product over (B, N) with nothing copied; ``rows()`` gives the ``[R, N, S,
-H]`` view.
+The search asks a state for two things (the protocol of ``jaxformer.decoding.state``):
+``tile_beams(width)`` (W copies of every batch entry) and ``reorder_beams(indices)`` (row r takes row
+``indices[r]``'s hypothesis). A ``KVCache`` answers by copying rows, unless it was made with
+``indirect=True`` (the decoders' self-attention caches are): then tiling gives a ``BeamKVCache``.
+
+Beam search without copying the cache. A reorder that gathers rows moves every preallocated slot of
+every layer (``2 * L * R * S * N * H`` numbers, about 100 MB a step for ``base`` at batch 16, beam 4),
+though only the newest slot of each row was written. A ``BeamKVCache`` keeps an ``origin [R, S]`` table
+instead: ``origin[r, t]`` is the beam, within row r's batch entry, whose slot t holds position t of row
+r's hypothesis. A reorder gathers only that table; a step writes its keys/values into its own row and
+sets ``origin[r, step]`` to its own beam; the attention reads slot t of beam ``origin[r, t]``. Slot t of
+a row is written once, at step t, so whatever an ``origin`` entry points to stays valid.
+FasterTransformer calls this table the cache indirection. The keys and values are ``[B, N, W, S, H]``
+(the W beams of an entry inside each head) so that a query's attention to all the slots of its entry's
+beams is one batched matrix product over (B, N), nothing copied; ``rows()`` gives the ``[R, N, S, H]``
+view.
+
+Positions. ``write`` and ``attend`` take the slot as a scalar (every row at the same position: a plain
+``dynamic_update_slice``) or as ``int32[R]`` (each row at its own position, e.g. ragged prompts: one
+scatter of a slot per row).
 """
 
 from __future__ import annotations
@@ -26,19 +34,27 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxformer.typing import Array, Float, Int, PyTree
+from jaxformer.models.dot_product import attend_heads_major, attend_through_origin
+from jaxformer.typing import Array, Float, Int
+
+
+def _update(cache, new, start, axis):
+    return jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), start, axis)
+
+
+def _one_slot(name: str, new) -> None:
+    if new.shape[1] != 1:
+        raise ValueError(f"{name}: per-row positions write one token per row, got {new.shape[1]}")
 
 
 @struct.dataclass
 class KVCache:
-    """Keys and values of one attention layer."""
+    """Keys and values of one attention layer, ``[B, N, S, H]`` (heads-major: see ``attention.py``)."""
 
     # Annotated as Any: pytree leaves are not always arrays (eval_shape, vmap, None placeholders).
-    k: Any  # float[B, N, S, H]: heads-major (see attention.py); [B, N, W, S, H] tiled with origin
-    v: Any  # float[B, N, S, H] or [B, N, W, S, H]
-    origin: Any = None  # int32[R, S] beam whose slot t holds this row's position t; None: its own
-    indirect: bool = struct.field(pytree_node=False, default=False)  # tile with `origin`
-    width: int = struct.field(pytree_node=False, default=1)  # beams per batch entry (with `origin`)
+    k: Any  # float[B, N, S, H]
+    v: Any  # float[B, N, S, H]
+    indirect: bool = struct.field(pytree_node=False, default=False)  # tile to a BeamKVCache
 
     @classmethod
     def zeros(
@@ -57,92 +73,130 @@ class KVCache:
         return self.k.shape[-2]
 
     def rows(self) -> tuple[Array, Array]:
-        """Keys and values ``[R, N, S, H]``, one row per search row (slots as written, not via origin)."""
-        if self.k.ndim == 4:
-            return self.k, self.v
+        """Keys and values ``[R, N, S, H]``, one row per search row."""
+        return self.k, self.v
+
+    def write(self, k: Float[Array, "R T N H"], v: Float[Array, "R T N H"], start) -> KVCache:
+        """Keys/values into slots ``start .. start+T-1`` of each row (``start``: scalar or ``[R]``)."""
+        if jnp.ndim(start) == 0:
+            heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [R, T, N, H] --> [R, N, T, H]
+            return self.replace(
+                k=_update(self.k, heads_major(k), start, 2),
+                v=_update(self.v, heads_major(v), start, 2),
+            )
+        _one_slot("KVCache.write", k)
+        rows = jnp.arange(k.shape[0])
+        put = lambda cache, new: cache.at[rows, :, start].set(new[:, 0].astype(cache.dtype))
+        return self.replace(k=put(self.k, k), v=put(self.v, v))  # [R, N, S, H], slot start[r]
+
+    def attend(self, q: Float[Array, "R 1 N H"], last, relative=(None, None)):
+        """One query per row against slots ``0 .. last`` (``last``: scalar or ``[R]``).
+
+        ``relative``: Shaw tables ``[1 or R, S, H]`` for keys and values, or ``(None, None)``.
+        """
+        slots = jnp.arange(self.length)
+        if jnp.ndim(last) == 0:
+            mask = (slots <= last)[None, None, None, :]  # [1, 1, 1, S]
+            rel_k, rel_v = relative  # [1, S, H]: the same query position for every row
+        else:
+            mask = (slots[None, :] <= last[:, None])[:, None, None, :]  # [R, 1, 1, S]
+            rel_k, rel_v = (None if t is None else t[:, None] for t in relative)  # [R, 1, S, H]
+        out, _ = attend_heads_major(q, self.k, self.v, mask, rel_k, rel_v)
+        return out
+
+    # The search-state protocol (``jaxformer.decoding.state``).
+    def tile_beams(self, width: int) -> KVCache | BeamKVCache:
+        if not self.indirect:
+            return jax.tree.map(lambda x: jnp.repeat(x, width, axis=0), self)
+        return BeamKVCache.tile(self.k, self.v, width)
+
+    def reorder_beams(self, indices: Int[Array, " R"]) -> KVCache:
+        return jax.tree.map(lambda x: jnp.take(x, indices, axis=0), self)
+
+
+@struct.dataclass
+class BeamKVCache:
+    """A self-attention cache tiled for beam search, read through an ``origin [R, S]`` table."""
+
+    k: Any  # float[B, N, W, S, H]
+    v: Any  # float[B, N, W, S, H]
+    origin: Any  # int32[R, S]: the beam whose slot t holds this row's position t
+    width: int = struct.field(pytree_node=False, default=1)  # W: beams per batch entry
+
+    @classmethod
+    def tile(cls, k: Float[Array, "B N S H"], v: Float[Array, "B N S H"], width: int):
+        rows, length = k.shape[0] * width, k.shape[2]
+        own = jnp.arange(rows, dtype=jnp.int32) % width  # [R]: every slot of row r is its own
+        beams = lambda a: jnp.repeat(a[:, :, None], width, axis=2)  # --> [B, N, W, S, H]
+        origin = jnp.broadcast_to(own[:, None], (rows, length))  # [R, S]
+        return cls(k=beams(k), v=beams(v), origin=origin, width=width)
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[-2]
+
+    def rows(self) -> tuple[Array, Array]:
+        """Keys and values ``[R, N, S, H]`` (slots as each row wrote them, not through origin)."""
         per_row = lambda x: jnp.swapaxes(x, 1, 2).reshape(-1, x.shape[1], *x.shape[3:])
         return per_row(self.k), per_row(self.v)
 
-    def write(self, k, v, start) -> KVCache:
-        """Keys/values ``[R, T, N, H]`` into slots ``start .. start+T-1`` of each row's own cache."""
-        update = lambda cache, new, axis: jax.lax.dynamic_update_slice_in_dim(
-            cache, new.astype(cache.dtype), start, axis
-        )
-        if self.k.ndim == 4:
-            heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [R, T, N, H] --> [R, N, T, H]
-            return self.replace(
-                k=update(self.k, heads_major(k), 2), v=update(self.v, heads_major(v), 2)
-            )
+    def write(self, k: Float[Array, "R T N H"], v: Float[Array, "R T N H"], start) -> BeamKVCache:
+        """Keys/values into each row's own slots; ``origin`` then names the row's own beam there."""
         rows, length = k.shape[:2]
-        batch = rows // self.width
-        beams_in_heads = lambda x: x.reshape(batch, self.width, *x.shape[1:]).transpose(
-            0, 3, 1, 2, 4
-        )  # [R, T, N, H] --> [B, N, W, T, H]
-        own = jnp.arange(rows, dtype=jnp.int32) % self.width  # [R]: these slots now hold own beam
-        origin = update(self.origin, jnp.broadcast_to(own[:, None], (rows, length)), 1)  # [R, S]
-        return self.replace(
-            k=update(self.k, beams_in_heads(k), 3),
-            v=update(self.v, beams_in_heads(v), 3),
-            origin=origin,
-        )
+        batch, width = rows // self.width, self.width
+        own = jnp.arange(rows, dtype=jnp.int32) % width  # [R]
+        if jnp.ndim(start) == 0:
+            beams_in_heads = lambda x: x.reshape(batch, width, *x.shape[1:]).transpose(
+                0, 3, 1, 2, 4
+            )  # [R, T, N, H] --> [B, N, W, T, H]
+            origin = _update(self.origin, jnp.broadcast_to(own[:, None], (rows, length)), start, 1)
+            return self.replace(
+                k=_update(self.k, beams_in_heads(k), start, 3),
+                v=_update(self.v, beams_in_heads(v), start, 3),
+                origin=origin,
+            )
+        _one_slot("BeamKVCache.write", k)
+        entry = jnp.arange(rows) // width  # [R]
+        put = lambda cache, new: cache.at[entry, :, own, start].set(new[:, 0].astype(cache.dtype))
+        origin = self.origin.at[jnp.arange(rows), start].set(own)  # [R, S]
+        return self.replace(k=put(self.k, k), v=put(self.v, v), origin=origin)
 
+    def attend(self, q: Float[Array, "R 1 N H"], last, relative=(None, None)):
+        """``KVCache.attend`` through the origin table."""
+        rows, length = q.shape[0], self.length
+        last = jnp.broadcast_to(last, (rows,))
+        mask = jnp.arange(length)[None, :] <= last[:, None]  # [R, S]
+        rel_k, rel_v = (
+            None if t is None else jnp.broadcast_to(t, (rows, *t.shape[1:])) for t in relative
+        )  # [R, S, H]
+        return attend_through_origin(q, self.k, self.v, self.origin, mask, rel_k, rel_v)
 
-def _indirect(x) -> bool:
-    return isinstance(x, KVCache) and x.indirect
+    def tile_beams(self, width: int):
+        raise ValueError("this cache is tiled for beam search already (it has an origin table)")
+
+    def reorder_beams(self, indices: Int[Array, " R"]) -> BeamKVCache:
+        # Indices stay within each batch entry, so the beams that origin names stay valid.
+        return self.replace(origin=jnp.take(self.origin, indices, axis=0))  # [R, S]
 
 
 @struct.dataclass
 class DecoderCache:
-    """The whole decoder's state between steps.
+    """A decoder's state between steps: one preallocated ``KVCache`` per layer (slot j = position j)."""
 
-    ``self_attention``: one preallocated ``KVCache`` per decoder layer (slot j holds position j).
-    ``memory``: one ``KVCache`` of cross-attention keys/values per layer, computed once at init (empty
-    tuple for a decoder-only LM). ``memory_mask``: ``[B, S]`` real source positions, or None.
-    """
-
-    self_attention: tuple[KVCache, ...]
-    memory: tuple[KVCache, ...] = ()
-    memory_mask: Any = None  # bool[B, S] or None
+    self_attention: tuple[Any, ...]  # KVCache (or BeamKVCache once tiled) per decoder layer
 
     @property
     def max_length(self) -> int:
         return self.self_attention[0].length
 
 
-def reorder(state: PyTree, indices: Int[Array, " R"]) -> PyTree:
-    """Gather rows ``indices`` of every leaf (the beam-search reorder).
+@struct.dataclass
+class Memory:
+    """The encoder output as the decoder reads it: cross-attention keys/values per layer, the mask.
 
-    An indirect ``KVCache`` gathers its ``origin`` table only (``indices`` stay within each batch
-    entry, so the beams it names stay valid).
+    Computed once per source (``Transformer.memory``). The search passes it to every step beside the
+    state, one copy per batch entry: the W beams of an entry attend to the same copy.
     """
-    gather = lambda x: jnp.take(x, indices, axis=0)
 
-    def one(x):
-        if _indirect(x) and x.origin is not None:
-            return x.replace(origin=gather(x.origin))  # [R, S]
-        return jax.tree.map(gather, x)
-
-    return jax.tree.map(one, state, is_leaf=_indirect)
-
-
-def tile_batch(state: PyTree, multiplier: int) -> PyTree:
-    """Repeat each batch entry ``multiplier`` times along axis 0: ``[b0, b0, b1, b1, ...]``.
-
-    An indirect ``KVCache`` also gets its ``origin`` table: every slot of row r is its own (r % W).
-    """
-    if multiplier == 1:
-        return state
-    repeat = lambda x: jnp.repeat(x, multiplier, axis=0)
-
-    def one(x):
-        if not _indirect(x):
-            return jax.tree.map(repeat, x)
-        if x.origin is not None:
-            raise ValueError("this KVCache is tiled already (it has an origin table)")
-        rows, length = x.k.shape[0] * multiplier, x.length
-        own = jnp.arange(rows, dtype=jnp.int32) % multiplier  # [R]
-        origin = jnp.broadcast_to(own[:, None], (rows, length))  # [R, S]
-        beams = lambda a: jnp.repeat(a[:, :, None], multiplier, axis=2)  # --> [B, N, W, S, H]
-        return x.replace(k=beams(x.k), v=beams(x.v), origin=origin, width=multiplier)
-
-    return jax.tree.map(one, state, is_leaf=_indirect)
+    kv: tuple[KVCache, ...]  # float[B, N, S, H] per decoder layer
+    mask: Any  # bool[B, S]: real source positions

@@ -4,7 +4,8 @@
 - ``init_cache(batch, max_length) -> DecoderCache`` (no memory).
 - ``prefill(ids [B, P], cache) -> (logits [B, P, V], cache)``: a prompt of P tokens in one pass,
   its keys/values written to slots 0..P-1.
-- ``decode_step(ids [B], step, cache) -> (logits [B, V], cache, None)``: one token at position ``step``.
+- ``decode_step(ids [R], step, cache) -> (logits [R, V], cache, None)``: one token per row at position
+  ``step``, a scalar or ``int32[R]`` (each row at its own position: prompts of different lengths).
 """
 
 from __future__ import annotations
@@ -74,9 +75,14 @@ class DecoderOnlyLM(nn.Module):
         return self._logits(y), cache
 
     def decode_step(
-        self, ids: Int[Array, " B"], step: int | Int[Array, ""], cache: DecoderCache
-    ) -> tuple[Float[Array, "B V"], DecoderCache, None]:
+        self,
+        ids: Int[Array, " R"],
+        step: int | Int[Array, ""] | Int[Array, " R"],
+        cache: DecoderCache,
+    ) -> tuple[Float[Array, "R V"], DecoderCache, None]:
         step = jnp.asarray(step, jnp.int32)
-        x = self.embedding(ids[:, None], step[None])  # [B, 1, D]
+        x = self.embedding(
+            ids[:, None], step[None] if step.ndim == 0 else step[:, None]
+        )  # [R, 1, D]
         y, cache, _ = self.decoder.step(x, step, cache)
         return self._logits(y[:, 0]), cache, None

@@ -2,13 +2,14 @@
 
 Used purely: ``model.apply({"params": params}, ..., method=Transformer.METHOD)``.
 
-- ``encode(src_ids) -> (memory [B, S, D], src_valid [B, S])``; padding is ``pad_id``.
-- ``decode(tgt_in_ids, memory, src_valid) -> (logits [B, T, V], attention [B, T, S])``: teacher forcing.
-- ``init_cache(memory, src_valid, max_length) -> DecoderCache``: preallocated self-attention K/V and the
-  cross-attention K/V of the memory, computed here once.
-- ``decode_step(ids [B], step, cache) -> (logits [B, V], cache, attention [B, S])``: one token at position
-  ``step``; the returned attention is the first head of the last layer's cross-attention (OpenNMT-tf's
-  default alignment).
+- ``encode(src_ids) -> (encoded [B, S, D], src_valid [B, S])``; sources are right-padded with ``pad_id``.
+- ``decode(tgt_in_ids, encoded, src_valid) -> (logits [B, T, V], attention [B, T, S])``: teacher forcing.
+- ``init_memory(encoded, src_valid) -> Memory``: every decoder layer's cross-attention K/V, computed once.
+- ``init_cache(batch, max_length) -> DecoderCache``: the preallocated self-attention K/V.
+- ``decode_step(ids [R], step, cache, memory) -> (logits [R, V], cache, attention [R, S])``: one token
+  per row at position ``step``; R may be W rows per memory entry (beam search shares the memory). The
+  returned attention is the first head of the last layer's cross-attention (OpenNMT-tf's default
+  alignment).
 - ``__call__(src_ids, tgt_in_ids)``: the training forward pass, ``logits [B, T, V]``.
 """
 
@@ -20,7 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxformer.models.blocks import DecoderStack, Encoder
-from jaxformer.models.cache import DecoderCache
+from jaxformer.models.cache import DecoderCache, Memory
 from jaxformer.models.config import TransformerConfig
 from jaxformer.models.layers import TokenEmbedding
 from jaxformer.models.masks import causal_mask, padding_mask
@@ -77,7 +78,7 @@ class Transformer(nn.Module):
     def decode(
         self,
         tgt_in_ids: Int[Array, "B T"],
-        memory: Float[Array, "B S D"],
+        encoded: Float[Array, "B S D"],
         src_valid: Bool[Array, "B S"],
         deterministic: bool = True,
     ) -> tuple[Float[Array, "B T V"], Float[Array, "B T S"]]:
@@ -86,25 +87,30 @@ class Transformer(nn.Module):
         x = self.target_embedding(tgt_in_ids, jnp.arange(tgt_in_ids.shape[1]))  # [B, T, D]
         x = self.drop(x, deterministic=deterministic)
         self_mask = causal_mask(tgt_in_ids.shape[1])[None, None]  # [1, 1, T, T]
-        y, probs = self.decoder(x, self_mask, memory, src_valid, deterministic)
+        y, probs = self.decoder(x, self_mask, encoded, src_valid, deterministic)
         return self._logits(y), probs[:, 0]
 
     def __call__(
         self, src_ids: Int[Array, "B S"], tgt_in_ids: Int[Array, "B T"], deterministic: bool = True
     ) -> Float[Array, "B T V"]:
-        memory, valid = self.encode(src_ids, deterministic)
-        return self.decode(tgt_in_ids, memory, valid, deterministic)[0]
+        encoded, valid = self.encode(src_ids, deterministic)
+        return self.decode(tgt_in_ids, encoded, valid, deterministic)[0]
 
-    def init_cache(
-        self, memory: Float[Array, "B S D"], src_valid: Bool[Array, "B S"], max_length: int
-    ) -> DecoderCache:
+    def init_memory(self, encoded: Float[Array, "B S D"], src_valid: Bool[Array, "B S"]) -> Memory:
+        return self.decoder.init_memory(encoded, src_valid)
+
+    def init_cache(self, batch: int, max_length: int) -> DecoderCache:
         check_length("max_length", max_length, self.config)
-        return self.decoder.init_cache(memory.shape[0], max_length, memory, src_valid)
+        return self.decoder.init_cache(batch, max_length)
 
     def decode_step(
-        self, ids: Int[Array, " B"], step: int | Int[Array, ""], cache: DecoderCache
-    ) -> tuple[Float[Array, "B V"], DecoderCache, Float[Array, "B S"]]:
+        self,
+        ids: Int[Array, " R"],
+        step: int | Int[Array, ""],
+        cache: DecoderCache,
+        memory: Memory,
+    ) -> tuple[Float[Array, "R V"], DecoderCache, Float[Array, "R S"]]:
         step = jnp.asarray(step, jnp.int32)
-        x = self.target_embedding(ids[:, None], step[None])  # [B, 1, D]
-        y, cache, probs = self.decoder.step(x, step, cache)  # [B, 1, D], probs [B, N, 1, S]
+        x = self.target_embedding(ids[:, None], step[None])  # [R, 1, D]
+        y, cache, probs = self.decoder.step(x, step, cache, memory)  # [R, 1, D], [R, N, 1, S]
         return self._logits(y[:, 0]), cache, probs[:, 0, 0]

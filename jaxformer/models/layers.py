@@ -51,11 +51,13 @@ class TokenEmbedding(nn.Module):
             self.positions = jnp.asarray(sinusoidal_table(self.max_len, self.d_model))
 
     def __call__(
-        self, ids: Int[Array, "B T"], positions: Int[Array, " T"]
+        self, ids: Int[Array, "B T"], positions: Int[Array, " T"] | Int[Array, "B T"]
     ) -> Float[Array, "B T D"]:
+        """``positions``: ``[T]`` shared by every row, or ``[B, T]`` (each row at its own)."""
         x = jnp.take(self.table, ids, axis=0) * jnp.sqrt(jnp.float32(self.d_model))  # [B, T, D]
         if self.sinusoidal:
-            x = x + jnp.take(self.positions, positions, axis=0)[None]  # [1, T, D]
+            table = jnp.take(self.positions, positions, axis=0)  # [T, D] or [B, T, D]
+            x = x + (table[None] if positions.ndim == 1 else table)
         return x.astype(self.dtype)
 
     def attend(self, x: Float[Array, "... D"]) -> Float[Array, "... V"]:

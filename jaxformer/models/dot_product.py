@@ -1,0 +1,126 @@
+"""Softmax attention on projected heads: the arithmetic shared by full passes and cached steps.
+
+Scores are ``q . k / sqrt(H)`` computed and soft-maxed in float32. A masked score gets the most
+negative finite value and its probability is then set to exactly 0, so a fully masked row gives an
+all-zero attention vector and a zero output, never NaN.
+
+Relative position terms (Shaw et al. 2018) come as tables already indexed by (query, key) position:
+``[T, S, H]`` when every row of the batch has the same query positions, ``[B, T, S, H]`` when each row
+has its own (ragged prompts decode at per-row positions).
+
+Three layouts of keys and values:
+
+- ``dot_product_attention``: the projections' ``[B, S, N, H]`` (full passes, prefill);
+- ``attend_heads_major``: a ``KVCache``'s ``[B, N, S, H]``, read in place by a cached step;
+- ``attend_through_origin``: a ``BeamKVCache``'s ``[B, N, W, S, H]`` read through its origin table.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxformer.typing import Array, Bool, Float, Int
+
+
+def _relative_scores(q, relative_keys):
+    if relative_keys.ndim == 3:  # [T, S, H]: the same positions for every row
+        return jnp.einsum("BTNH,TSH->BNTS", q, relative_keys, preferred_element_type=jnp.float32)
+    return jnp.einsum("BTNH,BTSH->BNTS", q, relative_keys, preferred_element_type=jnp.float32)
+
+
+def _relative_values(weights, relative_values):
+    if relative_values.ndim == 3:
+        return jnp.einsum("BNTS,TSH->BTNH", weights, relative_values)
+    return jnp.einsum("BNTS,BTSH->BTNH", weights, relative_values)
+
+
+def dot_product_attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S N H"],
+    v: Float[Array, "B S N H"],
+    mask: Bool[Array, ...] | None,
+    relative_keys: Float[Array, ...] | None = None,
+    relative_values: Float[Array, ...] | None = None,
+    dropout=None,
+) -> tuple[Float[Array, "B T N H"], Float[Array, "B N T S"]]:
+    """Softmax attention of already-projected heads; returns the output and the probabilities.
+
+    ``dropout`` (training only) maps the probabilities to the weights actually applied to the values;
+    the returned probabilities are the undropped ones.
+    """
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [B, S, N, H] --> [B, N, S, H]
+    return attend_heads_major(
+        q, heads_major(k), heads_major(v), mask, relative_keys, relative_values, dropout
+    )
+
+
+def attend_heads_major(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B N S H"],
+    v: Float[Array, "B N S H"],
+    mask: Bool[Array, ...] | None,
+    relative_keys: Float[Array, ...] | None = None,
+    relative_values: Float[Array, ...] | None = None,
+    dropout=None,
+) -> tuple[Float[Array, "B T N H"], Float[Array, "B N T S"]]:
+    """``dot_product_attention`` with keys and values in the cache's ``[B, N, S, H]`` layout."""
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    scores = jnp.einsum("BTNH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32)
+    if relative_keys is not None:
+        scores += _relative_scores(q, relative_keys)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S] float32
+    if mask is not None:
+        probs = jnp.where(mask, probs, 0.0)  # fully masked rows -> zeros, not a uniform spread
+    weights = (probs if dropout is None else dropout(probs)).astype(v.dtype)
+    out = jnp.einsum("BNTS,BNSH->BTNH", weights, v)
+    if relative_values is not None:
+        out += _relative_values(weights, relative_values)
+    return out, probs
+
+
+def attend_through_origin(
+    q: Float[Array, "R 1 N H"],
+    k: Float[Array, "B N W S H"],
+    v: Float[Array, "B N W S H"],
+    origin: Int[Array, "R S"],
+    mask: Bool[Array, "R S"],
+    relative_keys: Float[Array, "R S H"] | None,
+    relative_values: Float[Array, "R S H"] | None,
+) -> Float[Array, "R 1 N H"]:
+    """One query per search row against slots read through ``origin`` (see ``cache.BeamKVCache``).
+
+    For each entry and head the cache holds the slots of its U = W beams side by side. Each of the W
+    queries of an entry is scored against all ``U * S`` of them in one batched matrix product over
+    (B, N) (W times the dot products of plain attention, which are few at one query per row), then each
+    slot keeps the score of the beam its ``origin`` names; the values are mixed the same way. Nothing
+    of the cache's size is gathered or copied. Equals ``attend_heads_major`` on the reordered cache up
+    to float rounding.
+    """
+    rows, _, heads, head_dim = q.shape
+    batch, _, width, length, _ = k.shape
+    q = q.reshape(batch, width, heads, head_dim) * jnp.asarray(head_dim**-0.5, q.dtype)
+    q = jnp.swapaxes(q, 1, 2)  # [B, N, W, H]
+    k = k.reshape(batch, heads, width * length, head_dim)  # [B, N, U*S, H]
+    v = v.reshape(batch, heads, width * length, head_dim)  # [B, N, U*S, H]
+    pick = jax.nn.one_hot(origin.reshape(batch, width, length), width, dtype=jnp.float32)
+    pick = jnp.swapaxes(pick, -1, -2)[:, None]  # [B, 1, W, U, S]: 1 where origin[b, w, s] == u
+    every = jnp.einsum("BNWH,BNKH->BNWK", q, k, preferred_element_type=jnp.float32)
+    every = every.reshape(batch, heads, width, width, length)  # [B, N, W, U, S]
+    scores = jnp.sum(every * pick, axis=3)  # [B, N, W, S]
+    per_entry = lambda x: x.reshape(batch, width, *x.shape[1:])  # [R, ...] --> [B, W, ...]
+    if relative_keys is not None:
+        scores += jnp.einsum(
+            "BNWH,BWSH->BNWS", q, per_entry(relative_keys), preferred_element_type=jnp.float32
+        )
+    mask = per_entry(mask)[:, None]  # [B, 1, W, S]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)  # [B, N, W, S] float32
+    weights = (probs[:, :, :, None, :] * pick).astype(v.dtype)  # [B, N, W, U, S]
+    weights = weights.reshape(batch, heads, width, width * length)  # [B, N, W, U*S]
+    out = jnp.einsum("BNWK,BNKH->BNWH", weights, v)  # [B, N, W, H]
+    if relative_values is not None:
+        out += jnp.einsum("BNWS,BWSH->BNWH", probs.astype(v.dtype), per_entry(relative_values))
+    return jnp.swapaxes(out, 1, 2).reshape(rows, 1, heads, head_dim)  # --> [R, 1, N, H]
