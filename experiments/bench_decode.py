@@ -42,11 +42,9 @@ Writes ``experiments/results/bench_decode.md`` and ``.json`` (``--tag`` adds a s
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
@@ -62,7 +60,9 @@ from jaxformer import Transformer, generate, init_params
 from jaxformer.decoding import BeamSearch, GreedySearch
 from jaxformer.interop import ids_vocab, to_ctranslate2
 
-DEFAULT_OUT_DIR = pathlib.Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # experiments/common.py
+from common import load_average, machine_info, markdown_table, output_dir, timed, write_json
+
 BOS, EOS = 1, 2
 FIRST_WORD = 4  # source ids are drawn from [4, V): no specials
 SETTLE_S = 0.3  # pause before every timed call
@@ -106,8 +106,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.presets, args.rounds, args.source_length, args.new_tokens = ["tiny"], 1, 8, 8
         args.engines = args.engines or ["jaxformer", "ct2_float32", "ct2_int8"]
-        args.out_dir = args.out_dir or pathlib.Path(tempfile.mkdtemp(prefix="bench_decode_"))
-    args.out_dir = args.out_dir or DEFAULT_OUT_DIR
+    args.out_dir = output_dir(args.out_dir, args.smoke, "bench_decode")
     return args
 
 
@@ -231,43 +230,14 @@ def hf_runner(model, src: np.ndarray, beam: int, new_tokens: int):
 # --- measurement -------------------------------------------------------------------------------------
 
 
-def machine_info(threads: int) -> dict:
-    versions = {}
-    for package in ("jax", "jaxlib", "flax", "ctranslate2", "torch", "transformers", "numpy"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    cpu = platform.processor()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return dict(
-        cpu=cpu,
-        cpu_count=os.cpu_count(),
-        threads=threads,
-        platform=platform.platform(),
-        python=platform.python_version(),
-        devices=[str(d) for d in jax.devices()],
-        versions=versions,
-    )
+def settled_timed(run) -> tuple[np.ndarray, float]:
+    """``run()`` and its seconds, after a pause.
 
-
-def load_average() -> list[float] | None:
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
-def timed(run) -> tuple[float, np.ndarray]:
-    # OpenMP thread pools (CTranslate2's, PyTorch's) keep spinning for a while after a call; let them
-    # fall asleep so that they do not steal cycles from the next engine's run.
+    OpenMP thread pools (CTranslate2's, PyTorch's) keep spinning for a while after a call; let them
+    fall asleep so that they do not steal cycles from the next engine's run.
+    """
     time.sleep(SETTLE_S)
-    start = time.perf_counter()
-    out = run()
-    return time.perf_counter() - start, out
+    return timed(run)
 
 
 def summary(times: list[float], tokens: int) -> dict:
@@ -349,7 +319,7 @@ def worker_main(engine: str, preset_name: str, threads: int, model_dir: str | No
         key = (src.shape, request["beam"], request["new_tokens"], request["seed"])
         if key not in runs:
             runs[key] = factory(src, request["beam"], request["new_tokens"])
-        seconds, ids = timed(runs[key])
+        ids, seconds = settled_timed(runs[key])
         print(REPLY + json.dumps(dict(seconds=seconds, ids=ids.tolist())), flush=True)
 
 
@@ -473,6 +443,31 @@ def _ratio(row: dict, key: str) -> str:
     return f"{row[key]:.2f}x" if key in row else "-"
 
 
+def _speed_cells(row: dict) -> list[str]:
+    low, high = row["tokens_per_s_range"]
+    return [
+        row["preset"], row["workload"], row["engine"], f"{row['tokens_per_s']:.0f}",
+        f"{low:.0f}-{high:.0f}", f"{1e3 * row['median_s']:.1f}", f"{row['ms_per_step']:.2f}",
+        _ratio(row, "vs_ct2_float32"), _ratio(row, "vs_hf_torch"), f"{row['first_call_s']:.2f}",
+    ]  # fmt: skip
+
+
+def _scaling_cells(row: dict) -> list[str]:
+    return [
+        row["sweep"], row["new_tokens"], row["batch"], row["beam"], row["engine"],
+        f"{row['median_s']:.3f}", f"{row['ms_per_step']:.2f}", f"{row['tokens_per_s']:.0f}",
+    ]  # fmt: skip
+
+
+SPEED_HEADERS = (
+    "preset", "workload", "engine", "tokens/s", "range", "ms/call", "ms/step", "vs CT2 f32",
+    "vs HF", "first call s",
+)  # fmt: skip
+SCALING_HEADERS = (
+    "sweep", "new tokens", "batch", "beam", "engine", "s/call", "ms/step", "tokens/s",
+)  # fmt: skip
+
+
 def markdown(result: dict) -> str:
     lines = [
         "# Decoding speed: jaxformer vs CTranslate2 vs HF PyTorch",
@@ -484,17 +479,8 @@ def markdown(result: dict) -> str:
         "interleaved rounds; tokens/s = batch x new tokens / median seconds (range: slowest, "
         "fastest round).",
         "",
-        "| preset | workload | engine | tokens/s | range | ms/call | ms/step | vs CT2 f32 | vs HF "
-        "| first call s |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|---:|",
+        *markdown_table(SPEED_HEADERS, "lllrlrrrrr", map(_speed_cells, result["rows"])),
     ]
-    for row in result["rows"]:
-        low, high = row["tokens_per_s_range"]
-        lines.append(
-            f"| {row['preset']} | {row['workload']} | {row['engine']} | {row['tokens_per_s']:.0f} "
-            f"| {low:.0f}-{high:.0f} | {1e3 * row['median_s']:.1f} | {row['ms_per_step']:.2f} "
-            f"| {_ratio(row, 'vs_ct2_float32')} | {_ratio(row, 'vs_hf_torch')} | {row['first_call_s']:.2f} |"
-        )
     agreement = [
         f"{r['preset']} {r['workload']}: {r['rows_equal_to_ct2_float32']:.0%}"
         for r in result["rows"]
@@ -510,15 +496,8 @@ def markdown(result: dict) -> str:
             "",
             "## Scaling (small preset; median seconds per call)",
             "",
-            "| sweep | new tokens | batch | beam | engine | s/call | ms/step | tokens/s |",
-            "|---|---:|---:|---:|---|---:|---:|---:|",
+            *markdown_table(SCALING_HEADERS, "lrrrlrrr", map(_scaling_cells, result["scaling"])),
         ]
-        for row in result["scaling"]:
-            lines.append(
-                f"| {row['sweep']} | {row['new_tokens']} | {row['batch']} | {row['beam']} "
-                f"| {row['engine']} | {row['median_s']:.3f} | {row['ms_per_step']:.2f} "
-                f"| {row['tokens_per_s']:.0f} |"
-            )
     return "\n".join(lines) + "\n"
 
 
@@ -538,7 +517,7 @@ def run(args) -> dict:
             new_tokens=args.new_tokens,
             smoke=args.smoke,
         ),
-        machine=machine_info(args.threads),
+        machine=machine_info(args.threads, packages=("ctranslate2", "torch", "transformers")),
         load_before=load_average(),
         rows=[],
     )
@@ -551,10 +530,9 @@ def run(args) -> dict:
     result["total_s"] = time.perf_counter() - start
     text = markdown(result)
     print(text)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = "bench_decode" + (f"_{args.tag}" if args.tag else "")
+    write_json(args.out_dir / f"{stem}.json", result)
     (args.out_dir / f"{stem}.md").write_text(text)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out_dir / stem}.md and .json in {result['total_s']:.0f} s")
     return result
 

@@ -12,7 +12,9 @@ so the outputs vary), so the tokens are arbitrary: the point is the mechanics an
 from __future__ import annotations
 
 import argparse
-import time
+import pathlib
+import statistics
+import sys
 
 import jax
 import numpy as np
@@ -21,15 +23,8 @@ from jaxformer import Transformer, generate, init_params, preset
 from jaxformer import decoding as dec
 from jaxformer.decoding.baselines import greedy_without_cache
 
-
-def timed(fn, repeats=3):
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return out, float(np.median(times))
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # experiments/common.py
+from common import timed_runs
 
 
 def main():
@@ -48,12 +43,15 @@ def main():
     n = args.length
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; preset tiny, {n} tokens\n")
 
-    cached, t_cached = timed(
-        lambda: generate(model, params, src, start_id=1, end_id=2, max_length=n, min_length=n).ids
+    cached, times_cached = timed_runs(
+        lambda: generate(model, params, src, start_id=1, end_id=2, max_length=n, min_length=n).ids,
+        repeats=3,
     )
-    recomputed, t_recomputed = timed(
-        lambda: greedy_without_cache(model, params, src, start_id=1, end_id=2, max_length=n)
+    recomputed, times_recomputed = timed_runs(
+        lambda: greedy_without_cache(model, params, src, start_id=1, end_id=2, max_length=n),
+        repeats=3,
     )
+    t_cached, t_recomputed = statistics.median(times_cached), statistics.median(times_recomputed)
     for b in range(args.batch):
         print(f"source {b}: {np.asarray(src[b]).tolist()}")
         print(f"  with cache   : {np.asarray(cached[b, 0, :16]).tolist()} ...")

@@ -57,15 +57,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
-import json
 import math
 import os
 import pathlib
-import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import jax
@@ -76,7 +72,17 @@ import jaxformer
 from jaxformer import Transformer
 from jaxformer.decoding.baselines import greedy_without_cache
 
-DEFAULT_OUT_DIR = pathlib.Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # experiments/common.py
+from common import (
+    RESULTS_DIR,
+    load_average,
+    machine_info,
+    markdown_table,
+    output_dir,
+    timed,
+    write_json,
+)
+
 START_ID, END_ID = 1, 2  # pad is 0; source ids are drawn from [3, V)
 SOURCE_LENGTH, BATCH = 32, 1
 WARMUP_BELOW_S = 1.0  # a first run shorter than this is discarded as a warm-up
@@ -127,12 +133,6 @@ def compile_method(method: str, model: Transformer, params, src_ids, length: int
     return compiled, time.perf_counter() - start
 
 
-def timed_call(compiled, params, src_ids):
-    start = time.perf_counter()
-    ids = jax.block_until_ready(compiled(params, src_ids))
-    return np.asarray(ids), time.perf_counter() - start
-
-
 def first_mismatch(a: np.ndarray, b: np.ndarray) -> int | None:
     """The first step (token index) at which two ``[B, T]`` id arrays differ in any row, or None."""
     differs = np.any(a != b, axis=0)  # [T]
@@ -168,7 +168,8 @@ def measure_case(
     # First run of each: the ids to compare, a warm-up if short, else the first timed sample.
     ids, samples, wanted, warmup = {}, {m: [] for m in METHODS}, {}, {}
     for method in METHODS:
-        ids[method], seconds = timed_call(compiled[method], params, src_ids)
+        out, seconds = timed(compiled[method], params, src_ids)
+        ids[method] = np.asarray(out)
         warmup[method] = seconds < WARMUP_BELOW_S
         if not warmup[method]:
             samples[method].append(seconds)
@@ -180,14 +181,14 @@ def measure_case(
     for _ in range(max(wanted.values())):
         for method in METHODS:
             if len(samples[method]) < wanted[method]:
-                samples[method].append(timed_call(compiled[method], params, src_ids)[1])
+                samples[method].append(timed(compiled[method], params, src_ids)[1])
 
     mismatch = first_mismatch(ids["cached"], ids["recompute"])
     row = dict(
         tokens=length,
         # 1-minute load average after the case: well above the cores this run uses means that
         # other processes competed for the CPU during the timings.
-        load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        load_average=(load_average() or [None])[0],
         ids_agree=mismatch is None,
         agreeing_tokens=int(np.sum(np.all(ids["cached"] == ids["recompute"], axis=0))),
         agreeing_prefix=length if mismatch is None else mismatch,
@@ -228,36 +229,24 @@ def growth_slopes(rows: list[dict]) -> dict:
     return slopes
 
 
-def machine_info() -> dict:
-    return dict(
-        devices=[str(d) for d in jax.devices()],
-        backend=jax.default_backend(),
-        platform=platform.platform(),
-        processor=platform.processor() or platform.machine(),
-        cpu_count=os.cpu_count(),
-        python=sys.version.split()[0],
-        jax=jax.__version__,
-        jaxlib=importlib.metadata.version("jaxlib"),
-        flax=importlib.metadata.version("flax"),
-        numpy=np.__version__,
-    )
+TABLE_HEADERS = (
+    "preset", "N", "ms/token cached", "ms/token recompute", "recompute/cached",
+    "compile s (cached / recompute)", "repeats (c / r)", "ids agree",
+)  # fmt: skip
+
+
+def table_cells(r: dict) -> list:
+    c, k = r["cached"], r["recompute"]
+    return [
+        r["preset"], r["tokens"], f"{c['ms_per_token']:.3f}", f"{k['ms_per_token']:.3f}",
+        f"{r['ratio']:.1f}x", f"{c['compile_s']:.1f} / {k['compile_s']:.1f}",
+        f"{c['repeats']} / {k['repeats']}",
+        "yes" if r["ids_agree"] else f"no: {r['agreeing_tokens']}/{r['tokens']}",
+    ]  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| preset | N | ms/token cached | ms/token recompute | recompute/cached "
-        "| compile s (cached / recompute) | repeats (c / r) | ids agree |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        c, k = r["cached"], r["recompute"]
-        agree = "yes" if r["ids_agree"] else f"no: {r['agreeing_tokens']}/{r['tokens']}"
-        lines.append(
-            f"| {r['preset']} | {r['tokens']} | {c['ms_per_token']:.3f} | {k['ms_per_token']:.3f} "
-            f"| {r['ratio']:.1f}x | {c['compile_s']:.1f} / {k['compile_s']:.1f} "
-            f"| {c['repeats']} / {k['repeats']} | {agree} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(markdown_table(TABLE_HEADERS, "lrrrrrrl", map(table_cells, rows)))
 
 
 def plot(rows: list[dict], path: pathlib.Path):
@@ -312,9 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1.0,
         help=f"more repeats (at most {MAX_REPEATS}) for a method whose runs add up to less than this",
     )
-    parser.add_argument(
-        "--out-dir", type=pathlib.Path, default=None, help=f"default {DEFAULT_OUT_DIR}"
-    )
+    parser.add_argument("--out-dir", type=pathlib.Path, default=None, help=f"default {RESULTS_DIR}")
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -323,10 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.presets, args.lengths, args.repeats, args.min_time_s = ["tiny"], [8, 16], 1, 0.0
-        if args.out_dir is None:
-            args.out_dir = pathlib.Path(tempfile.mkdtemp(prefix="kv_cache_smoke_"))
-    if args.out_dir is None:
-        args.out_dir = DEFAULT_OUT_DIR
+    args.out_dir = output_dir(args.out_dir, args.smoke, "kv_cache")
     if args.repeats < 1 or min(args.lengths) < 1:
         parser.error("--repeats and --lengths must be >= 1")
     return args
@@ -338,45 +322,85 @@ def run(args: argparse.Namespace) -> dict:
     print(f"jax {jax.__version__}, devices {jax.devices()}, {os.cpu_count()} CPUs", flush=True)
     rows, configs = [], {}
     for name in args.presets:
-        config = jaxformer.preset(name)
-        if max(args.lengths) > config.max_len:  # the position table only; the params are the same
-            config = config.replace(max_len=max(args.lengths))
-        model = Transformer(config)
-        params = jaxformer.init_params(model, jax.random.key(0))
-        src = jax.random.randint(jax.random.key(1), (BATCH, SOURCE_LENGTH), 3, config.vocab_size)
-        configs[name] = dict(
-            dataclasses.asdict(config),
-            parameters=int(sum(x.size for x in jax.tree.leaves(params))),
-        )
-        for length in args.lengths:
-            case = measure_case(
-                model, params, src, length, args.repeats, args.case_budget_s, args.min_time_s
-            )
-            row = dict(preset=name, **case)
-            rows.append(row)
-            c, k = row["cached"], row["recompute"]
-            print(
-                f"  {name} N={length}: cached {c['ms_per_token']:.3f} ms/token, recompute "
-                f"{k['ms_per_token']:.3f} ms/token ({row['ratio']:.1f}x), repeats "
-                f"{c['repeats']}/{k['repeats']}, ids agree: {row['ids_agree']}",
-                flush=True,
-            )
-            if not row["ids_agree"]:
-                print(
-                    f"  WARNING: ids differ from step {row['agreeing_prefix']} "
-                    f"({row['agreeing_tokens']}/{length} tokens agree); log-prob gap at the first "
-                    f"difference {row['near_tie_log_prob_gap']:.3g} (a near-tie if tiny)",
-                    flush=True,
-                )
-
+        preset_rows, configs[name] = measure_preset(name, args)
+        rows += preset_rows
     slopes = growth_slopes(rows)
-    reduced = [
+    reduced = reduced_repeats(rows, args.repeats)
+    print_summary(rows, slopes, reduced)
+    total_s = time.perf_counter() - began
+    print(f"Total run time {total_s:.0f} s.")
+
+    result = dict(
+        experiment="kv_cache",
+        question="Why cache? Time per generated token of greedy decoding, KV cache vs recompute.",
+        command="python experiments/kv_cache.py " + " ".join(sys.argv[1:]),
+        settings=settings(args),
+        machine=machine_info(),
+        configs=configs,
+        rows=rows,
+        slopes=slopes,
+        reduced_repeats=reduced,
+        all_ids_agree=all(r["ids_agree"] for r in rows),
+        total_s=total_s,
+    )
+    json_path = write_json(args.out_dir / "kv_cache.json", result)
+    png_path = args.out_dir / "kv_cache.png"
+    plot(rows, png_path)
+    print(f"Wrote {json_path} and {png_path}")
+    return result
+
+
+def measure_preset(name: str, args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """One preset's rows, one per N, printed as they come; and its config with its parameter count."""
+    config = jaxformer.preset(name)
+    if max(args.lengths) > config.max_len:  # the position table only; the params are the same
+        config = config.replace(max_len=max(args.lengths))
+    model = Transformer(config)
+    params = jaxformer.init_params(model, jax.random.key(0))
+    src = jax.random.randint(jax.random.key(1), (BATCH, SOURCE_LENGTH), 3, config.vocab_size)
+    record = dict(
+        dataclasses.asdict(config),
+        parameters=int(sum(x.size for x in jax.tree.leaves(params))),
+    )
+    rows = []
+    for length in args.lengths:
+        case = measure_case(
+            model, params, src, length, args.repeats, args.case_budget_s, args.min_time_s
+        )
+        rows.append(dict(preset=name, **case))
+        print_case(rows[-1])
+    return rows, record
+
+
+def print_case(row: dict) -> None:
+    c, k = row["cached"], row["recompute"]
+    print(
+        f"  {row['preset']} N={row['tokens']}: cached {c['ms_per_token']:.3f} ms/token, recompute "
+        f"{k['ms_per_token']:.3f} ms/token ({row['ratio']:.1f}x), repeats "
+        f"{c['repeats']}/{k['repeats']}, ids agree: {row['ids_agree']}",
+        flush=True,
+    )
+    if not row["ids_agree"]:
+        print(
+            f"  WARNING: ids differ from step {row['agreeing_prefix']} "
+            f"({row['agreeing_tokens']}/{row['tokens']} tokens agree); log-prob gap at the first "
+            f"difference {row['near_tie_log_prob_gap']:.3g} (a near-tie if tiny)",
+            flush=True,
+        )
+
+
+def reduced_repeats(rows: list[dict], repeats: int) -> list[str]:
+    """The methods timed fewer than ``repeats`` times (too slow for --case-budget-s), in words."""
+    return [
         f"{r['preset']} {m} N={r['tokens']}: {r[m]['repeats']} repeat(s) "
         f"(one run takes {r[m]['times_s'][0]:.0f} s)"
         for r in rows
         for m in METHODS
-        if r[m]["repeats"] < args.repeats
+        if r[m]["repeats"] < repeats
     ]
+
+
+def print_summary(rows: list[dict], slopes: dict, reduced: list[str]) -> None:
     print("\n" + table(rows))
     print("\nGrowth of ms/token with N (slope of log ms/token against log N; 0 flat, 1 linear):")
     for name, s in slopes.items():
@@ -391,45 +415,27 @@ def run(args: argparse.Namespace) -> dict:
         if not disagree
         else f"\nIds DIFFER in {len(disagree)} case(s); see 'agreeing_tokens' in the JSON."
     )
-    total_s = time.perf_counter() - began
-    print(f"Total run time {total_s:.0f} s.")
 
-    result = dict(
-        experiment="kv_cache",
-        question="Why cache? Time per generated token of greedy decoding, KV cache vs recompute.",
-        command="python experiments/kv_cache.py " + " ".join(sys.argv[1:]),
-        settings=dict(
-            presets=args.presets,
-            lengths=args.lengths,
-            repeats=args.repeats,
-            case_budget_s=args.case_budget_s,
-            min_time_s=args.min_time_s,
-            max_repeats=MAX_REPEATS,
-            batch=BATCH,
-            source_length=SOURCE_LENGTH,
-            start_id=START_ID,
-            end_id=END_ID,
-            min_length="N (exactly N tokens)",
-            params_seed=0,
-            source_seed=1,
-            warmup_below_s=WARMUP_BELOW_S,
-            timing="median wall time of jit-compiled calls, compile excluded, interleaved",
-            smoke=args.smoke,
-        ),
-        machine=machine_info(),
-        configs=configs,
-        rows=rows,
-        slopes=slopes,
-        reduced_repeats=reduced,
-        all_ids_agree=not disagree,
-        total_s=total_s,
+
+def settings(args: argparse.Namespace) -> dict:
+    return dict(
+        presets=args.presets,
+        lengths=args.lengths,
+        repeats=args.repeats,
+        case_budget_s=args.case_budget_s,
+        min_time_s=args.min_time_s,
+        max_repeats=MAX_REPEATS,
+        batch=BATCH,
+        source_length=SOURCE_LENGTH,
+        start_id=START_ID,
+        end_id=END_ID,
+        min_length="N (exactly N tokens)",
+        params_seed=0,
+        source_seed=1,
+        warmup_below_s=WARMUP_BELOW_S,
+        timing="median wall time of jit-compiled calls, compile excluded, interleaved",
+        smoke=args.smoke,
     )
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = args.out_dir / "kv_cache.json", args.out_dir / "kv_cache.png"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, png_path)
-    print(f"Wrote {json_path} and {png_path}")
-    return result
 
 
 def main():

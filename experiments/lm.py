@@ -12,35 +12,25 @@ test split's loss and bits per character and prints a sampled continuation of ``
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 import sys
 
 from jaxformer.decoding.texts import DecodeOptions, continue_texts
-from jaxformer.training.experiment import load_config, override
-from jaxformer.training.fit import evaluate_run, fit, load_run, prepare
+from jaxformer.training.fit import evaluate_run
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # experiments/common.py
+from common import fit_config, training_parser, write_json
 
 DEFAULT = pathlib.Path(__file__).parent / "configs" / "shakespeare.py"
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT), help="configs/NAME.py[:variant]")
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser = training_parser(__doc__, DEFAULT)
     parser.add_argument("--prompt", default="ROMEO.")
     parser.add_argument("--sample-length", type=int, default=200)
-    parser.add_argument("--json", help="write the test figures here")
     args = parser.parse_args(argv)
 
-    path, _, variant = args.config.partition(":")
-    config = override(load_config(path, variant or "default"), args.set)
-    if config.task != "lm":
-        parser.error(f"{path} is a {config.task!r} config; use experiments/translate.py")
-    summary = fit(config, args.workdir)
-    run = load_run(args.workdir, "best")
-    _, data = prepare(run.config, pathlib.Path(args.workdir))
+    summary, run, data = fit_config(parser, args, "lm", "translate.py")
     metrics = evaluate_run(run.config, run.model, run.params, data, split="test")
     print(
         f"test: loss {metrics['loss']:.3f} nats/char  {metrics['bits_per_token']:.3f} bits/char  "
@@ -58,7 +48,7 @@ def main(argv=None) -> dict:
         "sample": sample[0].texts[0],
     }
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
     return results
 
 

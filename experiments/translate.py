@@ -12,34 +12,24 @@ for each; ``--json`` writes them. ``jaxformer train`` runs the same training fro
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 import sys
 
 from jaxformer.decoding.texts import DecodeOptions
-from jaxformer.training.experiment import load_config, override
-from jaxformer.training.fit import evaluate_run, fit, load_run, prepare
+from jaxformer.training.fit import evaluate_run
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # experiments/common.py
+from common import fit_config, training_parser, write_json
 
 DEFAULT = pathlib.Path(__file__).parent / "configs" / "num2words.py"
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT), help="configs/NAME.py[:variant]")
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser = training_parser(__doc__, DEFAULT)
     parser.add_argument("--examples", type=int, default=None, help="test pairs decoded (all)")
-    parser.add_argument("--json", help="write the test figures here")
     args = parser.parse_args(argv)
 
-    path, _, variant = args.config.partition(":")
-    config = override(load_config(path, variant or "default"), args.set)
-    if config.task != "translate":
-        parser.error(f"{path} is a {config.task!r} config; use experiments/lm.py")
-    summary = fit(config, args.workdir)
-    run = load_run(args.workdir, "best")
-    _, data = prepare(run.config, pathlib.Path(args.workdir))
+    summary, run, data = fit_config(parser, args, "translate", "lm.py")
     rc = run.config.run
     results = {"train": summary, "best_step": run.step, "test": {}}
     searches = {
@@ -66,7 +56,7 @@ def main(argv=None) -> dict:
             f"BLEU {metrics['bleu']:.1f}  exact match {metrics['exact_match']:.1f}%"
         )
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
     return results
 
 

@@ -2,7 +2,9 @@
 
 import json
 
+import jax
 import numpy as np
+import pytest
 
 from helpers import load_experiment
 
@@ -29,14 +31,17 @@ def test_kv_cache_smoke_writes_results_and_paths_agree(tmp_path):
     assert saved["all_ids_agree"]
     assert set(saved["slopes"]["tiny"]) == {"cached", "recompute"}
     assert saved["machine"]["cpu_count"] >= 1 and saved["machine"]["devices"]
+    assert saved["machine"]["versions"]["jax"] == jax.__version__
+    table = kv_cache.table(saved["rows"]).splitlines()
+    assert table[1] == "|---|---:|---:|---:|---:|---:|---:|---|"
+    assert table[2].startswith("| tiny | 8 | ") and table[2].endswith(" | yes |")
+    assert len(table) == 2 + len(saved["rows"]) and {line.count("|") for line in table} == {9}
     png = tmp_path / "kv_cache.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_recompute_equals_cached_on_a_batch(key):
     """Both paths on a batch of 3, with a length where the untrained model varies its tokens."""
-    import jax
-
     import jaxformer
 
     kv_cache = load()
@@ -60,3 +65,18 @@ def test_recompute_equals_cached_on_a_batch(key):
     other = cached.copy()
     other[1, 5] = (other[1, 5] + 1) % 32
     assert kv_cache.first_mismatch(cached, other) == 5
+
+
+def test_markdown_table_of_the_shared_helpers():
+    """``experiments/common.py``, which the scripts share: one alignment letter per column."""
+    markdown_table = load().markdown_table
+    assert markdown_table(("name", "N"), "lr", [("a", 1), ("b", 22)]) == [
+        "| name | N |",
+        "|---|---:|",
+        "| a | 1 |",
+        "| b | 22 |",
+    ]
+    with pytest.raises(ValueError, match="align"):
+        markdown_table(("name", "N"), "l", [])
+    with pytest.raises(ValueError, match="align"):
+        markdown_table(("name", "N"), "lc", [])

@@ -151,8 +151,27 @@ def build_spec(
     target_vocab: Sequence[str],
 ):
     """The ``ctranslate2.specs.TransformerSpec`` of a jaxformer encoder-decoder, weights filled in."""
-    ct2 = _ct2()
-    specs = ct2.specs
+    specs = _ct2().specs
+    _check_model(config, params, source_vocab, target_vocab)
+    stack = dict(pre_norm=config.pre_norm, relative_position=config.relative)
+    encoder = specs.TransformerEncoderSpec(config.num_encoder_layers, config.num_heads, **stack)
+    decoder = specs.TransformerDecoderSpec(config.num_decoder_layers, config.num_heads, **stack)
+    spec = specs.TransformerSpec(encoder, decoder)
+    _set_model_config(spec.config, target_vocab)
+    _fill_encoder(encoder, params, config)
+    _fill_decoder(decoder, params, config)
+    spec.register_source_vocabulary(list(source_vocab))
+    spec.register_target_vocabulary(list(target_vocab))
+    return spec
+
+
+def _check_model(
+    config: TransformerConfig,
+    params: Mapping[str, Any],
+    source_vocab: Sequence[str],
+    target_vocab: Sequence[str],
+):
+    """Raise if CTranslate2 cannot represent the model, or the vocabularies do not fit it."""
     if not isinstance(config, TransformerConfig):
         raise TypeError(f"model_config must be a TransformerConfig, got {type(config).__name__}")
     if config.num_encoder_layers < 1:
@@ -165,29 +184,20 @@ def build_spec(
         if part not in params:
             raise ValueError(f"params has no {part!r}: is it a jaxformer Transformer's params?")
 
-    encoder = specs.TransformerEncoderSpec(
-        config.num_encoder_layers,
-        config.num_heads,
-        pre_norm=config.pre_norm,
-        relative_position=config.relative,
-    )
-    decoder = specs.TransformerDecoderSpec(
-        config.num_decoder_layers,
-        config.num_heads,
-        pre_norm=config.pre_norm,
-        relative_position=config.relative,
-    )
-    spec = specs.TransformerSpec(encoder, decoder)
-    spec.config.layer_norm_epsilon = LAYER_NORM_EPSILON
-    spec.config.unk_token = target_vocab[3]
-    spec.config.bos_token = target_vocab[1]
-    spec.config.eos_token = target_vocab[2]
-    spec.config.decoder_start_token = target_vocab[1]
 
+def _set_model_config(model_config, target_vocab: Sequence[str]):
+    """CTranslate2's ``config.json``: the layer norm epsilon and the strings of ids 1..3."""
+    model_config.layer_norm_epsilon = LAYER_NORM_EPSILON
+    model_config.unk_token = target_vocab[3]
+    model_config.bos_token = target_vocab[1]
+    model_config.eos_token = target_vocab[2]
+    model_config.decoder_start_token = target_vocab[1]
+
+
+def _fill_encoder(encoder, params: Mapping[str, Any], config: TransformerConfig):
+    """Embeddings, layers (self-attention, FFN) and, in pre-norm, the final layer norm."""
     source_embedding = params["target_embedding" if config.share_embeddings else "source_embedding"]
     _inputs(encoder, source_embedding, config)
-    _inputs(decoder, params["target_embedding"], config)
-
     enc = params["encoder"]
     for i, layer in enumerate(encoder.layer):
         p = enc[f"layer_{i}"]
@@ -195,6 +205,13 @@ def build_spec(
             layer.self_attention, p["self_attention"], p["norm_attention"], config.relative
         )
         _ffn(layer.ffn, p["ffn"], p["norm_ffn"])
+    if config.pre_norm:
+        _norm(encoder.layer_norm, enc["final_norm"])
+
+
+def _fill_decoder(decoder, params: Mapping[str, Any], config: TransformerConfig):
+    """Embeddings, layers (self-attention, memory attention, FFN), final layer norm, projection."""
+    _inputs(decoder, params["target_embedding"], config)
     dec = params["decoder"]
     for i, layer in enumerate(decoder.layer):
         p = dec[f"layer_{i}"]
@@ -202,17 +219,11 @@ def build_spec(
         _cross_attention(layer.attention, p["memory_attention"], p["norm_memory"])
         _ffn(layer.ffn, p["ffn"], p["norm_ffn"])
     if config.pre_norm:
-        _norm(encoder.layer_norm, enc["final_norm"])
         _norm(decoder.layer_norm, dec["final_norm"])
-
     if config.share_output_embeddings:
         decoder.projection.weight = _np(params["target_embedding"]["embedding"])  # [V, D]
     else:
         _dense(decoder.projection, params["output"])
-
-    spec.register_source_vocabulary(list(source_vocab))
-    spec.register_target_vocabulary(list(target_vocab))
-    return spec
 
 
 def to_ctranslate2(
