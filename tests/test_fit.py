@@ -7,9 +7,11 @@ import jax
 import numpy as np
 import pytest
 
+from jaxformer.data import datasets
 from jaxformer.training.experiment import load_config, override
-from jaxformer.training.fit import fit, load_run
+from jaxformer.training.fit import TrainingInterrupted, fit
 from jaxformer.training.metrics import read_jsonl, series
+from jaxformer.training.runs import checkpoint_steps, load_run
 
 from helpers import EXPERIMENTS
 
@@ -20,14 +22,22 @@ def smoke(*assignments):
     return override(load_config(NUM2WORDS, "smoke"), list(assignments))
 
 
+SETTINGS = ["run.log_every=1", "run.eval_every=6", "run.checkpoint_every=6"]
+
+
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
-    """One uninterrupted run of 12 steps, and one stopped at 6 and continued to 12."""
+    """One uninterrupted run of 12 steps, and one stopped at 6 and continued to 12. Between the two
+    parts, lines for steps 7 and 8 are appended to the log, as a process killed after logging them
+    (but before its next checkpoint) leaves it; the continued run replays those steps."""
     root = tmp_path_factory.mktemp("fit")
-    settings = ["run.log_every=1", "run.eval_every=6", "run.checkpoint_every=6"]
-    whole = fit(smoke("run.train_steps=12", *settings), root / "whole")
-    first = fit(smoke("run.train_steps=6", *settings), root / "resumed")
-    resumed = fit(smoke("run.train_steps=12", *settings), root / "resumed")
+    whole = fit(smoke("run.train_steps=12", *SETTINGS), root / "whole")
+    first = fit(smoke("run.train_steps=6", *SETTINGS), root / "resumed")
+    with (root / "resumed" / "metrics.jsonl").open("a") as log:
+        for step in (7, 8):
+            log.write(json.dumps({"step": step, "time": 0.0, "train/loss": 99.0}) + "\n")
+        log.write('{"step": 9, "time": 0.')  # cut short by the kill
+    resumed = fit(smoke("run.train_steps=12", *SETTINGS), root / "resumed")
     return root, whole, first, resumed
 
 
@@ -61,8 +71,50 @@ def test_resumed_run_equals_uninterrupted_run_step_for_step(runs):
     for name in ("train/loss", "train/accuracy", "train/grad_norm", "valid/loss", "valid/bleu"):
         assert series(a, name) == series(b, name), name
     assert whole["valid"] == resumed["valid"]
+    # The replayed steps are logged once, and only by the continued run: the log equals the
+    # uninterrupted run's line for line (but for the times).
+    timing = ("time", "train/tokens_per_s")
+    strip = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]
+    assert strip(b) == strip(a)
     # And the parameters themselves.
     pa, pb = load_run(root / "whole", "latest").params, load_run(root / "resumed", "latest").params
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, pa, pb)))
+
+
+def test_rerunning_a_finished_run_changes_nothing(runs, capsys):
+    root, whole, _, _ = runs
+    workdir = root / "whole"
+    before = {name: (workdir / name).read_bytes() for name in ("summary.json", "metrics.jsonl")}
+    again = fit(smoke("run.train_steps=12", *SETTINGS), workdir)
+    assert again == json.loads(before["summary.json"]) and again["valid"] == whole["valid"]
+    assert {name: (workdir / name).read_bytes() for name in before} == before
+    assert "trained to step 12 already" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_the_step_reached_and_the_rerun_continues_it(
+    runs, tmp_path, monkeypatch, capsys
+):
+    root, whole, _, _ = runs
+    batches = datasets.EpochBatches.__call__
+
+    def interrupting(self, step):  # Ctrl-C while the batch of step 8 is made
+        if step == 8:
+            raise KeyboardInterrupt
+        return batches(self, step)
+
+    monkeypatch.setattr(datasets.EpochBatches, "__call__", interrupting)
+    config = smoke("run.train_steps=12", *SETTINGS)
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        fit(config, tmp_path / "run")
+    assert interrupted.value.step == interrupted.value.saved_step == 8
+    message = "interrupted at step 8, saved; run the same command to resume"
+    assert message in str(interrupted.value) and message in capsys.readouterr().err
+    assert checkpoint_steps(tmp_path / "run")[0] == [6, 8]
+    assert not (tmp_path / "run" / "summary.json").exists()
+    monkeypatch.setattr(datasets.EpochBatches, "__call__", batches)
+    resumed = fit(config, tmp_path / "run")
+    assert resumed["step"] == 12 and resumed["valid"] == whole["valid"]
+    pa, pb = load_run(root / "whole", "latest").params, load_run(tmp_path / "run", "latest").params
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, pa, pb)))
 
 
@@ -72,6 +124,14 @@ def test_a_workdir_refuses_other_model_or_data_settings(runs):
         fit(smoke("run.train_steps=13", "model.d_model=48"), root / "whole")
     with pytest.raises(ValueError, match=r"data.max_value: 999 -> 998"):
         fit(smoke("run.train_steps=13", "data.max_value=998"), root / "whole")
+    # Refused before anything is written: a run of other data keeps its tokenizers untouched.
+    other = root / "other"
+    other.mkdir()
+    config = smoke("data.language=en")
+    (other / "config.json").write_text((root / "whole" / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"data.language: 'ru' -> 'en'"):
+        fit(config, other)
+    assert sorted(p.name for p in other.iterdir()) == ["config.json"]
 
 
 def test_checkpoint_of_another_model_is_refused(runs, tmp_path):
@@ -118,7 +178,8 @@ def test_max_minutes_stops_early_and_saves_and_dropped_examples_are_reported(tmp
 
 def test_a_run_compiles_one_train_step_per_length_bucket(runs):
     from jaxformer.data.datasets import LENGTH_STEP
-    from jaxformer.training.fit import _train_step, build_model, prepare
+    from jaxformer.training.fit import _train_step, prepare
+    from jaxformer.training.runs import build_model
 
     root, _, _, _ = runs
     config, data = prepare(smoke(), root / "whole")

@@ -36,7 +36,8 @@ from jax.sharding import PartitionSpec as P
 from jaxformer import DecoderOnlyLM, Transformer, init_params, preset
 from jaxformer.training import sharding as shd
 from jaxformer.training.experiment import load_config, override
-from jaxformer.training.fit import fit, load_run, make_run_mesh
+from jaxformer.training.fit import fit, make_run_mesh
+from jaxformer.training.runs import load_run
 from jaxformer.training.step import TrainConfig, create_train_state
 
 from helpers import EXPERIMENTS

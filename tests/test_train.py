@@ -1,21 +1,28 @@
 """The training core: loss, schedule, train_step (tracing, donation, dropout keys), checkpoints."""
 
+from typing import Any, ClassVar
+
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxformer import Transformer, init_params, preset
+from jaxformer import DecoderOnlyLM, Transformer, init_params, preset
+from jaxformer.models.hourglass import HourglassLM
 from jaxformer.training import checkpoint as ckpt
 from jaxformer.training.losses import cross_entropy, token_accuracy
 from jaxformer.training.step import (
+    BatchLayout,
     TrainConfig,
+    batch_layout,
     create_train_state,
     make_eval_step,
     make_schedule,
     make_train_step,
     perplexity,
+    train_step_fn,
 )
 
 VOCAB = 32
@@ -184,6 +191,64 @@ def test_train_step_traces_once_and_donates_state():
         wider = {k: jnp.pad(v, ((0, 0), (0, 1))) for k, v in batches[0].items()}
         train_step(state, wider)
     chex.clear_trace_counter()
+
+
+def test_the_pure_step_jitted_by_the_user_equals_the_library_step():
+    model, config = Transformer(preset("tiny", dropout=0.3)), TrainConfig(warmup_steps=10)
+    fresh = lambda: create_train_state(model, jax.random.key(0), config)
+    library = make_train_step(model, config)
+    users = jax.jit(train_step_fn(model, config))  # no donation: the user's own choice
+    also = jax.jit(make_train_step(model, config, jit=False))
+    assert not hasattr(make_train_step(model, config, jit=False), "lower")  # not a jitted function
+    states = [fresh(), fresh(), fresh()]
+    for batch in copy_batches(2, batch=4):
+        old = states[1]
+        outs = [library(states[0], batch), users(states[1], batch), also(states[2], batch)]
+        assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(old))
+        states = [state for state, _ in outs]
+        for state, metrics in outs[1:]:  # dropout, optimiser and step count included
+            chex.assert_trees_all_close(metrics, outs[0][1], rtol=1e-6, atol=1e-7)
+            chex.assert_trees_all_close(state, outs[0][0], rtol=1e-6, atol=1e-7)
+    assert int(states[0].step) == 2
+
+
+class ToySeq2Seq(nn.Module):
+    """A model family the trainer has never seen: it declares its inputs, nothing else."""
+
+    config: Any
+    INPUTS: ClassVar[tuple[str, ...]] = ("src_ids", "tgt_in_ids")
+
+    @nn.compact
+    def __call__(self, src_ids, tgt_in_ids, deterministic: bool = True):
+        embed = nn.Embed(self.config.vocab_size, self.config.d_model)
+        context = embed(src_ids).mean(axis=1, keepdims=True)  # [B, 1, D]
+        return nn.Dense(self.config.vocab_size)(embed(tgt_in_ids) + context)  # [B, T, V]
+
+
+class Undeclared(nn.Module):
+    config: Any
+
+    @nn.compact
+    def __call__(self, ids, deterministic: bool = True):
+        return nn.Dense(VOCAB)(ids)
+
+
+def test_the_batch_layout_follows_from_the_inputs_a_model_declares():
+    assert batch_layout(Transformer(preset("tiny"))) == BatchLayout(("src", "tgt_in"), "tgt_out")
+    for lm in (DecoderOnlyLM(preset("tiny")), HourglassLM(None)):  # the class decides
+        assert batch_layout(lm) == BatchLayout(("ids",), "targets")
+    # A new family trains and evaluates with no change to the trainer.
+    model, config = ToySeq2Seq(preset("tiny")), TrainConfig(warmup_steps=10, learning_rate=1.0)
+    state = create_train_state(model, jax.random.key(0), config)
+    train_step, eval_step = make_train_step(model, config), make_eval_step(model)
+    batch = copy_batches(1, batch=4)[0]
+    before = float(eval_step(state.params, batch)["loss_sum"])
+    for _ in range(5):
+        state, metrics = train_step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    assert float(eval_step(state.params, batch)["loss_sum"]) < before
+    with pytest.raises(TypeError, match="Undeclared declares no INPUTS"):
+        batch_layout(Undeclared(preset("tiny")))
 
 
 # 5. Dropout keys and reproducibility ---------------------------------------------------------

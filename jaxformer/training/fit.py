@@ -2,7 +2,7 @@
 
     config = load_config("experiments/configs/num2words.py", "demo")
     summary = fit(config, "runs/num2words")      # trains, evaluates, saves; resumes if interrupted
-    run = load_run("runs/num2words")             # config, model, best parameters, tokenizers
+    run = load_run("runs/num2words")             # jaxformer.training.runs: model, best parameters
 
 A workdir holds everything a run needs and makes::
 
@@ -17,7 +17,14 @@ A workdir holds everything a run needs and makes::
 Running ``fit`` again on a workdir continues from its latest checkpoint: the batches of step s are a
 function of s (see ``EpochBatches``) and the dropout key is ``fold_in(seed, s)``, so the continued run
 is the uninterrupted one, step for step. A workdir whose stored model, data or optimiser settings
-differ from the config given is refused (only ``run.*`` may change, e.g. to train longer).
+differ from the config given is refused (only ``run.*`` may change, e.g. to train longer), before
+anything is written into it. Lines of ``metrics.jsonl`` past the checkpoint resumed from (logged by
+a killed process) are dropped, so the continued log holds each step once; a run already trained to
+``run.train_steps`` is left as it is (its summary is returned, not rewritten).
+
+Ctrl-C (SIGINT) stops the loop after the step under way, saves that step and raises
+``TrainingInterrupted`` (a ``KeyboardInterrupt``) after printing "interrupted at step N, saved; run
+the same command to resume"; ``jaxformer train`` and ``experiments/demo.py`` then exit with 130.
 
 Devices: ``run.mesh_data`` x ``run.mesh_model`` (``jaxformer.training.sharding.make_mesh``). On a mesh of
 more than one device the train state is sharded by ``jaxformer.training.sharding``'s rules, every batch is
@@ -33,10 +40,12 @@ import contextlib
 import dataclasses
 import functools
 import json
-import logging
 import math
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,23 +55,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxformer.data import datasets
 from jaxformer.decoding.texts import DecodeOptions, corpus_scores, translate_texts
-from jaxformer.models.decoder_only import DecoderOnlyLM
-from jaxformer.models.encoder_decoder import Transformer
-from jaxformer.models.params import init_params
 from jaxformer.training import checkpoint as ckpt
 from jaxformer.training import sharding as shd
-from jaxformer.training.experiment import ExperimentConfig, load_json, save_json, to_dict
+from jaxformer.training.experiment import ExperimentConfig, save_json
 from jaxformer.training.metrics import MetricsLog, plot_curves
+from jaxformer.training.runs import build_model, check_same_run
 from jaxformer.training.step import (
     create_train_state,
     evaluate,
     make_eval_step,
     make_train_step,
 )
-
-
-def build_model(config: ExperimentConfig) -> Transformer | DecoderOnlyLM:
-    return Transformer(config.model) if config.task == "translate" else DecoderOnlyLM(config.model)
 
 
 @functools.lru_cache(maxsize=8)
@@ -131,42 +134,48 @@ class Data:
 
 def prepare(config: ExperimentConfig, workdir: Path) -> tuple[ExperimentConfig, Data]:
     """Loads the corpus, fits (or reloads) tokenizers, sets the vocabulary sizes in the config."""
-    data, run = config.data, config.run
     if config.task == "translate":
-        split = datasets.text_pairs(data)
-        src_tok, tgt_tok = datasets.tokenizers(
-            data,
-            workdir,
-            [s for s, _ in split.train],
-            [t for _, t in split.train],
-            shared=config.model.share_embeddings,
-        )
-        assert src_tok is not None
-        model = config.model.replace(
-            vocab_size=tgt_tok.vocab_size, src_vocab_size=src_tok.vocab_size
-        )
-        train_ids = datasets.token_pairs(split.train, src_tok, tgt_tok)
+        return _prepare_translation(config, workdir)
+    return _prepare_lm(config, workdir)
 
-        def held_out(pairs):
-            settings = datasets.batch_config(data, run.batch_size, train=False)
-            batches, _ = datasets.bucket_batches(
-                datasets.token_pairs(pairs, src_tok, tgt_tok), settings, seed=None
-            )
-            return [datasets.as_arrays(b) for b in batches]
 
-        # Held-out examples over the length limit are left out of the loss (and counted in the
-        # summary), never truncated; BLEU / exact match decode every held-out example.
-        limit = data.max_length - 1
-        fits = lambda p: len(src_tok.encode(p[0])) <= limit and len(tgt_tok.encode(p[1])) <= limit
-        return config.replace(model=model), Data(
-            src_tok,
-            tgt_tok,
-            datasets.translation_batches(train_ids, data, run.batch_size),
-            held_out([p for p in split.valid if fits(p)]),
-            split.valid,
-            split.test,
-            held_out([p for p in split.test if fits(p)]),
-        )
+def _prepare_translation(config: ExperimentConfig, workdir: Path) -> tuple[ExperimentConfig, Data]:
+    data, run = config.data, config.run
+    split = datasets.text_pairs(data)
+    src_tok, tgt_tok = datasets.tokenizers(
+        data,
+        workdir,
+        [s for s, _ in split.train],
+        [t for _, t in split.train],
+        shared=config.model.share_embeddings,
+    )
+    assert src_tok is not None
+    model = config.model.replace(vocab_size=tgt_tok.vocab_size, src_vocab_size=src_tok.vocab_size)
+    settings = datasets.batch_config(data, run.batch_size, train=False)
+
+    def held_out(pairs):
+        ids = datasets.token_pairs(pairs, src_tok, tgt_tok)
+        batches, _ = datasets.bucket_batches(ids, settings, seed=None)
+        return [datasets.as_arrays(b) for b in batches]
+
+    # Held-out examples over the length limit are left out of the loss (and counted in the
+    # summary), never truncated; BLEU / exact match decode every held-out example.
+    limit = data.max_length - 1
+    fits = lambda p: len(src_tok.encode(p[0])) <= limit and len(tgt_tok.encode(p[1])) <= limit
+    train_ids = datasets.token_pairs(split.train, src_tok, tgt_tok)
+    return config.replace(model=model), Data(
+        src_tok,
+        tgt_tok,
+        datasets.translation_batches(train_ids, data, run.batch_size),
+        held_out([p for p in split.valid if fits(p)]),
+        split.valid,
+        split.test,
+        held_out([p for p in split.test if fits(p)]),
+    )
+
+
+def _prepare_lm(config: ExperimentConfig, workdir: Path) -> tuple[ExperimentConfig, Data]:
+    data, run = config.data, config.run
     split_text = datasets.text_stream(data)
     _, tok = datasets.tokenizers(data, workdir, None, [split_text.train], shared=False)
     model = config.model.replace(vocab_size=tok.vocab_size, src_vocab_size=None)
@@ -184,23 +193,6 @@ def prepare(config: ExperimentConfig, workdir: Path) -> tuple[ExperimentConfig, 
         [],
         windows(split_text.test),
     )
-
-
-def _check_same_run(stored: ExperimentConfig, config: ExperimentConfig, workdir: Path) -> None:
-    old, new = to_dict(stored), to_dict(config)
-    changed = [
-        f"{section}.{key}: {old[section][key]!r} -> {new[section][key]!r}"
-        for section in ("data", "model", "optim")
-        for key in old[section]
-        if old[section][key] != new[section][key]
-    ]
-    if old["task"] != new["task"]:
-        changed.insert(0, f"task: {old['task']} -> {new['task']}")
-    if changed:
-        raise ValueError(
-            f"{workdir} holds a run with other settings (only run.* may change on resume); use a "
-            "new --workdir or the stored config. Differences:\n  " + "\n  ".join(changed)
-        )
 
 
 def evaluate_run(
@@ -244,6 +236,133 @@ def evaluate_run(
     return metrics
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """``fit`` stopped by Ctrl-C (SIGINT). ``saved_step``: the step a rerun resumes from (``step``
+    itself when it was saved on the way out), None if no checkpoint exists yet."""
+
+    def __init__(self, workdir: Path, step: int, saved_step: int | None):
+        self.workdir, self.step, self.saved_step = workdir, step, saved_step
+        if saved_step == step:
+            text = f"interrupted at step {step}, saved; run the same command to resume"
+        elif saved_step is not None:
+            text = (
+                f"interrupted at step {step} in the middle of an update, which cannot be saved; "
+                f"run the same command to resume from the checkpoint of step {saved_step}"
+            )
+        else:
+            text = f"interrupted at step {step}, before any checkpoint: nothing was saved"
+        super().__init__(f"{text} ({workdir})")
+
+
+class _StopRequest:
+    """The SIGINT handler of a training loop: a first Ctrl-C asks it to stop (and save) after the
+    step under way; a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\njaxformer: stopping after this step (Ctrl-C again: at once)", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _stop_on_sigint():
+    """A ``_StopRequest`` installed for SIGINT while the loop runs, when Python's own handler is in
+    place (the main thread; not where SIGINT is ignored or handled by someone else)."""
+    request = _StopRequest()
+    own = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    previous = signal.signal(signal.SIGINT, request) if own else None
+    try:
+        yield request
+    finally:
+        if own:
+            signal.signal(signal.SIGINT, previous)
+
+
+StopWhen = Callable[[int, dict[str, float]], "str | None"]
+
+
+@dataclasses.dataclass
+class _Loop:
+    """What the training loop reads and writes, all bound before it starts."""
+
+    config: ExperimentConfig
+    workdir: Path
+    model: Any
+    data: Data
+    mesh: Mesh | None  # None: one device
+    manager: Any
+    log: MetricsLog
+    train_step: Callable
+    stop_when: StopWhen | None
+    start: int
+
+    def step(self, state, step: int):
+        return self.train_step(state, place_batch(self.data.train(step), self.mesh))
+
+    def evaluate(self, state, step: int, decode: bool) -> dict[str, float]:
+        metrics = evaluate_run(
+            self.config,
+            self.model,
+            state.params,
+            self.data,
+            examples=self.config.run.eval_examples,
+            decode=decode,
+            mesh=self.mesh,
+        )
+        self.log.write(step, {f"valid/{k}": v for k, v in metrics.items()})
+        return metrics
+
+    def save(self, state, step: int, metrics: dict[str, float] | None) -> None:
+        best = None if metrics is None else {"valid_loss": metrics["loss"]}
+        ckpt.save(self.manager, step, state, best)
+
+
+@dataclasses.dataclass
+class _Position:
+    """Where the loop stands: steps done, the latest validation figures, why it stopped."""
+
+    step: int
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    stopped_by: str | None = None
+    began: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def minutes(self) -> float:
+        return (time.perf_counter() - self.began) / 60
+
+
+@dataclasses.dataclass
+class _Window:
+    """Training figures summed since the last log line (device scalars add up without a sync)."""
+
+    sums: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {"loss": 0.0, "accuracy": 0.0, "tokens": 0.0}
+    )
+    steps: int = 0
+    clock: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, out: dict) -> None:
+        self.steps += 1
+        self.sums = {name: total + out[name] for name, total in self.sums.items()}
+
+    def scalars(self, out: dict) -> dict[str, float]:
+        sums, out = jax.device_get((self.sums, out))  # the only host sync of a logging interval
+        return {
+            "train/loss": float(sums["loss"]) / self.steps,
+            "train/accuracy": float(sums["accuracy"]) / self.steps,
+            "train/tokens_per_s": float(sums["tokens"]) / (time.perf_counter() - self.clock),
+            "train/learning_rate": float(out["learning_rate"]),
+            "train/grad_norm": float(out["grad_norm"]),
+        }
+
+
 def _progress(config: ExperimentConfig, start: int):
     from tqdm.auto import tqdm
 
@@ -257,17 +376,46 @@ def _progress(config: ExperimentConfig, start: int):
     )
 
 
-def fit(config: ExperimentConfig, workdir: str | Path) -> dict[str, Any]:
-    """Trains (or continues) the run in ``workdir``; returns the final summary (also summary.json)."""
+def fit(
+    config: ExperimentConfig, workdir: str | Path, *, stop_when: StopWhen | None = None
+) -> dict[str, Any]:
+    """Trains (or continues) the run in ``workdir``; returns the final summary (also summary.json).
+
+    ``stop_when(step, valid_metrics)``, called after each evaluation, may end the run early by
+    returning the reason (a string, stored as the summary's ``stopped_by``). Ctrl-C saves the step
+    reached and raises ``TrainingInterrupted``. A run already trained to ``run.train_steps`` is
+    left as it is: its stored summary is returned.
+    """
     workdir = Path(workdir)
     mesh = make_run_mesh(config)  # before any work: a mesh that does not fit fails at once
-    sharded = mesh.size > 1
-    workdir.mkdir(parents=True, exist_ok=True)
-    config, data = prepare(config, workdir)
-    if (workdir / "config.json").is_file():
-        _check_same_run(load_json(workdir / "config.json"), config, workdir)
-    save_json(config, workdir / "config.json")
+    config, data = _open_workdir(config, workdir)
+    model = build_model(config)
+    manager = ckpt.make_manager(workdir / "checkpoints", keep=config.run.keep_checkpoints)
+    try:
+        state = _initial_state(config, model, manager, mesh)
+        start = int(state.step)
+        if start >= config.run.train_steps:
+            return _already_trained(config, workdir, model, state, data)
+        resume_from = start if (workdir / "metrics.jsonl").exists() else None
+        with MetricsLog(workdir, resume_from=resume_from) as log:
+            loop = _Loop(
+                config, workdir, model, data, mesh if mesh.size > 1 else None, manager, log,
+                _step_function(config, model, mesh), stop_when, start,
+            )  # fmt: skip
+            at = _train(loop, state)
+    finally:
+        manager.close()
+    return _write_summary(config, workdir, data, at)
 
+
+def _open_workdir(config: ExperimentConfig, workdir: Path) -> tuple[ExperimentConfig, Data]:
+    """Checks that ``workdir`` holds no other run (before writing anything into it), prepares the
+    data and stores the resolved config."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    check_same_run(workdir, config, derived=False)
+    config, data = prepare(config, workdir)
+    check_same_run(workdir, config)
+    save_json(config, workdir / "config.json")
     stats = data.train.stats
     if stats is not None and (stats.dropped_too_long or stats.dropped_empty):
         print(
@@ -276,161 +424,120 @@ def fit(config: ExperimentConfig, workdir: str | Path) -> dict[str, Any]:
             f"{stats.dropped_empty} with an empty side",
             file=sys.stderr,
         )
-    model = build_model(config)
+    return config, data
+
+
+def _initial_state(config: ExperimentConfig, model, manager, mesh: Mesh):
+    """A fresh train state, or the latest checkpoint's, in the layout of ``mesh``."""
+    sharded = mesh.size > 1
     state = create_train_state(model, jax.random.key(config.optim.seed), config.optim)
     if sharded:
         state = shd.shard_params(state, mesh)
-    manager = ckpt.make_manager(workdir / "checkpoints", keep=config.run.keep_checkpoints)
-    if manager.latest_step() is not None:
-        # The abstract state carries the shardings, so a checkpoint of any mesh (or of one device)
-        # is read straight into this run's layout.
-        state = ckpt.restore_latest(manager, ckpt.abstract_state(state))
-        if not sharded:
-            # Restored arrays are committed to their device, fresh ones are not, and jit keys its
-            # cache on that: without this a resumed run would compile every step shape once more.
-            # (Sharded, fresh and restored arrays are both committed to the same shardings.)
-            state = jax.tree.map(lambda x: jax.device_put(np.asarray(x)), state)
-    start = int(state.step)
-    if sharded:
-        train_step = _sharded_train_step(model, config.optim, mesh)
-    else:
-        train_step = _train_step(model, config.optim)
-    run = config.run
-    stop_reason = "train_steps"
+    if manager.latest_step() is None:
+        return state
+    # The abstract state carries the shardings, so a checkpoint of any mesh (or of one device)
+    # is read straight into this run's layout.
+    state = ckpt.restore_latest(manager, ckpt.abstract_state(state))
+    if not sharded:
+        # Restored arrays are committed to their device, fresh ones are not, and jit keys its
+        # cache on that: without this a resumed run would compile every step shape once more.
+        # (Sharded, fresh and restored arrays are both committed to the same shardings.)
+        state = jax.tree.map(lambda x: jax.device_put(np.asarray(x)), state)
+    return state
 
-    def evaluation(step: int, decode: bool) -> dict[str, float]:
-        metrics = evaluate_run(
-            config,
-            model,
-            state.params,
-            data,
-            examples=run.eval_examples,
-            decode=decode,
-            mesh=mesh if sharded else None,
-        )
-        log.write(step, {f"valid/{k}": v for k, v in metrics.items()})
-        return metrics
 
-    with MetricsLog(workdir) as log:
-        bar = _progress(config, start)
-        began = time.perf_counter()
-        window = {"loss": 0.0, "accuracy": 0.0, "tokens": 0.0, "n": 0, "t": time.perf_counter()}
-        step = start
-        metrics: dict[str, float] = {}
-        while step < run.train_steps:
-            batch = data.train(step)
-            state, out = train_step(state, place_batch(batch, mesh if sharded else None))
-            step += 1
-            if step % run.log_every == 0 or step == run.train_steps:
-                out = jax.device_get(out)  # the only host sync of a logging interval
-            window["n"] += 1
-            for name in ("loss", "accuracy", "tokens"):
-                window[name] = window[name] + out[name]  # device scalars add up without a sync
-            bar.update(1)
-            elapsed = (time.perf_counter() - began) / 60
-            out_of_time = run.max_minutes is not None and elapsed >= run.max_minutes
-            if step % run.log_every == 0 or step == run.train_steps or out_of_time:
-                totals = jax.device_get({k: window[k] for k in ("loss", "accuracy", "tokens")})
-                seconds = time.perf_counter() - window["t"]
-                scalars = {
-                    "train/loss": float(totals["loss"]) / window["n"],
-                    "train/accuracy": float(totals["accuracy"]) / window["n"],
-                    "train/tokens_per_s": float(totals["tokens"]) / seconds,
-                    "train/learning_rate": float(out["learning_rate"]),
-                    "train/grad_norm": float(out["grad_norm"]),
-                }
-                log.write(step, scalars)
-                bar.set_postfix(
-                    loss=f"{scalars['train/loss']:.3f}",
-                    tok_s=f"{scalars['train/tokens_per_s']:.0f}",
-                )
-                window = {"loss": 0.0, "accuracy": 0.0, "tokens": 0.0, "n": 0}
-                window["t"] = time.perf_counter()
-            last = step == run.train_steps or out_of_time
-            if step % run.eval_every == 0 or step % run.checkpoint_every == 0 or last:
-                decode = config.task == "translate" and (step % run.eval_every == 0 or last)
-                metrics = evaluation(step, decode)
-                if step % run.checkpoint_every == 0 or last:
-                    ckpt.save(manager, step, state, {"valid_loss": metrics["loss"]})
-                window["t"] = time.perf_counter()  # evaluation time is not training time
-            if out_of_time:
-                stop_reason = f"run.max_minutes={run.max_minutes}"
-                break
-        bar.close()
-    manager.close()
+def _step_function(config: ExperimentConfig, model, mesh: Mesh) -> Callable:
+    if mesh.size > 1:
+        return _sharded_train_step(model, config.optim, mesh)
+    return _train_step(model, config.optim)
+
+
+def _train(loop: _Loop, state) -> _Position:
+    """Steps from ``loop.start`` to ``run.train_steps`` (or the time cap, or ``stop_when``):
+    logs, evaluates and saves on the way; on Ctrl-C saves the step reached and raises."""
+    run = loop.config.run
+    at, window = _Position(loop.start), _Window()
+    with _progress(loop.config, loop.start) as bar, _stop_on_sigint() as stop:
+        try:
+            while at.stopped_by is None and at.step < run.train_steps:
+                state, out = loop.step(state, at.step)
+                at.step += 1
+                bar.update(1)
+                if run.max_minutes is not None and at.minutes >= run.max_minutes:
+                    at.stopped_by = f"run.max_minutes={run.max_minutes}"
+                window.add(out)
+                if at.step % run.log_every == 0 or at.step == run.train_steps or at.stopped_by:
+                    scalars = window.scalars(out)
+                    loop.log.write(at.step, scalars)
+                    bar.set_postfix(loss=f"{scalars['train/loss']:.3f}")
+                    window = _Window()
+                if _evaluate_and_save(loop, state, at):
+                    window.clock = time.perf_counter()  # evaluation time is not training time
+                if stop.requested:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            _save_interrupted(loop, state, at.step)
+    at.stopped_by = at.stopped_by or "train_steps"
+    return at
+
+
+def _evaluate_and_save(loop: _Loop, state, at: _Position) -> bool:
+    """Evaluates (decoding at ``run.eval_every``) and saves at ``run.checkpoint_every`` and at the
+    last step; asks ``stop_when`` after a decoding evaluation. Returns whether it evaluated."""
+    run, step = loop.config.run, at.step
+    last = step == run.train_steps or at.stopped_by is not None
+    evaluate = step % run.eval_every == 0 or last
+    save = step % run.checkpoint_every == 0 or last
+    if not (evaluate or save):
+        return False
+    at.metrics = loop.evaluate(state, step, decode=evaluate)
+    if evaluate and loop.stop_when is not None and at.stopped_by is None:
+        at.stopped_by = loop.stop_when(step, at.metrics)
+    if save or at.stopped_by is not None:
+        loop.save(state, step, at.metrics)
+    return True
+
+
+def _save_interrupted(loop: _Loop, state, step: int) -> None:
+    """Saves ``state`` (the state after ``step`` steps) unless an interrupted update consumed it
+    (donated buffers), then raises ``TrainingInterrupted``."""
+    intact = not any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(state))
+    if intact and step > loop.start:
+        loop.save(state, step, None)  # no validation figures: never the "best" checkpoint
+    error = TrainingInterrupted(loop.workdir, step, loop.manager.latest_step())
+    print(f"jaxformer: {error}", file=sys.stderr)
+    raise error from None
+
+
+def _already_trained(config: ExperimentConfig, workdir: Path, model, state, data: Data) -> dict:
+    """A rerun of a finished run: its summary, unchanged (written afresh only if missing)."""
+    step = int(state.step)
+    print(
+        f"jaxformer: {workdir} is trained to step {step} already (run.train_steps="
+        f"{config.run.train_steps}): nothing to train; raise run.train_steps to train longer",
+        file=sys.stderr,
+    )
+    stored = workdir / "summary.json"
+    if stored.is_file():
+        return json.loads(stored.read_text())
+    metrics = evaluate_run(config, model, state.params, data, examples=config.run.eval_examples)
+    at = _Position(step, metrics, "train_steps")
+    at.began = time.perf_counter()
+    return _write_summary(config, workdir, data, at)
+
+
+def _write_summary(config: ExperimentConfig, workdir: Path, data: Data, at: _Position) -> dict:
+    stats = data.train.stats
     summary = {
         "workdir": str(workdir),
-        "step": step,
-        "stopped_by": stop_reason,
-        "train_minutes": (time.perf_counter() - began) / 60,
-        "checkpoint": str(workdir / "checkpoints" / str(step)),
+        "step": at.step,
+        "stopped_by": at.stopped_by,
+        "train_minutes": at.minutes,
+        "checkpoint": str(workdir / "checkpoints" / str(at.step)),
         "data": None if stats is None else dataclasses.asdict(stats),
-        "valid": metrics,
+        "valid": at.metrics,
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if run.plot and (workdir / "metrics.jsonl").is_file():
+    if config.run.plot and (workdir / "metrics.jsonl").is_file():
         plot_curves(workdir / "metrics.jsonl", workdir / "curves.png", title=str(workdir))
     return summary
-
-
-@dataclasses.dataclass
-class Run:
-    """A trained run, ready for inference."""
-
-    config: ExperimentConfig
-    model: Transformer | DecoderOnlyLM
-    params: Any
-    source_tokenizer: Any
-    target_tokenizer: Any
-    step: int
-
-
-def checkpoint_steps(workdir: str | Path) -> tuple[list[int], int | None]:
-    """``(all saved steps, the best step by validation loss)`` of a workdir."""
-    directory = Path(workdir) / "checkpoints"
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no checkpoints in {workdir} ({directory} does not exist)")
-    with _quiet_absl():  # orbax warns that a read-only manager will not save
-        manager = ckpt.make_manager(directory, read_only=True)
-    try:
-        return sorted(manager.all_steps()), manager.best_step()
-    finally:
-        manager.close()
-
-
-@contextlib.contextmanager
-def _quiet_absl():
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def load_run(workdir: str | Path, step: int | str = "best") -> Run:
-    """The config, model, parameters (``"best"``, ``"latest"`` or a step) and tokenizers of a run.
-
-    The parameters are checked against the stored config's model before they are used: a
-    checkpoint of another model raises a ValueError listing the differences.
-    """
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise FileNotFoundError(f"--workdir {workdir} does not exist")
-    config = load_json(workdir / "config.json")
-    steps, best = checkpoint_steps(workdir)
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    if step == "best":
-        step = best if best is not None else steps[-1]
-    elif step == "latest":
-        step = steps[-1]
-    elif not isinstance(step, int):
-        raise ValueError(f"step must be 'best', 'latest' or an int, got {step!r}")
-    model = build_model(config)
-    abstract = jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
-    with _quiet_absl():
-        params = ckpt.restore_params(workdir / "checkpoints", abstract, step=step)
-    src_tok, tgt_tok = datasets.load_tokenizers(workdir, config.task)
-    return Run(config, model, params, src_tok, tgt_tok, int(step))

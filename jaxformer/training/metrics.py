@@ -9,12 +9,17 @@
 wall-clock seconds since the log was opened (training time, across resumes it restarts at 0). The
 TensorBoard events (``workdir/tensorboard``, written with tensorboardX, so no TensorFlow is needed)
 hold the same scalars: ``tensorboard --logdir workdir/tensorboard``.
+
+A run continued from a checkpoint at step s replays the steps after s that a killed process may have
+logged already: ``MetricsLog(workdir, resume_from=s)`` drops those lines from ``metrics.jsonl`` (and
+has TensorBoard hide their events), so every step is logged once.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,17 +28,23 @@ from typing import Any
 class MetricsLog:
     """Appends scalars to ``workdir/metrics.jsonl`` and to TensorBoard; a context manager."""
 
-    def __init__(self, workdir: str | Path, tensorboard: bool = True):
+    def __init__(
+        self, workdir: str | Path, tensorboard: bool = True, *, resume_from: int | None = None
+    ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.path = self.workdir / "metrics.jsonl"
+        if resume_from is not None and self.path.is_file():
+            _keep_up_to(self.path, resume_from)
         self._file = self.path.open("a")
         self._start = time.perf_counter()
         self._writer = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.workdir / "tensorboard"))
+            # purge_step: TensorBoard discards the earlier events of the steps logged again.
+            purge = None if resume_from is None else resume_from + 1
+            self._writer = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         record: dict[str, Any] = {"step": int(step), "time": time.perf_counter() - self._start}
@@ -55,6 +66,25 @@ class MetricsLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _keep_up_to(path: Path, step: int) -> None:
+    """Rewrites ``path`` without the records of steps after ``step`` (replaced atomically); a line
+    cut short by a killed process is dropped too."""
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return False
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and keep(line)]
+    if kept == lines:
+        return
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text("".join(kept))
+    os.replace(partial, path)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -10,9 +10,14 @@
     sums = eval_step(state.params, valid_batch)     # add up over the validation set, then
     perplexity(sums["loss_sum"] / sums["tokens"])
 
+``train_step_fn(model, config)`` (or ``make_train_step(..., jit=False)``) is the same step, pure and
+un-jitted, for your own ``jax.jit`` / ``shard_map`` / scan over steps.
+
 Batches: encoder-decoder models take ``dict(src [B, S], tgt_in [B, T], tgt_out [B, T])``; decoder-only
 models (``DecoderOnlyLM``, ``HourglassLM``) take ``dict(ids [B, T], targets [B, T])``. Targets equal to
 the model's ``pad_id`` have weight 0: they count in neither the loss nor the accuracy nor ``tokens``.
+The layout follows from the token inputs the model class declares (``batch_layout``): a new model
+family needs no change here.
 
 Defaults follow OpenNMT-tf's Transformer ``auto_config`` (``opennmt/models/transformer.py``): label
 smoothing 0.1, Adam with ``beta_1=0.9, beta_2=0.998``, learning rate scale 2.0, ``NoamDecay`` with 8000
@@ -31,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxformer.models.encoder_decoder import Transformer
 from jaxformer.models.params import init_params
 from jaxformer.training.losses import SmoothOver, cross_entropy, padding_weights, token_accuracy
 from jaxformer.typing import PRNGKey, PyTree
@@ -128,6 +132,37 @@ def _pad_id(model) -> int:
     return getattr(model.config, "pad_id", 0)
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """Which batch entries a model reads: ``inputs`` in the order of its call, and the targets."""
+
+    inputs: tuple[str, ...]
+    targets: str
+
+
+def batch_layout(model) -> BatchLayout:
+    """The batch layout of ``model``, from the token inputs its class declares (``INPUTS``).
+
+    A model input ``NAME_ids`` is read from the batch entry ``NAME`` (``ids`` from ``ids``), and the
+    targets are named after the last input: ``tgt_in`` -> ``tgt_out``, any other -> ``targets``. So the
+    encoder-decoder (``("src_ids", "tgt_in_ids")``) reads ``src, tgt_in -> tgt_out`` and the LMs
+    (``("ids",)``) ``ids -> targets``. A model class may instead declare ``BATCH_LAYOUT`` itself.
+    """
+    declared = getattr(type(model), "BATCH_LAYOUT", None)
+    if declared is not None:
+        return declared
+    names = getattr(type(model), "INPUTS", None)
+    if not names:
+        raise TypeError(
+            f"{type(model).__name__} declares no INPUTS (the token arrays its __call__ takes, e.g. "
+            '("ids",)) nor a BATCH_LAYOUT, so the trainer cannot tell which batch entries it reads'
+        )
+    inputs = tuple(name.removesuffix("_ids") for name in names)
+    last = inputs[-1]
+    targets = last.removesuffix("_in") + "_out" if last.endswith("_in") else "targets"
+    return BatchLayout(inputs, targets)
+
+
 def create_train_state(
     model, rng: PRNGKey, config: TrainConfig, params: PyTree | None = None
 ) -> TrainState:
@@ -147,25 +182,21 @@ def create_train_state(
 
 
 def _forward(model, params, batch, *, deterministic: bool, dropout_key=None):
-    """Logits ``[B, T, V]`` and targets ``[B, T]`` for either batch layout."""
+    """Logits ``[B, T, V]`` and targets ``[B, T]`` of a batch in the model's ``batch_layout``."""
+    layout = batch_layout(model)
     rngs = None if deterministic else {"dropout": dropout_key}
-    variables = {"params": params}
-    if isinstance(model, Transformer):
-        logits = model.apply(
-            variables, batch["src"], batch["tgt_in"], deterministic=deterministic, rngs=rngs
-        )
-        return logits, batch["tgt_out"]
-    logits = model.apply(variables, batch["ids"], deterministic=deterministic, rngs=rngs)
-    return logits, batch["targets"]
+    inputs = [batch[name] for name in layout.inputs]
+    logits = model.apply({"params": params}, *inputs, deterministic=deterministic, rngs=rngs)
+    return logits, batch[layout.targets]
 
 
-def make_train_step(model, config: TrainConfig, *, max_traces: int | None = None):
-    """A jit-compiled ``train_step(state, batch) -> (state, metrics)`` that donates ``state``.
+def train_step_fn(model, config: TrainConfig):
+    """The pure ``train_step(state, batch) -> (state, metrics)``: not jit-compiled, nothing donated,
+    to compose with your own transformations (``jax.jit``, ``shard_map``, a scan over steps, ...).
 
     ``metrics`` (float32 scalars): ``loss`` (label-smoothed, per non-padding token: the quantity
     differentiated), ``accuracy`` (token accuracy), ``tokens``, ``grad_norm`` (global norm before
-    clipping) and ``learning_rate`` (the rate this update used). ``max_traces`` wraps the step in
-    ``chex.assert_max_traces`` (tests: a second trace for the same shapes raises).
+    clipping) and ``learning_rate`` (the rate this update used).
     """
     optimizer = make_optimizer(config, _d_model(model))
     schedule = make_schedule(_d_model(model), config.warmup_steps, config.learning_rate)
@@ -197,9 +228,20 @@ def make_train_step(model, config: TrainConfig, *, max_traces: int | None = None
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
+    return train_step
+
+
+def make_train_step(model, config: TrainConfig, *, jit: bool = True, max_traces: int | None = None):
+    """``train_step_fn(model, config)``, jit-compiled with ``state`` donated (do not reuse the
+    ``state`` passed in); ``jit=False`` returns the pure step itself.
+
+    ``max_traces`` wraps the step in ``chex.assert_max_traces`` (tests: a second trace for the same
+    shapes raises).
+    """
+    train_step = train_step_fn(model, config)
     if max_traces is not None:
         train_step = chex.assert_max_traces(train_step, n=max_traces)
-    return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0) if jit else train_step
 
 
 def make_eval_step(model):
@@ -249,8 +291,10 @@ def perplexity(loss_per_token: float) -> float:
 
 
 __all__ = [
+    "BatchLayout",
     "TrainConfig",
     "TrainState",
+    "batch_layout",
     "create_train_state",
     "evaluate",
     "make_eval_step",
@@ -258,4 +302,5 @@ __all__ = [
     "make_schedule",
     "make_train_step",
     "perplexity",
+    "train_step_fn",
 ]
