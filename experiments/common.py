@@ -145,7 +145,8 @@ def fit_config(parser: argparse.ArgumentParser, args: argparse.Namespace, task: 
     """
     # Imported here: the timing scripts (bench_decode's workers) do not load the training stack.
     from jaxformer.training.experiment import load_config, override
-    from jaxformer.training.fit import fit, load_run, prepare
+    from jaxformer.training.fit import fit, prepare
+    from jaxformer.training.runs import load_run
 
     path, _, variant = args.config.partition(":")
     config = override(load_config(path, variant or "default"), args.set)
