@@ -13,12 +13,7 @@ from cli_run import NUM2WORDS, trained_run
 from jaxformer import cli
 from jaxformer.cli import main
 from jaxformer.data import datasets
-from jaxformer.data.tokenizers import (
-    ByteTokenizer,
-    CharTokenizer,
-    SentencePieceTokenizer,
-    out_of_vocabulary,
-)
+from jaxformer.data.tokenizers import ByteTokenizer, CharTokenizer, SentencePieceTokenizer
 from jaxformer.decoding import texts
 from jaxformer.training.experiment import load_config, override
 
@@ -157,6 +152,8 @@ def test_out_of_vocabulary_input_is_counted_and_warned(workdir, capsys, monkeypa
 
 
 def test_out_of_vocabulary_symbols_per_tokenizer():
+    from jaxformer.data.tokenizers import out_of_vocabulary
+
     assert out_of_vocabulary(CharTokenizer.train("0123 "), "12 ab 3a") == ["a", "b", "a"]
     assert out_of_vocabulary(ByteTokenizer(), "héllo ✓") == []
     pytest.importorskip("sentencepiece")
