@@ -25,7 +25,7 @@ from jaxformer import (
     transformer_step_fn,
 )
 from jaxformer import decoding as dec
-from jaxformer.decoding.generation import _continue, _translate
+from jaxformer.decoding.generation import _run
 from jaxformer.training import checkpoint as ckpt
 
 from helpers import as_a_user, source_batch
@@ -129,10 +129,10 @@ def test_generate_refuses_bad_arguments_before_compiling(seq2seq, kwargs, messag
     model, params = seq2seq
     kwargs = {"inputs": SRC, **GOOD, **kwargs}
     inputs = kwargs.pop("inputs")
-    before = _translate._cache_size()
+    before = _run._cache_size()
     with pytest.raises((ValueError, TypeError), match=message), as_a_user():
         generate(model, params, inputs, **kwargs)
-    assert _translate._cache_size() == before  # refused before tracing
+    assert _run._cache_size() == before  # refused before tracing
 
 
 LM_CASES = [
@@ -158,10 +158,10 @@ def test_language_models_refuse_bad_arguments_before_compiling(
     model, params = lm if family == "decoder_only" else hourglass
     kwargs = {"inputs": np.full((2, 5), 3, np.int32), "end_id": 2, "max_length": 4, **kwargs}
     inputs = kwargs.pop("inputs")
-    before = _continue._cache_size()
+    before = _run._cache_size()
     with pytest.raises(ValueError, match=message):
         generate(model, params, inputs, **kwargs)
-    assert _continue._cache_size() == before
+    assert _run._cache_size() == before
 
 
 CONSTRUCTOR_CASES = [
@@ -204,7 +204,8 @@ def test_strategies_samplers_and_configs_refuse_impossible_values(build, message
 def test_attention_size_that_does_not_match_the_source_is_refused(seq2seq):
     model, params = seq2seq
     memory, valid = model.apply({"params": params}, jnp.asarray(SRC), method=Transformer.encode)
-    cache = model.apply({"params": params}, memory, valid, 8, method=Transformer.init_cache)
+    cache = model.apply({"params": params}, 3, 8, method=Transformer.init_cache)
+    kv = model.apply({"params": params}, memory, valid, method=Transformer.init_memory)
     step_fn = transformer_step_fn(model, params)
     start = jnp.ones([3], jnp.int32)
     for kwargs in (
@@ -212,7 +213,7 @@ def test_attention_size_that_does_not_match_the_source_is_refused(seq2seq):
         dict(strategy=dec.BeamSearch(2, coverage_penalty=0.2), attention_size=5),
     ):
         with pytest.raises(ValueError, match=r"attention_size=\d does not match .* width 6"):
-            dec.dynamic_decode(step_fn, start, 2, cache, max_length=8, **kwargs)
+            dec.dynamic_decode(step_fn, start, 2, cache, max_length=8, shared=kv, **kwargs)
 
 
 CHECKPOINT_CASES = [

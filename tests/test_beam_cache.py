@@ -13,7 +13,8 @@ import pytest
 from jaxformer import generate
 from jaxformer.decoding import BeamSearch, dynamic_decode
 from jaxformer.decoding.generation import transformer_step_fn
-from jaxformer.models.cache import KVCache, reorder, tile_batch
+from jaxformer.decoding.state import reorder, tile_batch
+from jaxformer.models.cache import BeamKVCache, KVCache
 
 from helpers import VARIANTS, DecoderOnlyLM, Transformer, make, source_batch
 
@@ -35,19 +36,27 @@ def random_reorders(seed, batch):
     return jnp.asarray(np.arange(batch * WIDTH) // WIDTH * WIDTH + beams, jnp.int32)
 
 
-def drive(model, params, cache, ids, reorders):
-    """Decode STEPS tokens, reordering the cache after each step; returns every step's logits."""
+def drive(model, params, cache, ids, reorders, memory=None):
+    """Decode STEPS tokens, reordering the cache after each step.
+
+    Returns every step's logits, the final cache and, per step t, the first layer's keys that each
+    row holds in slot t right after writing it (before the reorder) ``[STEPS, R, N, H]``.
+    """
+    extra = () if memory is None else (memory,)
 
     def step(cache, inputs):
         token, t, indices = inputs
         logits, cache, *_ = model.apply(
-            {"params": params}, token, t, cache, method=type(model).decode_step
+            {"params": params}, token, t, cache, *extra, method=type(model).decode_step
         )
-        return reorder(cache, indices), logits
+        keys, _ = cache.self_attention[0].rows()  # [R, N, S, H]
+        written = jax.lax.dynamic_index_in_dim(keys, t, axis=2, keepdims=False)  # [R, N, H]
+        return reorder(cache, indices), (logits, written)
 
     steps = jnp.arange(STEPS, dtype=jnp.int32)
-    cache, logits = jax.jit(lambda c: jax.lax.scan(step, c, (ids.T, steps, reorders)))(cache)
-    return logits, cache
+    scan = jax.jit(lambda c: jax.lax.scan(step, c, (ids.T, steps, reorders)))
+    cache, (logits, written) = scan(cache)
+    return logits, cache, written
 
 
 CASES = [
@@ -65,20 +74,29 @@ def test_reading_through_the_origin_table_equals_copying_the_rows(family, varian
     batch = src.shape[0]
     if family == "encoder_decoder":
         model, params = make(Transformer, **overrides)
-        memory, valid = model.apply({"params": params}, src, method=Transformer.encode)
-        cache = model.apply({"params": params}, memory, valid, STEPS, method=Transformer.init_cache)
+        encoded, valid = model.apply({"params": params}, src, method=Transformer.encode)
+        cache = model.apply({"params": params}, batch, STEPS, method=Transformer.init_cache)
+        memory = model.apply({"params": params}, encoded, valid, method=Transformer.init_memory)
     else:
         model, params = make(DecoderOnlyLM, **overrides)
         cache = model.apply({"params": params}, batch, STEPS, method=DecoderOnlyLM.init_cache)
+        memory = None
     ids = jax.random.randint(jax.random.key(3), (batch * WIDTH, STEPS), 3, 32)
     reorders = random_reorders(0, batch)
     tiled = tile_batch(cache, WIDTH)
-    assert all(c.origin is not None for c in tiled.self_attention)
-    got, final = drive(model, params, tiled, ids, reorders)
-    want, _ = drive(model, params, tile_batch(copied(cache), WIDTH), ids, reorders)
+    assert all(isinstance(c, BeamKVCache) for c in tiled.self_attention)
+    got, final, written = drive(model, params, tiled, ids, reorders, memory)
+    want, final_copied, _ = drive(
+        model, params, tile_batch(copied(cache), WIDTH), ids, reorders, memory
+    )
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
     # The keys were never moved: row r's slot t holds what row r wrote at step t.
     assert final.self_attention[0].origin.shape == (batch * WIDTH, STEPS)
+    keys, _ = final.self_attention[0].rows()  # [R, N, S, H]
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(keys), 2, 0), written)
+    # ... where the copying cache moved them (the check can fail).
+    copied_keys, _ = final_copied.self_attention[0].rows()
+    assert not np.array_equal(np.moveaxis(np.asarray(copied_keys), 2, 0), written)
 
 
 def test_a_reorder_moves_the_origin_table_not_the_keys():
@@ -91,8 +109,8 @@ def test_a_reorder_moves_the_origin_table_not_the_keys():
     np.testing.assert_array_equal(moved.origin, np.asarray(cache.origin)[np.asarray(indices)])
     k_rows, v_rows = cache.rows()  # [R, N, S, H]
     np.testing.assert_array_equal(k_rows[:, :, 2], 1.0)  # each row wrote slot 2 of its own beam
-    plain = reorder(KVCache(k=k_rows, v=v_rows, origin=cache.origin), indices)
-    assert plain.origin is not None  # the copy path gathers every leaf, origin included
+    plain = reorder(KVCache(k=k_rows, v=v_rows), indices)
+    assert isinstance(plain, KVCache)  # the copy path gathers every leaf
     np.testing.assert_array_equal(plain.k, np.asarray(k_rows)[np.asarray(indices)])
     with pytest.raises(ValueError, match="tiled already"):
         tile_batch(cache, 2)
@@ -109,10 +127,18 @@ def test_beam_search_equals_the_copying_search_with_a_tiled_memory(overrides):
         model, params, src, start_id=1, end_id=2, max_length=9, strategy=strategy,
         return_attention=True,
     )  # fmt: skip
-    memory, valid = model.apply({"params": params}, src, method=Transformer.encode)
-    cache = model.apply({"params": params}, memory, valid, 9, method=Transformer.init_cache)
+    encoded, valid = model.apply({"params": params}, src, method=Transformer.encode)
+    cache = model.apply({"params": params}, 3, 9, method=Transformer.init_cache)
+    memory = model.apply({"params": params}, encoded, valid, method=Transformer.init_memory)
+    step = transformer_step_fn(model, params)
+
+    def plain_step(ids, t, state):  # the memory is state here: tiled to every row, reordered
+        cache, memory = state
+        logits, cache, attention = step(ids, t, cache, memory)
+        return logits, (cache, memory), attention
+
     want = dynamic_decode(
-        transformer_step_fn(model, params), jnp.ones([3], jnp.int32), 2, copied(cache),
+        plain_step, jnp.ones([3], jnp.int32), 2, (copied(cache), memory),
         strategy=strategy, max_length=9, attention_size=src.shape[1], return_attention=True,
     )  # fmt: skip
     np.testing.assert_array_equal(got.ids, want.ids)

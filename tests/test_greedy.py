@@ -96,12 +96,13 @@ def test_decode_loop_traces_once_per_shape():
     def run(params, src):
         traces.append(1)
         memory, valid = model.apply({"params": params}, src, method=Transformer.encode)
-        cache = model.apply({"params": params}, memory, valid, 6, method=Transformer.init_cache)
-        step_fn = lambda ids, t, c: model.apply(
-            {"params": params}, ids, t, c, method=Transformer.decode_step
+        cache = model.apply({"params": params}, src.shape[0], 6, method=Transformer.init_cache)
+        kv = model.apply({"params": params}, memory, valid, method=Transformer.init_memory)
+        step_fn = lambda ids, t, c, kv: model.apply(
+            {"params": params}, ids, t, c, kv, method=Transformer.decode_step
         )
         return dec.dynamic_decode(
-            step_fn, jnp.ones([src.shape[0]], jnp.int32), 2, cache, max_length=6
+            step_fn, jnp.ones([src.shape[0]], jnp.int32), 2, cache, max_length=6, shared=kv
         )
 
     for seed in range(3):
@@ -112,13 +113,13 @@ def test_decode_loop_traces_once_per_shape():
 
 
 def test_generate_compiles_once_per_shape():
-    from jaxformer.decoding.generation import _translate
+    from jaxformer.decoding.generation import _run
 
     model, params = make(Transformer)
-    before = _translate._cache_size()
+    before = _run._cache_size()
     for seed in range(3):
         generate(model, params, source_batch(seed=seed), start_id=1, end_id=2, max_length=5)
-    assert _translate._cache_size() == before + 1
+    assert _run._cache_size() == before + 1
 
 
 def test_greedy_log_probs_equal_teacher_forced_likelihood():

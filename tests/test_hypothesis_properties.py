@@ -182,11 +182,12 @@ def cached_vs_full(model):
         variables = {"params": params}
         full = model.apply(variables, src, tgt_in)
         memory, valid = model.apply(variables, src, method=Transformer.encode)
-        cache = model.apply(variables, memory, valid, T, method=Transformer.init_cache)
+        cache = model.apply(variables, src.shape[0], T, method=Transformer.init_cache)
+        kv = model.apply(variables, memory, valid, method=Transformer.init_memory)
 
         def step(cache, t):
             logits, cache, _ = model.apply(
-                variables, tgt_in[:, t], t, cache, method=Transformer.decode_step
+                variables, tgt_in[:, t], t, cache, kv, method=Transformer.decode_step
             )
             return cache, logits
 

@@ -51,9 +51,10 @@ def runs():
                 {"params": params}, tgt_in, memory, valid, method=Transformer.decode
             )
             cache = m.apply(
-                {"params": params}, memory, valid, MAX_LENGTH, method=Transformer.init_cache
+                {"params": params}, src.shape[0], MAX_LENGTH, method=Transformer.init_cache
             )
-            return memory, logits, attention, cache
+            kv = m.apply({"params": params}, memory, valid, method=Transformer.init_memory)
+            return memory, logits, attention, (cache, kv)
 
         memory, logits, attention, cache = teacher_forcing(params, src, tgt_in)
         decode = dict(start_id=1, end_id=2, max_length=MAX_LENGTH)
@@ -75,9 +76,9 @@ def test_bfloat16_computes_in_bfloat16_and_scores_in_float32(runs):
     for dtype in PRECISIONS:
         run = runs[dtype]
         assert run["memory"].dtype == jnp.dtype(dtype)  # the encoder's activations
-        cache = run["cache"]
+        cache, kv = run["cache"]
         assert cache.self_attention[0].k.dtype == jnp.dtype(dtype)
-        assert cache.memory[0].v.dtype == jnp.dtype(dtype)
+        assert kv.kv[0].v.dtype == jnp.dtype(dtype)
         assert run["logits"].dtype == jnp.float32
         assert run["attention"].dtype == jnp.float32  # the softmax probabilities
         for search in ("greedy", "beam"):

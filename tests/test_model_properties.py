@@ -84,9 +84,10 @@ def test_an_all_padding_source_gives_finite_outputs():
     )
     assert np.isfinite(np.asarray(memory)).all() and np.isfinite(np.asarray(logits)).all()
     np.testing.assert_array_equal(attention, 0.0)
-    cache = model.apply({"params": params}, memory, valid, 4, method=Transformer.init_cache)
+    cache = model.apply({"params": params}, 2, 4, method=Transformer.init_cache)
+    kv = model.apply({"params": params}, memory, valid, method=Transformer.init_memory)
     logits, _, attention = model.apply(
-        {"params": params}, tgt[:, 0], 0, cache, method=Transformer.decode_step
+        {"params": params}, tgt[:, 0], 0, cache, kv, method=Transformer.decode_step
     )
     assert np.isfinite(np.asarray(logits)).all()
     np.testing.assert_array_equal(attention, 0.0)

@@ -220,11 +220,11 @@ def test_bad_end_id_and_sampler_options_are_refused():
 
 
 def test_temperature_changes_per_call_without_recompiling(model_and_params):
-    from jaxformer.decoding.generation import _translate
+    from jaxformer.decoding.generation import _run
 
     model, params = model_and_params
     src = source_batch()
-    before = _translate._cache_size()
+    before = _run._cache_size()
     outputs = [
         generate(
             model,
@@ -238,6 +238,6 @@ def test_temperature_changes_per_call_without_recompiling(model_and_params):
         ).ids
         for temperature in (0.3, 3.0, 3.0)
     ]
-    assert _translate._cache_size() == before + 1
+    assert _run._cache_size() == before + 1
     np.testing.assert_array_equal(outputs[1], outputs[2])
     assert not np.array_equal(outputs[0], outputs[1])

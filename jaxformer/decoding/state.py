@@ -46,16 +46,15 @@ def _path(path) -> str:
 def check_batch_axis(state: PyTree, batch: int) -> None:
     """Every leaf that is not a scalar nor inside a ``BeamState`` must have ``batch`` rows first."""
 
-    def one(path, x):
+    leaves, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_node)
+    for path, x in leaves:
         if _is_node(x) or jnp.ndim(x) == 0:
-            return
+            continue
         if jnp.shape(x)[0] != batch:
             raise ValueError(
                 f"initial_state{_path(path)}: every non-scalar leaf needs the batch axis first "
                 f"({batch} rows, one per start id), got shape {tuple(jnp.shape(x))}"
             )
-
-    jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_node)
 
 
 def tile_batch(state: PyTree, width: int) -> PyTree:

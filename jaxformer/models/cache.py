@@ -89,6 +89,11 @@ class KVCache:
         put = lambda cache, new: cache.at[rows, :, start].set(new[:, 0].astype(cache.dtype))
         return self.replace(k=put(self.k, k), v=put(self.v, v))  # [R, N, S, H], slot start[r]
 
+    def read(self, slots: Int[Array, "R M"]) -> tuple[Array, Array]:
+        """Keys and values ``[R, M, N, H]``: row r's slots ``slots[r]`` (each in ``[0, S)``)."""
+        rows = jnp.arange(slots.shape[0])[:, None]  # [R, 1]
+        return self.k[rows, :, slots], self.v[rows, :, slots]
+
     def attend(self, q: Float[Array, "R 1 N H"], last, relative=(None, None)):
         """One query per row against slots ``0 .. last`` (``last``: scalar or ``[R]``).
 
@@ -161,6 +166,12 @@ class BeamKVCache:
         origin = self.origin.at[jnp.arange(rows), start].set(own)  # [R, S]
         return self.replace(k=put(self.k, k), v=put(self.v, v), origin=origin)
 
+    def read(self, slots: Int[Array, "R M"]) -> tuple[Array, Array]:
+        """``KVCache.read`` through the origin table: slot t of row r from beam ``origin[r, t]``."""
+        entry = (jnp.arange(slots.shape[0]) // self.width)[:, None]  # [R, 1]
+        beam = jnp.take_along_axis(self.origin, slots, axis=1)  # [R, M]
+        return self.k[entry, :, beam, slots], self.v[entry, :, beam, slots]
+
     def attend(self, q: Float[Array, "R 1 N H"], last, relative=(None, None)):
         """``KVCache.attend`` through the origin table."""
         rows, length = q.shape[0], self.length
@@ -172,7 +183,7 @@ class BeamKVCache:
         return attend_through_origin(q, self.k, self.v, self.origin, mask, rel_k, rel_v)
 
     def tile_beams(self, width: int):
-        raise ValueError("this cache is tiled for beam search already (it has an origin table)")
+        raise ValueError("this KVCache is tiled already (a BeamKVCache has an origin table)")
 
     def reorder_beams(self, indices: Int[Array, " R"]) -> BeamKVCache:
         # Indices stay within each batch entry, so the beams that origin names stay valid.
