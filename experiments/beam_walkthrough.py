@@ -31,8 +31,9 @@ def run(steps: int = 4, seed: int = 0, source_length: int = 5) -> dict:
     model = Transformer(config)
     params = init_params(model, jax.random.key(seed))
     src = jax.random.randint(jax.random.key(seed + 1), (1, source_length), 3, config.vocab_size)
-    memory, valid = model.apply({"params": params}, src, method=Transformer.encode)
-    cache = model.apply({"params": params}, memory, valid, steps, method=Transformer.init_cache)
+    encoded, valid = model.apply({"params": params}, src, method=Transformer.encode)
+    memory = model.apply({"params": params}, encoded, valid, method=Transformer.init_memory)
+    cache = model.apply({"params": params}, 1, steps, method=Transformer.init_cache)
     result = dec.dynamic_decode(
         transformer_step_fn(model, params),
         jnp.full([1], START_ID, jnp.int32),
@@ -44,6 +45,7 @@ def run(steps: int = 4, seed: int = 0, source_length: int = 5) -> dict:
         rng=jax.random.key(seed + 2),
         attention_size=source_length,
         trace=True,
+        shared=memory,  # read by the beams, never tiled nor reordered
     )
     trace = {k: np.asarray(v) for k, v in result.trace.items()}
     trace["ids"] = trace["beam_ids"] * config.vocab_size + trace["word_ids"]
