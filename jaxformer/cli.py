@@ -67,11 +67,14 @@ def _config_path(text: str) -> tuple[str, str]:
 
 def cmd_train(args) -> int:
     from jaxformer.training.experiment import load_config, override
-    from jaxformer.training.fit import fit
+    from jaxformer.training.fit import TrainingInterrupted, fit
 
     path, variant = _config_path(args.config)
     config = override(load_config(path, variant), args.set or [])
-    summary = fit(config, args.workdir)
+    try:
+        summary = fit(config, args.workdir)
+    except TrainingInterrupted:  # fit printed the step it saved; 130: ended by SIGINT
+        return 130
     print(json.dumps(summary, indent=2))
     return 0
 
