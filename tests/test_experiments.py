@@ -4,6 +4,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+from jaxformer.training.experiment import load_config, override
 
 from helpers import EXPERIMENTS, load_experiment
 
@@ -46,13 +49,68 @@ CONFIGS = EXPERIMENTS / "configs"
 def test_make_demo_smoke_trains_translates_and_reports(tmp_path, capsys):
     demo = load("demo")
     workdir = tmp_path / "demo"
-    figures = demo.main(["--workdir", str(workdir), "--variant", "smoke", "--examples", "12"])
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("mine")
+    argv = ["--workdir", str(workdir), "--variant", "smoke", "--examples", "12"]
+    # --stop-at 0: the first evaluation (step 15 of 30) ends training.
+    figures = demo.main([*argv, "--overwrite", "--stop-at", "0"])
     out = capsys.readouterr().out
     for text in ("source", "reference", "greedy", "beam 4", "exact match", "BLEU", "Bar (>= 90%"):
         assert text in out, text
+    assert f"--overwrite: removed {workdir} and the 1 entries it held: notes.txt" in out
     assert str(workdir / "checkpoints") in out
     assert figures["examples"] == 12 and set(figures["scores"]) == {"greedy", "beam 4"}
+    assert figures["train_steps"] == 15 and "stopped early: validation exact match" in out
     assert (workdir / "curves.png").is_file()
+    # Run again: the demo's own complete run is evaluated, not trained again nor deleted.
+    summary = (workdir / "summary.json").read_bytes()
+    again = demo.main([*argv, "--stop-at", "0"])
+    assert "complete: evaluating it without training" in capsys.readouterr().out
+    assert again["scores"] == figures["scores"] and again["train_steps"] == 15
+    assert (workdir / "summary.json").read_bytes() == summary
+
+
+def test_demo_leaves_a_directory_it_did_not_make_untouched(tmp_path, capsys):
+    """A user's directory (another run's config.json and their notes) is refused, never deleted."""
+    from jaxformer.training.experiment import load_config, save_json
+
+    demo = load("demo")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    save_json(load_config(CONFIGS / "shakespeare.py", "smoke"), theirs / "config.json")
+    (theirs / "notes.txt").write_text("my notes")
+    before = {p.name: p.read_bytes() for p in theirs.iterdir()}
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("my notes")
+    for workdir, reason in ((theirs, "holds something other than this demo's run"),
+                            (plain, "holds no jaxformer run")):  # fmt: skip
+        with pytest.raises(SystemExit) as refused:
+            demo.main(["--workdir", str(workdir), "--variant", "smoke"])
+        assert refused.value.code == 2
+        err = capsys.readouterr().err
+        assert reason in err and "left untouched" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == before
+    assert (plain / "notes.txt").read_text() == "my notes"
+
+
+def test_demo_says_what_ended_training_and_keeps_the_steps_asked_for():
+    demo = load("demo")
+    config = load_config(CONFIGS / "num2words.py", "demo")
+    assert config.run.max_minutes is None  # no time cap: the result does not depend on the load
+    asked = override(config, ["run.train_steps=200"])
+    assert asked.run.train_steps == 200 and "up to 200 steps" in demo.plan(asked, 96.0)
+    assert "no time cap" in demo.plan(asked, 96.0)
+    capped = override(config, ["run.max_minutes=4"])
+    assert "time cap run.max_minutes=4" in demo.plan(capped, None)
+    summary = {"stopped_by": "run.max_minutes=4.0", "step": 435}
+    assert "TIME CAP (run.max_minutes=4.0 minutes) ended training at step 435 of 1500, not the " \
+        "step count" in demo.stop_reason(summary, capped)  # fmt: skip
+    summary = {"stopped_by": "train_steps", "step": 200}
+    assert "the step count ended training (run.train_steps=200)" in demo.stop_reason(summary, asked)
+    stop = demo.early_stop(96.0)
+    assert stop(250, {"exact_match": 95.5}) is None
+    assert stop(500, {"exact_match": 97.0}) == "validation exact match 97.0% >= 96% at step 500"
 
 
 def fake_bible_db(path, per_book=(40, 6, 6)):

@@ -26,6 +26,7 @@ import pytest
 from jaxformer.training import checkpoint as ckpt
 from jaxformer.training.experiment import load_config, override
 from jaxformer.training.fit import fit
+from jaxformer.training.metrics import read_jsonl
 
 from helpers import EXPERIMENTS
 
@@ -301,6 +302,49 @@ def test_a_killed_training_run_resumes_to_the_uninterrupted_run(tmp_path):
         manager.close()
     assert int(states[0]["step"]) == steps
     chex.assert_trees_all_equal(*states)  # params, Adam moments, step, dropout key: bit for bit
+    # The steps the killed process logged after its last checkpoint were replayed, and logged
+    # once: both logs hold the same lines (but for the timings).
+    timing = ("time", "train/tokens_per_s")
+    logs = [
+        [{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(w / "metrics.jsonl")]
+        for w in (killed, tmp_path / "whole")
+    ]
+    assert logs[0] == logs[1]
+
+
+INTERRUPTED = re.compile(r"interrupted at step (\d+), saved; run the same command to resume")
+
+
+@pytest.mark.parametrize("program", ["cli", "demo"])
+def test_ctrl_c_saves_the_step_reached_and_exits_130(tmp_path, program):
+    workdir, log = tmp_path / "run", tmp_path / "stderr.log"
+    steps = ["--set", "run.train_steps=100000", "--set", "run.log_every=1"]
+    steps += ["--set", "run.checkpoint_every=100000", "--set", "run.eval_every=100000"]
+    if program == "cli":
+        text = tmp_path / "text.txt"
+        text.write_text("Now is the winter of our discontent made glorious summer. " * 40)
+        args = ["-m", "jaxformer.cli", "train", "--config", f"{SHAKESPEARE}:smoke",
+                "--workdir", str(workdir), "--set", f"data.text_file={text}"]  # fmt: skip
+    else:
+        args = [str(EXPERIMENTS / "demo.py"), "--variant", "smoke", "--workdir", str(workdir),
+                "--stop-at", "none"]  # fmt: skip
+    process = start([sys.executable, *args, *steps], log)
+    logged = lambda: (
+        (workdir / "metrics.jsonl").is_file()
+        and len((workdir / "metrics.jsonl").read_text().splitlines()) >= 3
+    )
+    wait_for(process, log, logged, "three logged steps")
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130, log.read_text()[-3000:]
+    stderr = log.read_text()
+    found = INTERRUPTED.search(stderr)
+    assert found, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    step = int(found[1])
+    assert step >= 3 and listing(workdir / "checkpoints") == ([step], [])
+    reader = ckpt.make_manager(workdir / "checkpoints", read_only=True)
+    assert int(reader.restore(step)["step"]) == step  # the state after that step
+    reader.close()
 
 
 def test_a_relative_checkpoint_directory_is_resolved(tmp_path, monkeypatch):
