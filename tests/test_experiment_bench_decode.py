@@ -7,7 +7,8 @@ import pytest
 from helpers import load_experiment
 
 pytest.importorskip(
-    "ctranslate2", reason="CTranslate2 is not installed (pip install 'jaxformer[ctranslate2]')"
+    "ctranslate2",
+    reason="CTranslate2 is not installed (pip install -e '.[ctranslate2]' from the repository root, or pip install ctranslate2)",
 )
 
 

@@ -21,7 +21,8 @@ from jaxformer.interop import SPECIAL_TOKENS, ids_vocab, to_ctranslate2
 from helpers import as_a_user
 
 ctranslate2 = pytest.importorskip(
-    "ctranslate2", reason="CTranslate2 is not installed (pip install 'jaxformer[ctranslate2]')"
+    "ctranslate2",
+    reason="CTranslate2 is not installed (pip install -e '.[ctranslate2]' from the repository root, or pip install ctranslate2)",
 )
 
 # The trained model is trained once per test process: its tests share one xdist worker

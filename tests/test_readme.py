@@ -64,6 +64,10 @@ def test_install_hints_work_from_a_clone():
     root = README.parent
     files = [README, root / "jaxformer" / "cli.py", root / "jaxformer" / "data" / "tokenizers.py"]
     files.append(root / "jaxformer" / "interop" / "__init__.py")
+    files += [
+        root / "jaxformer" / "data" / "corpora.py",
+        root / "jaxformer" / "interop" / "ctranslate2.py",
+    ]
     for path in files:
         assert "jaxformer[" not in path.read_text(encoding="utf-8"), path
     assert "pip install -e '.[data]'" in tokenizers.SPM_INSTALL

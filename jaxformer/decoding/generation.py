@@ -73,7 +73,7 @@ def generate(
     rng: PRNGKey | None = None,
     return_attention: bool = False,
     compat: str | None = None,
-    prompt_lengths: Int[Array | np.ndarray, " B"] | None = None,
+    prompt_lengths: Int[Array | np.ndarray, " B"] | list | tuple | None = None,
 ) -> DecodingResult:
     """Translate sources with an encoder-decoder, or continue prompts with a decoder-only LM.
 

@@ -123,11 +123,18 @@ def dynamic_decode(
 ) -> DecodingResult:
     """Decode with ``step_fn(ids [R], step, state[, shared]) -> (logits [R, V], state[, attention [R, S]])``.
 
-    The step-function contract is in the README ("The search, for any model") and ``DESIGN.md`` §2.
-    ``initial_state`` has one row per start id (scalar leaves have no batch axis and are kept as they
-    are; see ``jaxformer.decoding.state``); the search tiles it to ``R = B*W`` rows and reorders it
-    with the beams. ``shared`` (when not None) is passed to every step as its fourth argument and never
-    tiled nor reordered: per-entry data such as the encoder memory, which the W rows of an entry read.
+    The contract of ``step_fn`` (README.md, "The step-function contract", has it in full): ``ids``
+    int32[R] is the token each row emitted last (``start_ids`` repeated W times at step 0), R = B*W
+    rows laid out [b0w0, b0w1, ..., b1w0, ...]; ``step`` is a traced int32 scalar; ``state`` is
+    ``initial_state`` tiled to R rows and reordered by the beams after every step (scalar leaves are
+    left as they are; a node implementing ``tile_beams`` / ``reorder_beams`` answers for itself: see
+    ``jaxformer.decoding.state``). It returns raw ``logits`` [R, V] (the search applies log_softmax,
+    in float32), the state with the same structure, shapes and dtypes, and optionally ``attention``
+    [R, S], required by ``coverage_penalty`` and ``return_attention``. It is traced twice (a shape
+    probe, then the loop body) and run inside the loop: pure, static shapes. Finished rows are still
+    passed to it; their outputs are ignored (EOS is forced). ``shared`` (when not None) is passed to
+    every step as its fourth argument and never tiled nor reordered: per-entry data such as the
+    encoder memory, which the W rows of an entry read.
     ``compat="opennmt-tf"`` reproduces OpenNMT-tf 2.32's returned values exactly, defects included;
     the default corrects them (every returned field describes the same hypothesis; log_probs travel
     with their hypothesis; each token's attention comes from the row that generated it).

@@ -74,7 +74,7 @@ def _ct2():
         import ctranslate2
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "to_ctranslate2 needs CTranslate2: pip install 'jaxformer[ctranslate2]'"
+            "to_ctranslate2 needs CTranslate2: pip install -e '.[ctranslate2]' from the repository root, or pip install ctranslate2"
         ) from error
     return ctranslate2
 
