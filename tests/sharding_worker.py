@@ -25,7 +25,8 @@ with install_import_hook("jaxformer", "beartype.beartype"):  # as the suite chec
 
     import jaxformer
     from jaxformer import decoding as dec
-    from jaxformer.training import checkpoint, experiment, sharding, trainer
+    from jaxformer.training import checkpoint, experiment, runs, sharding
+    from jaxformer.training import fit as trainer
     from jaxformer.training.metrics import read_jsonl, series
     from jaxformer.training.step import TrainConfig, create_train_state, make_train_step
 
@@ -218,7 +219,7 @@ def fit_on_the_mesh_of_the_config(out_dir: pathlib.Path) -> tuple[dict, dict]:
             arrays[f"fit/{name}/{metric}/steps"] = np.array(steps)
 
     # How the checkpoints were stored: step 2 from one device, step 4 from the mesh.
-    with trainer._quiet_absl():  # orbax warns that a read-only manager will not save
+    with runs.quiet_absl():  # orbax warns that a read-only manager will not save
         manager = checkpoint.make_manager(mixed / "checkpoints", best_metric=None, read_only=True)
     stored = {}
     for step in manager.all_steps():
@@ -233,7 +234,7 @@ def fit_on_the_mesh_of_the_config(out_dir: pathlib.Path) -> tuple[dict, dict]:
     # The step fit ran on the mesh: compiled once per batch shape (one here).
     config = experiment.load_json(mixed / "config.json")
     mesh = trainer.make_run_mesh(mesh_config)
-    step_fn = trainer._sharded_train_step(trainer.build_model(config), config.optim, mesh)
+    step_fn = trainer._sharded_train_step(runs.build_model(config), config.optim, mesh)
     # Held-out batches: split over "data" when the rows divide evenly, else replicated.
     placed = {
         rows: trainer.place_batch({"src": np.zeros((rows, 5), np.int32)}, mesh)["src"]
