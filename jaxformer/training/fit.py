@@ -399,9 +399,17 @@ def fit(
         resume_from = start if (workdir / "metrics.jsonl").exists() else None
         with MetricsLog(workdir, resume_from=resume_from) as log:
             loop = _Loop(
-                config, workdir, model, data, mesh if mesh.size > 1 else None, manager, log,
-                _step_function(config, model, mesh), stop_when, start,
-            )  # fmt: skip
+                config=config,
+                workdir=workdir,
+                model=model,
+                data=data,
+                mesh=mesh if mesh.size > 1 else None,
+                manager=manager,
+                log=log,
+                train_step=_step_function(config, model, mesh),
+                stop_when=stop_when,
+                start=start,
+            )
             at = _train(loop, state)
     finally:
         manager.close()
