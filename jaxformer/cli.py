@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jaxformer.data.corpora import MissingDependency
+from jaxformer.decoding.options import require_int
 
 EXPORT_FORMATS = ("ctranslate2",)
 HELD_OUT_CACHE = "heldout.json"  # in the workdir: the valid / test splits, for `jaxformer eval`
@@ -111,8 +112,11 @@ def _decode_options(args, max_length: int):
 
 def _check_at_least(args, name: str, low: int) -> None:
     value = getattr(args, name.lstrip("-").replace("-", "_"))
-    if value is not None and value < low:
-        raise UsageError(f"{name} must be an int >= {low}, got {value}")
+    if value is not None:
+        try:
+            require_int(name, value, low)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
 
 
 def _read_lines(path: str | None, option: str = "--input") -> list[str]:
@@ -487,19 +491,7 @@ def _add_unk_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    summary, _, epilog = __doc__.partition("\n\n")
-    parser = _Parser(
-        prog="jaxformer", description=summary, epilog=epilog, formatter_class=_HelpFormatter
-    )
-    parser.add_argument("--version", action="version", version=f"jaxformer {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, help: str, description: str | None = None):
-        return sub.add_parser(
-            name, help=help, description=description or help, formatter_class=_HelpFormatter
-        )
-
+def _add_train(command) -> None:
     train = command("train", "train (or resume) a run")
     train.add_argument("--config", required=True, help="experiments/configs/NAME.py[:variant]")
     train.add_argument("--workdir", required=True, help="where the run is written (or resumed)")
@@ -512,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=cmd_train)
 
+
+def _add_translate(command) -> None:
     translate = command("translate", "translate lines from stdin or --input")
     _add_run(translate)
     translate.add_argument(
@@ -533,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode_options(translate)
     translate.set_defaults(func=cmd_translate)
 
+
+def _add_generate(command) -> None:
     generate = command("generate", "continue prompts with a language model")
     _add_run(generate)
     generate.add_argument("--prompt", action="append", help="repeatable (default: stdin lines)")
@@ -541,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode_options(generate)
     generate.set_defaults(func=cmd_generate)
 
+
+def _add_eval(command) -> None:
     evaluate = command(
         "eval",
         "held-out loss/perplexity (+ BLEU, exact match), or BLEU of your own test set",
@@ -573,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
+
+def _add_export(command) -> None:
     export = command(
         "export",
         "write the model for another engine",
@@ -586,6 +586,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantization", default=None, help="e.g. int8, CTranslate2's names (default: float32)"
     )
     export.set_defaults(func=cmd_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    summary, _, epilog = __doc__.partition("\n\n")
+    parser = _Parser(
+        prog="jaxformer", description=summary, epilog=epilog, formatter_class=_HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"jaxformer {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, description: str | None = None):
+        return sub.add_parser(
+            name, help=help, description=description or help, formatter_class=_HelpFormatter
+        )
+
+    for add in (_add_train, _add_translate, _add_generate, _add_eval, _add_export):
+        add(command)
     return parser
 
 

@@ -101,14 +101,14 @@ def test_eval_on_your_own_test_set(workdir, capsys, monkeypatch, tmp_path):
     "argv, message",
     [
         (["translate", "--workdir", "{missing}"], "--workdir .* does not exist"),
-        (["translate", "--beam-size", "0"], "beam_size must be >= 1, got 0"),
+        (["translate", "--beam-size", "0"], "beam_size must be an int >= 1, got 0"),
         (
             ["translate", "--beam-size", "2", "--n-best", "3"],
-            r"n_best must be in \[1, beam_size=2\]",
+            r"n_best must be an int in \[1, beam_size=2\]",
         ),
-        (["translate", "--sampling-temperature", "0"], "sampling_temperature must be > 0"),
-        (["translate", "--sampling-topk", "-1"], "sampling_topk must be >= 0"),
-        (["translate", "--max-length", "0"], "max_length must be >= 1"),
+        (["translate", "--sampling-temperature", "0"], "sampling_temperature must be a number > 0"),
+        (["translate", "--sampling-topk", "-1"], "sampling_topk must be an int >= 0"),
+        (["translate", "--max-length", "0"], "max_length must be an int >= 1"),
         (
             ["translate", "--min-length", "9", "--max-length", "5"],
             r"min_length must be in \[0, max_length=5\]",

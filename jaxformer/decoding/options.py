@@ -18,10 +18,15 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def require_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
-    """``value`` as an int in ``[low, high]`` (either bound may be open), else a ``ValueError``."""
+def require_int(
+    name: str, value, low: int | None = None, high: int | None = None, high_name: str = ""
+) -> int:
+    """``value`` as an int in ``[low, high]`` (either bound may be open), else a ``ValueError``.
+
+    ``high_name`` names where the upper bound comes from (``"beam_size"``: ``[1, beam_size=4]``).
+    """
     if low is not None and high is not None:
-        allowed = f"an int in [{low}, {high}]"
+        allowed = f"an int in [{low}, {high_name + '=' if high_name else ''}{high}]"
     elif low is not None:
         allowed = f"an int >= {low}"
     else:

@@ -33,6 +33,7 @@ from jaxformer.data.tokenizers import (
     out_of_vocabulary,
 )
 from jaxformer.decoding import BeamSearch, BestSampler, GreedySearch, RandomSampler
+from jaxformer.decoding import options as opt
 from jaxformer.decoding.generation import generate
 
 
@@ -56,31 +57,15 @@ class DecodeOptions:
     n_best: int = 1
     seed: int = 0
 
-    def __post_init__(self):
-        def need(ok: bool, message: str):
-            if not ok:
-                raise ValueError(message)
-
-        need(self.beam_size >= 1, f"beam_size must be >= 1, got {self.beam_size}")
-        need(self.sampling_topk >= 0, f"sampling_topk must be >= 0, got {self.sampling_topk}")
-        need(
-            self.sampling_temperature > 0,
-            f"sampling_temperature must be > 0, got {self.sampling_temperature}",
-        )
-        need(self.max_length >= 1, f"max_length must be >= 1, got {self.max_length}")
-        need(
-            0 <= self.min_length <= self.max_length,
-            f"min_length must be in [0, max_length={self.max_length}], got {self.min_length}",
-        )
-        need(
-            1 <= self.n_best <= self.beam_size,
-            f"n_best must be in [1, beam_size={self.beam_size}], got {self.n_best}",
-        )
-        need(self.length_penalty >= 0, f"length_penalty must be >= 0, got {self.length_penalty}")
-        need(
-            self.coverage_penalty >= 0,
-            f"coverage_penalty must be >= 0, got {self.coverage_penalty}",
-        )
+    def __post_init__(self):  # the checks every decoding entry point shares (options.py)
+        opt.require_int("beam_size", self.beam_size, 1)
+        opt.require_int("sampling_topk", self.sampling_topk, 0)
+        opt.require_number("sampling_temperature", self.sampling_temperature, positive=True)
+        opt.check_lengths(self.max_length, self.min_length)
+        opt.require_int("n_best", self.n_best, 1, self.beam_size, "beam_size")
+        opt.require_number("length_penalty", self.length_penalty)
+        opt.require_number("coverage_penalty", self.coverage_penalty)
+        opt.require_int("seed", self.seed)
 
     @property
     def strategy(self) -> GreedySearch | BeamSearch:
@@ -187,32 +172,12 @@ def translate_texts(
             rng, key = jax.random.split(rng)
         else:
             key = None
-        result = generate(
-            model,
-            params,
-            ids,
-            start_id=BOS_ID,
-            end_id=EOS_ID,
-            max_length=options.max_length,
-            min_length=options.min_length,
-            strategy=options.strategy,
-            sampler=options.sampler,
-            rng=key,
-        )
-        hyp_ids, lengths, scores = jax.device_get((result.ids, result.lengths, result.scores))
+        result = _decode_batch(model, params, ids, options, key)
         for row, i in enumerate(index.tolist()):
-            if i < 0:
-                continue
-            texts = [
-                tgt_tokenizer.decode(hyp_ids[row, k, : lengths[row, k]].tolist())
-                for k in range(options.n_best)
-            ]
-            truncated = bool(lengths[row, 0] >= options.max_length)  # no EOS within the limit
-            line = todo[i]
-            outputs[line] = Output(
-                texts, scores[row, : options.n_best].tolist(), truncated, unknown[line]
-            )
-            bar.update(1)
+            if i >= 0:
+                line = todo[i]
+                outputs[line] = _output(result, row, tgt_tokenizer, options, unknown[line])
+                bar.update(1)
     bar.close()
     return [o for o in outputs if o is not None]
 
@@ -247,6 +212,32 @@ def unknown_summary(outputs: Sequence[Output], what: str = "lines") -> str | Non
         f"{len(hit)} of {len(outputs)} {what} had symbols outside the vocabulary (mapped to <unk>, "
         f"so their outputs are unreliable): {shown} (first: {what[:-1]} {hit[0]})"
     )
+
+
+def _decode_batch(model, params, ids, options: DecodeOptions, key):
+    result = generate(
+        model,
+        params,
+        ids,
+        start_id=BOS_ID,
+        end_id=EOS_ID,
+        max_length=options.max_length,
+        min_length=options.min_length,
+        strategy=options.strategy,
+        sampler=options.sampler,
+        rng=key,
+    )
+    return jax.device_get((result.ids, result.lengths, result.scores))
+
+
+def _output(result, row: int, tokenizer: Tokenizer, options: DecodeOptions, unknown) -> Output:
+    """Row ``row`` of a decoded batch as text: its n-best hypotheses and their scores."""
+    hyp_ids, lengths, scores = result
+    texts = [
+        tokenizer.decode(hyp_ids[row, k, : lengths[row, k]].tolist()) for k in range(options.n_best)
+    ]
+    truncated = bool(lengths[row, 0] >= options.max_length)  # no EOS within the limit
+    return Output(texts, scores[row, : options.n_best].tolist(), truncated, unknown)
 
 
 def _progress(total: int, enabled: bool, desc: str):
