@@ -1,4 +1,5 @@
-"""Hourglass LM: causality and cached decoding for every shortening x upsampling pair, search, config."""
+"""Hourglass LM: causality and cached decoding for every shortening x upsampling pair, prefill, ragged
+prompts, beam search through the origin tables, config."""
 
 import functools
 import itertools
@@ -9,7 +10,10 @@ import numpy as np
 import pytest
 
 from jaxformer import decoding as dec
-from jaxformer.models.cache import KVCache
+from jaxformer import generate
+from jaxformer.decoding.adapters import adapter_for, step_function
+from jaxformer.decoding.state import reorder, tile_batch
+from jaxformer.models.cache import BeamKVCache, KVCache
 from jaxformer.models.hourglass import (
     HOURGLASS_PRESETS,
     HourglassConfig,
@@ -285,8 +289,176 @@ def test_tiny_preset_shapes_and_parameters_at_no_cost():
     # KV caches are heads-major: [B, N, S, H]
     assert cache.pre[0].k.shape == (2, 4, 9, 8) and cache.inner.pre[1].k.shape == (2, 4, 5, 8)
     assert isinstance(cache.upsampling, KVCache) and cache.upsampling.k.shape == (2, 4, 5, 8)
-    assert cache.window.shape == (2, 2, 32) and cache.coarse.shape == (2, 1, 32)
+    # The stream: h_i as keys, y_{i // K} as values, one head of width D, one slot per position.
+    assert cache.stream.k.shape == (2, 1, 9, 32) and cache.stream.v.shape == (2, 1, 9, 32)
+    assert cache.inner.stream is None and cache.inner.upsampling is None
     with pytest.raises(ValueError, match="unknown hourglass preset"):
         hourglass_preset("huge")
     with pytest.raises(ValueError, match="max_len"):
         model.apply({"params": shapes}, 1, 129, method=HourglassLM.init_cache)
+
+
+# --- Prefill -----------------------------------------------------------------------------------------
+
+PREFILL_CASES = [  # both hierarchies, every shortening and every upsampling at least once
+    pytest.param(HIERARCHIES["nested"], "attention", "attention", id="nested-attention-attention"),
+    pytest.param(HIERARCHIES["nested"], "average", "linear", id="nested-average-linear"),
+    pytest.param(HIERARCHIES["single"], "linear", "repeat", id="single-linear-repeat"),
+]
+
+
+@pytest.mark.parametrize("hierarchy, shortening, upsampling", PREFILL_CASES)
+def test_prefill_equals_feeding_the_prompt_step_by_step(hierarchy, shortening, upsampling):
+    """One full pass per level leaves every cache leaf as LENGTH decode steps do, and the next step
+    (row 0 at position LENGTH, row 1 back at position 7: per-row positions) reads them alike."""
+    v = variant(hierarchy, shortening, upsampling)
+    model, variables, max_length = v.model, {"params": v.params}, LENGTH + 3
+    _, stepped = v.decode(v.ids[:2], max_length)
+
+    def prefill_then_step(ids, token, positions):
+        cache = model.apply(variables, 2, max_length, method=HourglassLM.init_cache)
+        logits, cache = model.apply(variables, ids, cache, method=HourglassLM.prefill)
+        following, _, _ = model.apply(
+            variables, token, positions, cache, method=HourglassLM.decode_step
+        )
+        return logits, cache, following
+
+    token = jnp.asarray([5, v.ids[1, 7]], jnp.int32)
+    positions = jnp.asarray([LENGTH, 7], jnp.int32)
+    args = (v.ids[:2], token, positions)
+    logits, cache, following = compile_fast(prefill_then_step, *args)(*args)
+    np.testing.assert_allclose(logits, v.logits[:2], atol=1e-5, rtol=0)
+    assert jax.tree.structure(cache) == jax.tree.structure(stepped)
+    leaves = jax.tree_util.tree_leaves_with_path(cache)
+    for (path, got), want in zip(leaves, jax.tree.leaves(stepped), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path))
+    # Row 0: the step after the prompt, as from the stepped cache; row 1: position 7 again, with the
+    # token it had there, gives the full pass's logits at 7 (slots 7.. are rewritten in order).
+    after, _, _ = model.apply(variables, token, LENGTH, stepped, method=HourglassLM.decode_step)
+    np.testing.assert_allclose(following[0], after[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(following[1], v.logits[1, 7], atol=1e-5, rtol=0)
+
+
+# --- Ragged prompts ----------------------------------------------------------------------------------
+
+END_ID = 3
+# Lengths 6, 3 and 1 (nothing to prefill) on the factor-2-and-4 model: the prompts end inside groups
+# and on their boundaries at every level.
+LONG, SHORT, ONE = [1, 5, 7, 2, 9, 4], [8, 2, 10], [11]
+SEARCHES = {
+    "greedy": dict(),
+    "beam": dict(strategy=dec.BeamSearch(3)),
+    "sampling": dict(sampler=dec.RandomSampler(topk=5), rng=jax.random.key(7)),
+}
+
+
+def continue_prompts(prompts, search, **kwargs):
+    model, params, _ = search_model()
+    return generate(
+        model, params, prompts, end_id=END_ID, max_length=MAX_STEPS, **SEARCHES[search], **kwargs
+    )
+
+
+def assert_same_row(result, row, alone, alone_row=0):
+    np.testing.assert_array_equal(result.ids[row], alone.ids[alone_row])
+    np.testing.assert_array_equal(result.lengths[row], alone.lengths[alone_row])
+    np.testing.assert_allclose(result.log_probs[row], alone.log_probs[alone_row], atol=1e-5)
+    np.testing.assert_allclose(result.scores[row], alone.scores[alone_row], atol=1e-5)
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_each_row_of_a_ragged_batch_decodes_as_it_does_alone(search):
+    prompts = [LONG, SHORT, ONE]
+    together = continue_prompts(prompts, search)
+    for row, prompt in enumerate(prompts):
+        assert_same_row(together, row, continue_prompts([prompt], search))
+    if search == "beam":  # the padded array with its lengths is the same batch
+        padded = np.zeros((3, len(LONG)), np.int32)
+        for row, prompt in enumerate(prompts):
+            padded[row, : len(prompt)] = prompt
+        given = continue_prompts(padded, search, prompt_lengths=[6, 3, 1])
+        np.testing.assert_array_equal(given.ids, together.ids)
+
+
+def test_sampling_rows_do_not_depend_on_the_other_rows_lengths():
+    """Sampling keys are per step and shared by the rows, each row drawing at its batch position:
+    row 0 equals its batch of one; row 1 (padded here) equals row 1 of an unpadded batch of two."""
+    first = continue_prompts([LONG, SHORT], "sampling")
+    assert_same_row(first, 0, continue_prompts([LONG], "sampling"))
+    assert_same_row(first, 1, continue_prompts([SHORT[::-1], SHORT], "sampling"), 1)
+    # The draws are not all the same token (the check can fail: sampling happened).
+    assert len(set(np.asarray(first.ids).ravel().tolist())) > 2
+
+
+# --- Beam search through the origin tables -----------------------------------------------------------
+
+
+def copied(state):
+    """The same state with every cache reordered the plain way (whole rows gathered)."""
+    return jax.tree.map(
+        lambda x: x.replace(indirect=False) if isinstance(x, KVCache) else x,
+        state,
+        is_leaf=lambda x: isinstance(x, KVCache),
+    )
+
+
+def caches(state):
+    kinds = (KVCache, BeamKVCache)
+    return [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds))]
+
+
+def test_random_reorders_read_through_origin_tables_equal_copying_every_level():
+    """Every cache of every level tiles to a BeamKVCache; under the same reorders it gives the
+    logits that gathering whole rows gives, and the top level's slots are never moved."""
+    model, params, _ = search_model()
+    batch, width, steps = 2, 3, MAX_STEPS
+    cache = model.apply({"params": params}, batch, steps, method=HourglassLM.init_cache)
+    rows = batch * width
+    ids = jax.random.randint(jax.random.key(3), (rows, steps), 0, 12)
+    beams = np.random.default_rng(0).integers(0, width, (steps, rows))
+    reorders = jnp.asarray(np.arange(rows) // width * width + beams, jnp.int32)
+
+    def drive(state):
+        def one(state, inputs):
+            token, t, indices = inputs
+            logits, state, _ = model.apply(
+                {"params": params}, token, t, state, method=HourglassLM.decode_step
+            )
+            keys = [c.rows()[0] for c in (state.pre[0], state.stream)]  # [R, N, S, H] each
+            written = [jax.lax.dynamic_index_in_dim(k, t, axis=2, keepdims=False) for k in keys]
+            return reorder(state, indices), (logits, written)
+
+        scan = lambda s: jax.lax.scan(one, s, (ids.T, jnp.arange(steps), reorders))
+        return jax.jit(scan)(state)
+
+    tiled = tile_batch(cache, width)
+    assert len(caches(tiled)) == 9  # pre, post, stream, upsampling at 2 levels; the innermost layer
+    assert all(isinstance(c, BeamKVCache) for c in caches(tiled))
+    final, (got, written) = drive(tiled)
+    final_copied, (want, _) = drive(tile_batch(copied(cache), width))
+    assert all(isinstance(c, KVCache) for c in caches(final_copied))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    for cache_now, slots in zip((final.pre[0], final.stream), written, strict=True):
+        keys, _ = cache_now.rows()
+        np.testing.assert_array_equal(np.moveaxis(np.asarray(keys), 2, 0), slots)
+    copied_keys, _ = final_copied.pre[0].rows()  # ... where the copying caches moved (can fail)
+    assert not np.array_equal(np.moveaxis(np.asarray(copied_keys), 2, 0), written[0])
+
+
+def test_ragged_beam_search_equals_the_search_over_copied_caches():
+    model, params, _ = search_model()
+    prompts, strategy = [LONG, SHORT, ONE], dec.BeamSearch(3, length_penalty=0.6)
+    got = generate(model, params, prompts, end_id=END_ID, max_length=MAX_STEPS, strategy=strategy)
+    adapter = adapter_for(model)
+    padded = np.zeros((3, len(LONG)), np.int32)
+    for row, prompt in enumerate(prompts):
+        padded[row, : len(prompt)] = prompt
+    lengths = jnp.asarray([6, 3, 1], jnp.int32)
+    prepared = adapter.prepare(params, jnp.asarray(padded), lengths, None, MAX_STEPS)
+    want = dec.dynamic_decode(
+        step_function(adapter, params), prepared.start_ids, END_ID, copied(prepared.state),
+        strategy=strategy, max_length=MAX_STEPS,
+    )  # fmt: skip
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    np.testing.assert_allclose(got.log_probs, want.log_probs, atol=1e-5)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-import jax
 import jax.numpy as jnp
 
 from jaxformer.models.decoder_only import DecoderOnlyLM
@@ -119,14 +118,8 @@ class LanguageModelAdapter:
         batch, width = prompts.shape
         lm = type(model)
         cache = model.apply(variables, batch, width - 1 + max_length, method=lm.init_cache)
-        if width > 1 and hasattr(lm, "prefill"):
+        if width > 1:
             _, cache = model.apply(variables, prompts[:, :-1], cache, method=lm.prefill)
-        elif width > 1:  # TODO(hourglass prefill): one cached step per prompt token
-            feed = lambda c, t: (
-                model.apply(variables, prompts[:, t], t, c, method=lm.decode_step)[1],
-                None,
-            )
-            cache, _ = jax.lax.scan(feed, cache, jnp.arange(width - 1, dtype=jnp.int32))
         if lengths is None:
             start_ids, offset = prompts[:, -1], jnp.int32(width - 1)
         else:

@@ -23,7 +23,8 @@ view.
 
 Positions. ``write`` and ``attend`` take the slot as a scalar (every row at the same position: a plain
 ``dynamic_update_slice``) or as ``int32[R]`` (each row at its own position, e.g. ragged prompts: one
-scatter of a slot per row).
+scatter of a slot per row). ``read(slots)`` gathers chosen slots of each row (through the origin table
+once tiled): the Hourglass LM reads its earlier inputs back that way.
 """
 
 from __future__ import annotations

@@ -32,21 +32,35 @@ counted in that level's own units: coarse slot j of a level is position j there 
 factor 4 spans 4 tokens). The attention resamplers carry no relative terms (their windows are tiny and
 ordered by the absolute positions already mixed in).
 
-**Cached decoding.** ``decode_step(ids [B], t, cache)`` runs level 0 at index t. A level at index i:
+**Cached decoding.** ``decode_step(ids [R], t, cache)`` runs level 0 at index t, a scalar or ``int32[R]``
+(each row at its own position: ragged prompts). A level at index i, for each row:
 
-1. runs its pre layers as cached steps (KV slot i);
-2. pushes the result into ``window [B, K, D]``, a shift register of the last K inputs to the shortening
-   (it starts as zeros, which are exactly the shift's zeros for group 0);
-3. if ``i % K == 0`` (``nn.cond``, static shapes), group ``j = i // K`` is now complete: it is shortened
-   from the window, the inner level runs one step at index j (writing its own KV slot j, recursively),
-   and the upsampler stores what it needs (attention: the coarse keys/values in slot j); the inner output
-   ``y_j`` is kept in ``coarse [B, 1, D]``. Otherwise nothing of the inner level runs;
-4. upsamples from ``coarse`` (which holds ``y_{i // K}``) and the residual, and runs its post layers.
+1. runs its pre layers as cached steps (KV slot i): ``h_i``;
+2. reads ``h[i-K+1 .. i-1]`` from its ``stream`` (zeros before position 0: the shift's zeros) and
+   shortens the group ``h[i-K+1 .. i]``;
+3. runs the inner level one step at index ``j = i // K`` (recursively), at every step and in every row;
+4. keeps what that step wrote only in the rows where ``i % K == 0`` (group j is complete exactly there):
+   in the other rows each inner cache gets its old slot j back (written at step jK), one slot per row
+   (``resampling.write_where``). Rows where the group is complete use its output ``y_j``; the others
+   take the coarse output in force, ``y_{i // K}``, from the stream's slot ``i - 1``;
+5. writes ``(h_i, y_{i // K})`` into slot i of its stream, upsamples and runs its post layers.
 
-So the level with absolute factor f runs exactly at the token steps ``t % f == 0``, at its index
-``t // f``, and a group is never recomputed or overwritten. Each level's caches have
-``ceil(S_parent / K)`` slots; every leaf has the batch axis first, so beam search tiles and reorders the
-whole pytree unchanged.
+A level called with ``where`` (a bool per row) runs in every row but keeps its writes only where it
+holds; its inner level then gets ``where & (i % K == 0)``. So a level's slot j holds what the step that
+completed group j wrote: every cache of every level is slot-indexed, and each row reads its own
+positions only. No ``lax.cond`` chooses between running the inner level or not (a cond's branches
+return the whole inner cache, which XLA copied at every step). The price: the inner levels compute at
+every token step (before, a level of absolute factor f ran at 1/f of them), and each step reads and
+rewrites one slot per inner cache.
+``prefill(ids [B, P], cache)`` fills every slot that P steps at positions 0..P-1 would, with one full
+pass per level (``__call__(x, cache=...)``): ``ceil(P / f)`` slots at the level of absolute factor f.
+
+**Beam search.** Every cache is a ``KVCache`` with ``indirect=True``: the layers' keys and values, the
+attention upsampler's coarse keys and values, and the stream (``h`` as "keys", ``y_{t // K}`` as
+"values", one head of width D). Tiled for beam search they become ``BeamKVCache``s: a reorder moves
+their origin tables only, and the stream's slots are read through that table (``BeamKVCache.read``).
+(Giving an inner slot back in a tiled cache writes the content the row reads there into its own beam's
+slot: one slot per row, the same values.) Each level's caches have ``ceil(S_parent / K)`` slots.
 """
 
 from __future__ import annotations
@@ -65,8 +79,8 @@ from jaxformer.models.cache import KVCache
 from jaxformer.models.config import TransformerConfig
 from jaxformer.models.layers import TokenEmbedding, layer_norm
 from jaxformer.models.masks import causal_mask
-from jaxformer.models.resampling import SHORTENING, UPSAMPLING
-from jaxformer.typing import Array, Float, Int
+from jaxformer.models.resampling import SHORTENING, UPSAMPLING, write_where
+from jaxformer.typing import Array, Bool, Float, Int
 
 
 class Level(NamedTuple):
@@ -196,28 +210,36 @@ def hourglass_preset(name: str, **overrides) -> HourglassConfig:
 class HourglassCache:
     """One level's decoding state; ``inner`` nests the next level's. Batch axis first everywhere.
 
-    S is this level's cache length, S1 = ceil(S / K) the next level's. The innermost level has only
-    ``pre`` (its layers); the other fields are None there.
+    S is this level's cache length, S1 = ceil(S / K) the next level's; slot i holds position i of this
+    level. The innermost level has only ``pre`` (its layers); the other fields are None there.
     """
 
     pre: Any  # tuple[KVCache, ...]: float[B, N, S, H] per pre layer (innermost: per layer)
     post: Any  # tuple[KVCache, ...]: float[B, N, S, H] per post layer
-    window: (
-        Any  # float[B, K, D]: the last K inputs to the shortening, oldest first (None innermost)
-    )
-    coarse: Any  # float[B, 1, D]: the inner level's latest output y_{i // K} (None innermost)
+    stream: Any  # KVCache: k = h_i, v = y_{i // K}, float[B, 1, S, D] each (None innermost)
     upsampling: (
-        Any  # KVCache float[B, N, S1, H] of the coarse outputs (attention upsampling) or None
+        Any  # KVCache float[B, N, S1, H]: the coarse keys/values (attention upsampling) or None
     )
     inner: Any  # HourglassCache of the next level, or None
 
 
-def _step_layers(layers, x, index, caches):
+def _step_layers(layers, x, index, caches, where):
+    """Cached steps at ``index``; with ``where`` (bool, scalar or ``[R]``) a row keeps its write only
+    where ``where`` holds: the others get their slot's old keys/values back."""
     new = []
     for layer, kv in zip(layers, caches, strict=True):
-        x, kv, _ = layer.step(x, index, kv, None, None)
-        new.append(kv)
+        x, written, _ = layer.step(x, index, kv, None, None)
+        if where is not None:
+            slot = jnp.broadcast_to(jnp.reshape(index, (-1, 1)), (x.shape[0], 1))  # [R, 1]
+            k, v = written.read(slot)  # [R, 1, N, H]
+            written = write_where(written, k, v, index, where, old=kv.read(slot))
+        new.append(written)
     return x, tuple(new)
+
+
+def _rows(mask, ndim: int):
+    """A bool scalar or ``[R]`` shaped to broadcast against ``[R, ...]`` of rank ``ndim``."""
+    return jnp.reshape(mask, (-1,) + (1,) * (ndim - 1))
 
 
 class HourglassLevel(nn.Module):
@@ -246,78 +268,99 @@ class HourglassLevel(nn.Module):
         return self.config.levels[self.depth].shorten  # K; 0 at the innermost level
 
     def __call__(
-        self, x: Float[Array, "B T D"], deterministic: bool = True
-    ) -> Float[Array, "B T D"]:
+        self,
+        x: Float[Array, "B T D"],
+        deterministic: bool = True,
+        cache: HourglassCache | None = None,
+    ) -> tuple[Float[Array, "B T D"], HourglassCache | None]:
+        """The full causal pass. With ``cache`` (inference: no dropout) it also writes slots 0..T-1
+        of every cache of this level and below, as T decode steps would (the prefill)."""
         b, t, d = x.shape
         mask = causal_mask(t)[None, None]  # [1, 1, T, T]
-        for layer in self.pre:
-            x, _ = layer(x, mask, deterministic=deterministic)
+
+        def layers(stack, x, caches):
+            if cache is None:
+                for layer in stack:
+                    x, _ = layer(x, mask, deterministic=deterministic)
+                return x, None
+            new = []
+            for layer, kv in zip(stack, caches, strict=True):
+                x, kv = layer.prefill(x, mask, kv)
+                new.append(kv)
+            return x, tuple(new)
+
+        x, pre = layers(self.pre, x, cache and cache.pre)
         k = self.factor
         if not k:
-            return x
+            return x, cache and cache.replace(pre=pre)
         t1 = -(-t // k)
         shifted = jnp.pad(x, ((0, 0), (k - 1, 0), (0, 0)))[:, : t1 * k]  # [B, T1*K, D], no padding
-        y = self.inner(self.shortening(shifted.reshape(b, t1, k, d)), deterministic)  # [B, T1, D]
+        s = self.shortening(shifted.reshape(b, t1, k, d))  # [B, T1, D]
+        y, inner = self.inner(s, deterministic, cache and cache.inner)  # [B, T1, D]
         u = self.upsampling(y, x)  # [B, T, D]
-        for layer in self.post:
-            u, _ = layer(u, mask, deterministic=deterministic)
-        return u
+        u, post = layers(self.post, u, cache and cache.post)
+        if cache is None:
+            return u, None
+        in_force = jnp.repeat(y, k, axis=1)[:, :t]  # [B, T, D]: y_{i // K} at position i
+        stream = cache.stream.write(x[:, :, None], in_force[:, :, None], 0)  # [B, T, 1, D]
+        upsampling = self.upsampling.write(y, 0, cache.upsampling)
+        return u, HourglassCache(pre, post, stream, upsampling, inner)
 
     def init_cache(self, batch: int, length: int) -> HourglassCache:
         c = self.config
-        kv = lambda n: tuple(
-            KVCache.zeros(batch, length, c.num_heads, c.layer_config.head_dim, jnp.dtype(c.dtype))
-            for _ in range(n)
+        dtype = jnp.dtype(c.dtype)
+        zeros = lambda heads, width: KVCache.zeros(
+            batch, length, heads, width, dtype, indirect=True
         )
+        kv = lambda n: tuple(zeros(c.num_heads, c.layer_config.head_dim) for _ in range(n))
         k = self.factor
         if not k:
-            return HourglassCache(kv(len(self.pre)), (), None, None, None, None)
+            return HourglassCache(kv(len(self.pre)), (), None, None, None)
         coarse_length = -(-length // k)
         return HourglassCache(
             pre=kv(len(self.pre)),
             post=kv(len(self.post)),
-            window=jnp.zeros((batch, k, c.d_model), jnp.dtype(c.dtype)),
-            coarse=jnp.zeros((batch, 1, c.d_model), jnp.dtype(c.dtype)),
+            stream=zeros(1, c.d_model),
             upsampling=self.upsampling.init_cache(batch, coarse_length),
             inner=self.inner.init_cache(batch, coarse_length),
         )
 
     def step(
-        self, x: Float[Array, "B 1 D"], index: Int[Array, ""], cache: HourglassCache
-    ) -> tuple[Float[Array, "B 1 D"], HourglassCache]:
-        """Position ``index`` of this level (its own units); see the module docstring."""
-        x, pre = _step_layers(self.pre, x, index, cache.pre)
+        self,
+        x: Float[Array, "R 1 D"],
+        index: Int[Array, ""] | Int[Array, " R"],
+        cache: HourglassCache,
+        where: Bool[Array, ""] | Bool[Array, " R"] | None = None,
+    ) -> tuple[Float[Array, "R 1 D"], HourglassCache]:
+        """Position ``index`` of this level (its own units), a scalar or one per row; the rows where
+        ``where`` is False run but write nothing (None: every row writes). See the module docstring."""
+        h, pre = _step_layers(self.pre, x, index, cache.pre, where)  # h_i: [R, 1, D]
         k = self.factor
         if not k:
-            return x, cache.replace(pre=pre)
-        # [B, K, D] --> [B, K, D]: the oldest vector out, h[index] in: now h[index-K+1 .. index].
-        window = jnp.concatenate([cache.window[:, 1:], x], axis=1)
-
-        def run_inner(level, window, coarse, inner, upsampling):
-            s = level.shortening(window[:, None])  # [B, 1, K, D] -> [B, 1, D]
-            y, inner = level.inner.step(s, index // k, inner)
-            return y, inner, level.upsampling.write(y, index // k, upsampling)
-
-        def keep(level, window, coarse, inner, upsampling):
-            return coarse, inner, upsampling
-
-        coarse, inner, upsampling = nn.cond(
-            index % k == 0,
-            run_inner,
-            keep,
-            self,
-            window,
-            cache.coarse,
-            cache.inner,
-            cache.upsampling,
-        )
-        u = self.upsampling.step(coarse, x, index, upsampling)  # [B, 1, D]
-        u, post = _step_layers(self.post, u, index, cache.post)
-        return u, HourglassCache(pre, post, window, coarse, upsampling, inner)
+            return h, cache.replace(pre=pre)
+        rows = x.shape[0]
+        complete = index % k == 0  # group index // K ends here (scalar or [R])
+        inner_where = complete if where is None else where & complete
+        # The group h[i-K+1 .. i]: K-1 earlier inputs from the stream, zeros before position 0.
+        slots = jnp.reshape(index, (-1, 1)) + jnp.arange(1 - k, 0)[None]  # [1 or R, K-1]
+        slots = jnp.broadcast_to(slots, (rows, k - 1))
+        earlier, in_force = cache.stream.read(jnp.maximum(slots, 0))  # [R, K-1, 1, D] each
+        earlier = jnp.where((slots >= 0)[:, :, None], earlier[:, :, 0], 0)  # [R, K-1, D]
+        s = self.shortening(
+            jnp.concatenate([earlier, h], axis=1)[:, None]
+        )  # [R, 1, K, D] -> [R, 1, D]
+        y_new, inner = self.inner.step(s, index // k, cache.inner, inner_where)  # [R, 1, D]
+        # --> [R, 1, D]: y_j where group j just completed, else y_{i // K} (slot i-1 holds it).
+        y = jnp.where(_rows(complete, 3), y_new, in_force[:, -1])
+        upsampling = self.upsampling.write(y_new, index // k, cache.upsampling, inner_where)
+        stream = write_where(cache.stream, h[:, :, None], y[:, :, None], index, where)
+        u = self.upsampling.step(y, h, index, upsampling)  # [R, 1, D]
+        u, post = _step_layers(self.post, u, index, cache.post, where)
+        return u, HourglassCache(pre, post, stream, upsampling, inner)
 
 
 class HourglassLM(nn.Module):
-    """``__call__(ids) -> logits``, ``init_cache(batch, max_length)``, ``decode_step(ids, step, cache)``."""
+    """``__call__(ids) -> logits``, ``init_cache``, ``prefill(ids, cache)``, ``decode_step``."""
 
     INPUTS: ClassVar[tuple[str, ...]] = ("ids",)  # the token arrays __call__ takes
 
@@ -334,11 +377,11 @@ class HourglassLM(nn.Module):
         self.output = nn.Dense(c.vocab_size, dtype=dtype, name="output")
         self.drop = nn.Dropout(c.dropout)
 
-    def _check_length(self, name: str, length: int):
-        if length > self.config.max_len:
-            raise ValueError(
-                f"{name} has length {length}, more than the model's max_len={self.config.max_len}"
-            )
+    def _check_length(self, name: str, length: int, limit: int | None = None):
+        limit = self.config.max_len if limit is None else limit
+        if length > limit:
+            what = "the model's max_len" if limit == self.config.max_len else "the cache length"
+            raise ValueError(f"{name} has length {length}, more than {what}={limit}")
 
     def _logits(self, y):
         return self.output(self.final_norm(y)).astype(jnp.float32)
@@ -347,18 +390,33 @@ class HourglassLM(nn.Module):
         """The full causal pass (training, scoring). Any length T <= max_len, multiple of K or not."""
         self._check_length("ids", ids.shape[1])
         x = self.drop(self.embedding(ids, jnp.arange(ids.shape[1])), deterministic=deterministic)
-        return self._logits(self.hourglass(x, deterministic))
+        y, _ = self.hourglass(x, deterministic)
+        return self._logits(y)
 
     def init_cache(self, batch: int, max_length: int) -> HourglassCache:
         self._check_length("max_length", max_length)
         return self.hourglass.init_cache(batch, max_length)
 
+    def prefill(
+        self, ids: Int[Array, "B P"], cache: HourglassCache
+    ) -> tuple[Float[Array, "B P V"], HourglassCache]:
+        """A prompt at positions 0..P-1 in one full pass per level: the logits and every cache as P
+        ``decode_step``s would leave them."""
+        self._check_length("the prompt", ids.shape[1], cache.stream.length)
+        x = self.embedding(ids, jnp.arange(ids.shape[1]))
+        y, cache = self.hourglass(x, True, cache)
+        return self._logits(y), cache
+
     def decode_step(
-        self, ids: Int[Array, " B"], step: int | Int[Array, ""], cache: HourglassCache
-    ) -> tuple[Float[Array, "B V"], HourglassCache, None]:
-        """One token at position ``step`` (inference: no dropout); the search's step function."""
+        self,
+        ids: Int[Array, " R"],
+        step: int | Int[Array, ""] | Int[Array, " R"],
+        cache: HourglassCache,
+    ) -> tuple[Float[Array, "R V"], HourglassCache, None]:
+        """One token per row at position ``step`` (a scalar, or one per row); the search's step."""
         step = jnp.asarray(step, jnp.int32)
-        x = self.embedding(ids[:, None], step[None])  # [B, 1, D]
+        positions = step[None] if step.ndim == 0 else step[:, None]  # [1] or [R, 1]
+        x = self.embedding(ids[:, None], positions)  # [R, 1, D]
         y, cache = self.hourglass.step(x, step, cache)
         return self._logits(y[:, 0]), cache, None
 

@@ -22,9 +22,12 @@ stream before the shift; it is added here):
 - ``attention``: ``u`` = repeat + residual, then ``u`` queries the coarse sequence causally
   (coarse j is visible to t iff ``j <= t // K``), residual, then a residual feed-forward.
 
-For decoding, ``write(coarse_j, j, cache)`` stores what the upsampler needs from a freshly computed
-coarse vector (attention: its keys/values in slot j; the others need nothing), and
-``step(coarse_j, residual_t, t, cache)`` produces ``u[t]`` from the latest coarse vector ``j = t // K``.
+For decoding, ``write(coarse, j, cache, where=None)`` stores what the upsampler needs from coarse
+vectors ``j, j+1, ...`` (attention: their keys/values in those slots; the others need nothing): all of
+them at once for a prefill, or one per row in a step, then only in the rows where ``where`` holds.
+``step(coarse_j, residual_t, t, cache)`` produces ``u[t]`` from the coarse vector in force,
+``j = t // K``; ``t`` is a scalar or one position per row. ``write_where`` is the masked one-slot write
+that the Hourglass levels use for their own caches too.
 """
 
 from __future__ import annotations
@@ -32,11 +35,10 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jaxformer.models.attention import MultiHeadAttention
-from jaxformer.models.cache import KVCache
+from jaxformer.models.cache import BeamKVCache, KVCache
 from jaxformer.models.layers import FeedForward, layer_norm
 from jaxformer.typing import Array, Float, Int
 
@@ -97,6 +99,21 @@ class AttentionPooling(_AttentionRefiner):
 # --- Upsampling ---------------------------------------------------------------------------------------
 
 
+def write_where(cache: KVCache | BeamKVCache, k, v, index, where, old=None):
+    """``cache.write(k, v, index)``, but only in the rows where ``where`` (bool, scalar or ``[R]``).
+
+    ``where`` None: a plain write (any number of slots). Otherwise ``k``/``v`` are one slot per row
+    ``[R, 1, N, H]`` and the other rows keep ``old`` there (default: what their slot holds now).
+    Only that slot is read and written, never the whole cache.
+    """
+    if where is None:
+        return cache.write(k, v, index)
+    if old is None:
+        old = cache.read(jnp.broadcast_to(jnp.reshape(index, (-1, 1)), (k.shape[0], 1)))
+    keep = jnp.reshape(where, (-1, 1, 1, 1))
+    return cache.write(jnp.where(keep, k, old[0]), jnp.where(keep, v, old[1]), index)
+
+
 class RepeatUpsampling(_Resampler):
     def __call__(
         self, coarse: Float[Array, "B T1 D"], residual: Float[Array, "B T D"]
@@ -106,16 +123,16 @@ class RepeatUpsampling(_Resampler):
     def init_cache(self, batch: int, coarse_length: int) -> None:
         return None
 
-    def write(self, coarse: Float[Array, "B 1 D"], index: Int[Array, ""], cache):
+    def write(self, coarse: Float[Array, "B T1 D"], index, cache, where=None):
         return cache
 
     def step(
         self,
-        coarse: Float[Array, "B 1 D"],
-        residual: Float[Array, "B 1 D"],
-        position: Int[Array, ""],
+        coarse: Float[Array, "R 1 D"],
+        residual: Float[Array, "R 1 D"],
+        position: Int[Array, ""] | Int[Array, " R"],
         cache,
-    ) -> Float[Array, "B 1 D"]:
+    ) -> Float[Array, "R 1 D"]:
         return coarse + residual
 
 
@@ -131,8 +148,9 @@ class LinearUpsampling(RepeatUpsampling):
         return self._expand(coarse)[:, : residual.shape[1]] + residual
 
     def step(self, coarse, residual, position, cache):
-        slices = self._expand(coarse)  # [B, K, D]: the K fine vectors of the latest group
-        return jax.lax.dynamic_slice_in_dim(slices, position % self.factor, 1, axis=1) + residual
+        slices = self._expand(coarse)  # [R, K, D]: the K fine vectors of the group in force
+        which = jnp.broadcast_to(jnp.reshape(position % self.factor, (-1, 1, 1)), residual.shape)
+        return jnp.take_along_axis(slices, which, axis=1) + residual  # [R, 1, D]: slice t mod K
 
 
 class AttentionUpsampling(_AttentionRefiner):
@@ -146,18 +164,24 @@ class AttentionUpsampling(_AttentionRefiner):
         return self._refine(up, lambda q: self.attention(q, memory, visible[None, None])[0])
 
     def init_cache(self, batch: int, coarse_length: int) -> KVCache:
+        """The coarse keys/values, one slot per coarse position (indirect: beams read an origin
+        table, as the layers' caches do)."""
         h = self.d_model // self.num_heads
-        return KVCache.zeros(batch, coarse_length, self.num_heads, h, self.dtype)
+        return KVCache.zeros(batch, coarse_length, self.num_heads, h, self.dtype, indirect=True)
 
-    def write(self, coarse: Float[Array, "B 1 D"], index: Int[Array, ""], cache: KVCache):
-        """Keys/values of the coarse vector ``index`` into slot ``index``."""
-        k, v = self.attention.project_kv(self.norm_memory(coarse))  # [B, 1, N, H]
-        return cache.write(k, v, index)
+    def write(self, coarse: Float[Array, "R T1 D"], index, cache, where=None):
+        """Keys/values of coarse vectors ``index .. index+T1-1`` into those slots (``where [R]``:
+        only in those rows, one slot)."""
+        k, v = self.attention.project_kv(self.norm_memory(coarse))  # [R, T1, N, H]
+        return write_where(cache, k, v, index, where)
 
-    def step(self, coarse, residual, position, cache: KVCache):
-        visible = jnp.arange(cache.length) <= position // self.factor  # [S1]
-        mask = jnp.broadcast_to(visible[None], (residual.shape[0], cache.length))  # [B, S1]
-        attend = lambda q: self.attention.cross_attend_cached(q, cache.k, cache.v, mask)[0]
+    def step(self, coarse, residual, position, cache):
+        """Coarse slots ``0 .. position // K`` of each row are visible (the cache's own attention)."""
+        attention = self.attention
+
+        def attend(q):  # [R, 1, D] --> [R, 1, D]
+            return attention.out(cache.attend(attention.query(q), position // self.factor))
+
         return self._refine(coarse + residual, attend)
 
 
