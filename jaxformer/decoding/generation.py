@@ -167,16 +167,14 @@ def _check_options(adapter: Adapter, inputs, args: dict) -> None:
         raise ValueError("a decoder-only LM has no source to return attention over")
     if spec.needs_start_id and args["start_id"] is None:
         raise ValueError(f"a model with a {spec.name} needs start_id (the target's start token)")
-    if not isinstance(strategy, GreedySearch) and not hasattr(strategy, "beam_size"):
-        raise TypeError(f"strategy must be GreedySearch() or BeamSearch(...), got {strategy!r}")
-    start_id = args["start_id"] if spec.needs_start_id else None
-    opt.check_vocabulary(
-        spec.target_vocab_size, strategy, sampler, end_id=args["end_id"], start_id=start_id
-    )
     opt.check_search(
         strategy, sampler, max_length=max_length, min_length=min_length,
         compat=args["compat"], rng=args["rng"],
     )  # fmt: skip
+    start_id = args["start_id"] if spec.needs_start_id else None
+    opt.check_vocabulary(
+        spec.target_vocab_size, strategy, sampler, end_id=args["end_id"], start_id=start_id
+    )
     positions = adapter.positions(inputs.shape[1], max_length)
     if positions > spec.max_len:
         allowed = spec.max_len - positions + max_length
