@@ -43,7 +43,7 @@ valid_bpc)``. At the end, bpc on the whole validation split too. From the logs:
   CPU this is the only measure reported; on GPU also ``device.memory_stats()["peak_bytes_in_use"]``);
 - **generation tokens/s**, batch 1, a 32-character validation prompt, exactly 128 new characters
   (greedy, ``min_length=128``), median of 3 runs after a warm-up: ``cached`` is
-  ``jaxformer.generate`` (for the hourglass the prompt goes in by cached steps);
+  ``jaxformer.generate`` (the prompt goes into the caches in one prefill pass, both models);
   ``recompute`` is ``recompute_greedy`` below (no cache: a jit-compiled ``lax.scan`` that reruns the
   full forward pass over a static padded buffer of prompt + 128 positions at every step). Both must
   give the same ids (the JSON records the agreement).

@@ -38,29 +38,31 @@ ordered by the absolute positions already mixed in).
 1. runs its pre layers as cached steps (KV slot i): ``h_i``;
 2. reads ``h[i-K+1 .. i-1]`` from its ``stream`` (zeros before position 0: the shift's zeros) and
    shortens the group ``h[i-K+1 .. i]``;
-3. runs the inner level one step at index ``j = i // K`` (recursively), at every step and in every row;
-4. keeps what that step wrote only in the rows where ``i % K == 0`` (group j is complete exactly there):
-   in the other rows each inner cache gets its old slot j back (written at step jK), one slot per row
-   (``resampling.write_where``). Rows where the group is complete use its output ``y_j``; the others
-   take the coarse output in force, ``y_{i // K}``, from the stream's slot ``i - 1``;
+3. runs the inner level one step, at every step and in every row: at index ``j = i // K`` in the rows
+   where ``i % K == 0`` (group j is complete exactly there), else at the inner level's scratch index;
+4. uses its output ``y_j`` in the rows where group j completed; the others take the coarse output in
+   force, ``y_{i // K}``, from the stream's slot ``i - 1``;
 5. writes ``(h_i, y_{i // K})`` into slot i of its stream, upsamples and runs its post layers.
 
-A level called with ``where`` (a bool per row) runs in every row but keeps its writes only where it
-holds; its inner level then gets ``where & (i % K == 0)``. So a level's slot j holds what the step that
-completed group j wrote: every cache of every level is slot-indexed, and each row reads its own
+Below the top level every cache has one slot more than its positions, the **scratch slot** (index S).
+A row whose inner step is not wanted runs it at index S: it writes its keys, values, stream and coarse
+keys into the scratch slots (and its own inner level at that level's scratch index), attends to
+whatever is there, and its output is dropped. No row at a real position ever reads a scratch slot
+(slot S is past every position ``<= S - 1`` that attention may see), so a level's slot j holds exactly
+what the step that completed group j wrote: every cache is slot-indexed, and each row reads its own
 positions only. No ``lax.cond`` chooses between running the inner level or not (a cond's branches
-return the whole inner cache, which XLA copied at every step). The price: the inner levels compute at
-every token step (before, a level of absolute factor f ran at 1/f of them), and each step reads and
-rewrites one slot per inner cache.
-``prefill(ids [B, P], cache)`` fills every slot that P steps at positions 0..P-1 would, with one full
-pass per level (``__call__(x, cache=...)``): ``ceil(P / f)`` slots at the level of absolute factor f.
+return the whole inner cache, which XLA copied at every step), and no write has to be undone. The
+price: the inner levels compute at every token step (before, the level of absolute factor f ran at
+1/f of them).
+``prefill(ids [B, P], cache)`` writes every position slot as P steps at positions 0..P-1 would, with
+one full pass per level (``__call__(x, cache=...)``): ``ceil(P / f)`` slots at the level of absolute
+factor f (only steps write the scratch slots, and nothing reads them).
 
 **Beam search.** Every cache is a ``KVCache`` with ``indirect=True``: the layers' keys and values, the
 attention upsampler's coarse keys and values, and the stream (``h`` as "keys", ``y_{t // K}`` as
 "values", one head of width D). Tiled for beam search they become ``BeamKVCache``s: a reorder moves
-their origin tables only, and the stream's slots are read through that table (``BeamKVCache.read``).
-(Giving an inner slot back in a tiled cache writes the content the row reads there into its own beam's
-slot: one slot per row, the same values.) Each level's caches have ``ceil(S_parent / K)`` slots.
+their origin tables only, never a slot, and the stream's slots are read through that table
+(``BeamKVCache.read``). A level of S positions has ``ceil(S / K)`` positions below it (+1: scratch).
 """
 
 from __future__ import annotations
@@ -79,8 +81,8 @@ from jaxformer.models.cache import KVCache
 from jaxformer.models.config import TransformerConfig
 from jaxformer.models.layers import TokenEmbedding, layer_norm
 from jaxformer.models.masks import causal_mask
-from jaxformer.models.resampling import SHORTENING, UPSAMPLING, write_where
-from jaxformer.typing import Array, Bool, Float, Int
+from jaxformer.models.resampling import SHORTENING, UPSAMPLING
+from jaxformer.typing import Array, Float, Int
 
 
 class Level(NamedTuple):
@@ -210,36 +212,27 @@ def hourglass_preset(name: str, **overrides) -> HourglassConfig:
 class HourglassCache:
     """One level's decoding state; ``inner`` nests the next level's. Batch axis first everywhere.
 
-    S is this level's cache length, S1 = ceil(S / K) the next level's; slot i holds position i of this
-    level. The innermost level has only ``pre`` (its layers); the other fields are None there.
+    S is this level's number of positions, S1 = ceil(S / K) the next level's; slot i holds position i
+    of this level, and below the top level slot S is the scratch slot (written by rows whose step is
+    discarded, read by none). The innermost level has only ``pre`` (its layers); the other fields are
+    None there.
     """
 
-    pre: Any  # tuple[KVCache, ...]: float[B, N, S, H] per pre layer (innermost: per layer)
-    post: Any  # tuple[KVCache, ...]: float[B, N, S, H] per post layer
-    stream: Any  # KVCache: k = h_i, v = y_{i // K}, float[B, 1, S, D] each (None innermost)
-    upsampling: (
-        Any  # KVCache float[B, N, S1, H]: the coarse keys/values (attention upsampling) or None
-    )
+    pre: Any  # tuple[KVCache, ...]: float[B, N, S(+1), H] per pre layer (innermost: per layer)
+    post: Any  # tuple[KVCache, ...]: float[B, N, S(+1), H] per post layer
+    stream: Any  # KVCache: k = h_i, v = y_{i // K}, float[B, 1, S(+1), D] each (None innermost)
+    upsampling: Any  # KVCache float[B, N, S1+1, H]: the coarse keys/values (attention) or None
     inner: Any  # HourglassCache of the next level, or None
+    # S: the position slots 0..S-1; below the top level one more slot, S, is the scratch slot.
+    length: int = struct.field(pytree_node=False, default=0)
 
 
-def _step_layers(layers, x, index, caches, where):
-    """Cached steps at ``index``; with ``where`` (bool, scalar or ``[R]``) a row keeps its write only
-    where ``where`` holds: the others get their slot's old keys/values back."""
+def _step_layers(layers, x, index, caches):
     new = []
     for layer, kv in zip(layers, caches, strict=True):
-        x, written, _ = layer.step(x, index, kv, None, None)
-        if where is not None:
-            slot = jnp.broadcast_to(jnp.reshape(index, (-1, 1)), (x.shape[0], 1))  # [R, 1]
-            k, v = written.read(slot)  # [R, 1, N, H]
-            written = write_where(written, k, v, index, where, old=kv.read(slot))
-        new.append(written)
+        x, kv, _ = layer.step(x, index, kv, None, None)
+        new.append(kv)
     return x, tuple(new)
-
-
-def _rows(mask, ndim: int):
-    """A bool scalar or ``[R]`` shaped to broadcast against ``[R, ...]`` of rank ``ndim``."""
-    return jnp.reshape(mask, (-1,) + (1,) * (ndim - 1))
 
 
 class HourglassLevel(nn.Module):
@@ -304,25 +297,28 @@ class HourglassLevel(nn.Module):
         in_force = jnp.repeat(y, k, axis=1)[:, :t]  # [B, T, D]: y_{i // K} at position i
         stream = cache.stream.write(x[:, :, None], in_force[:, :, None], 0)  # [B, T, 1, D]
         upsampling = self.upsampling.write(y, 0, cache.upsampling)
-        return u, HourglassCache(pre, post, stream, upsampling, inner)
+        return u, cache.replace(
+            pre=pre, post=post, stream=stream, upsampling=upsampling, inner=inner
+        )
 
     def init_cache(self, batch: int, length: int) -> HourglassCache:
+        """Caches for ``length`` positions, plus the scratch slot below the top level."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
-        zeros = lambda heads, width: KVCache.zeros(
-            batch, length, heads, width, dtype, indirect=True
-        )
+        slots = length + (self.depth > 0)
+        zeros = lambda heads, width: KVCache.zeros(batch, slots, heads, width, dtype, indirect=True)
         kv = lambda n: tuple(zeros(c.num_heads, c.layer_config.head_dim) for _ in range(n))
         k = self.factor
         if not k:
-            return HourglassCache(kv(len(self.pre)), (), None, None, None)
+            return HourglassCache(kv(len(self.pre)), (), None, None, None, length)
         coarse_length = -(-length // k)
         return HourglassCache(
             pre=kv(len(self.pre)),
             post=kv(len(self.post)),
             stream=zeros(1, c.d_model),
-            upsampling=self.upsampling.init_cache(batch, coarse_length),
+            upsampling=self.upsampling.init_cache(batch, coarse_length + 1),
             inner=self.inner.init_cache(batch, coarse_length),
+            length=length,
         )
 
     def step(
@@ -330,17 +326,18 @@ class HourglassLevel(nn.Module):
         x: Float[Array, "R 1 D"],
         index: Int[Array, ""] | Int[Array, " R"],
         cache: HourglassCache,
-        where: Bool[Array, ""] | Bool[Array, " R"] | None = None,
     ) -> tuple[Float[Array, "R 1 D"], HourglassCache]:
-        """Position ``index`` of this level (its own units), a scalar or one per row; the rows where
-        ``where`` is False run but write nothing (None: every row writes). See the module docstring."""
-        h, pre = _step_layers(self.pre, x, index, cache.pre, where)  # h_i: [R, 1, D]
+        """Position ``index`` of this level (its own units), a scalar or one per row; a row at the
+        scratch index ``cache.length`` runs and writes only the scratch slots (its output is for
+        nobody). See the module docstring."""
+        h, pre = _step_layers(self.pre, x, index, cache.pre)  # h_i: [R, 1, D]
         k = self.factor
         if not k:
             return h, cache.replace(pre=pre)
         rows = x.shape[0]
         complete = index % k == 0  # group index // K ends here (scalar or [R])
-        inner_where = complete if where is None else where & complete
+        # --> the inner index: j = i // K where group j completes, else the inner scratch slot.
+        inner_index = jnp.where(complete & (index < cache.length), index // k, cache.inner.length)
         # The group h[i-K+1 .. i]: K-1 earlier inputs from the stream, zeros before position 0.
         slots = jnp.reshape(index, (-1, 1)) + jnp.arange(1 - k, 0)[None]  # [1 or R, K-1]
         slots = jnp.broadcast_to(slots, (rows, k - 1))
@@ -349,14 +346,16 @@ class HourglassLevel(nn.Module):
         s = self.shortening(
             jnp.concatenate([earlier, h], axis=1)[:, None]
         )  # [R, 1, K, D] -> [R, 1, D]
-        y_new, inner = self.inner.step(s, index // k, cache.inner, inner_where)  # [R, 1, D]
+        y_new, inner = self.inner.step(s, inner_index, cache.inner)  # [R, 1, D]
         # --> [R, 1, D]: y_j where group j just completed, else y_{i // K} (slot i-1 holds it).
-        y = jnp.where(_rows(complete, 3), y_new, in_force[:, -1])
-        upsampling = self.upsampling.write(y_new, index // k, cache.upsampling, inner_where)
-        stream = write_where(cache.stream, h[:, :, None], y[:, :, None], index, where)
+        y = jnp.where(jnp.reshape(complete, (-1, 1, 1)), y_new, in_force[:, -1])
+        upsampling = self.upsampling.write(y_new, inner_index, cache.upsampling)
+        stream = cache.stream.write(h[:, :, None], y[:, :, None], index)  # slot i: (h_i, y_{i//K})
         u = self.upsampling.step(y, h, index, upsampling)  # [R, 1, D]
-        u, post = _step_layers(self.post, u, index, cache.post, where)
-        return u, HourglassCache(pre, post, stream, upsampling, inner)
+        u, post = _step_layers(self.post, u, index, cache.post)
+        return u, cache.replace(
+            pre=pre, post=post, stream=stream, upsampling=upsampling, inner=inner
+        )
 
 
 class HourglassLM(nn.Module):
@@ -402,7 +401,7 @@ class HourglassLM(nn.Module):
     ) -> tuple[Float[Array, "B P V"], HourglassCache]:
         """A prompt at positions 0..P-1 in one full pass per level: the logits and every cache as P
         ``decode_step``s would leave them."""
-        self._check_length("the prompt", ids.shape[1], cache.stream.length)
+        self._check_length("the prompt", ids.shape[1], cache.length)
         x = self.embedding(ids, jnp.arange(ids.shape[1]))
         y, cache = self.hourglass(x, True, cache)
         return self._logits(y), cache

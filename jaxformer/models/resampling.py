@@ -22,12 +22,11 @@ stream before the shift; it is added here):
 - ``attention``: ``u`` = repeat + residual, then ``u`` queries the coarse sequence causally
   (coarse j is visible to t iff ``j <= t // K``), residual, then a residual feed-forward.
 
-For decoding, ``write(coarse, j, cache, where=None)`` stores what the upsampler needs from coarse
-vectors ``j, j+1, ...`` (attention: their keys/values in those slots; the others need nothing): all of
-them at once for a prefill, or one per row in a step, then only in the rows where ``where`` holds.
+For decoding, ``write(coarse, j, cache)`` stores what the upsampler needs from coarse vectors
+``j, j+1, ...`` (attention: their keys/values in those slots; the others need nothing): all of them at
+once for a prefill, or one per row in a step (``j`` then a scalar or one slot per row).
 ``step(coarse_j, residual_t, t, cache)`` produces ``u[t]`` from the coarse vector in force,
-``j = t // K``; ``t`` is a scalar or one position per row. ``write_where`` is the masked one-slot write
-that the Hourglass levels use for their own caches too.
+``j = t // K``; ``t`` is a scalar or one position per row.
 """
 
 from __future__ import annotations
@@ -99,21 +98,6 @@ class AttentionPooling(_AttentionRefiner):
 # --- Upsampling ---------------------------------------------------------------------------------------
 
 
-def write_where(cache: KVCache | BeamKVCache, k, v, index, where, old=None):
-    """``cache.write(k, v, index)``, but only in the rows where ``where`` (bool, scalar or ``[R]``).
-
-    ``where`` None: a plain write (any number of slots). Otherwise ``k``/``v`` are one slot per row
-    ``[R, 1, N, H]`` and the other rows keep ``old`` there (default: what their slot holds now).
-    Only that slot is read and written, never the whole cache.
-    """
-    if where is None:
-        return cache.write(k, v, index)
-    if old is None:
-        old = cache.read(jnp.broadcast_to(jnp.reshape(index, (-1, 1)), (k.shape[0], 1)))
-    keep = jnp.reshape(where, (-1, 1, 1, 1))
-    return cache.write(jnp.where(keep, k, old[0]), jnp.where(keep, v, old[1]), index)
-
-
 class RepeatUpsampling(_Resampler):
     def __call__(
         self, coarse: Float[Array, "B T1 D"], residual: Float[Array, "B T D"]
@@ -123,7 +107,7 @@ class RepeatUpsampling(_Resampler):
     def init_cache(self, batch: int, coarse_length: int) -> None:
         return None
 
-    def write(self, coarse: Float[Array, "B T1 D"], index, cache, where=None):
+    def write(self, coarse: Float[Array, "B T1 D"], index, cache):
         return cache
 
     def step(
@@ -169,11 +153,11 @@ class AttentionUpsampling(_AttentionRefiner):
         h = self.d_model // self.num_heads
         return KVCache.zeros(batch, coarse_length, self.num_heads, h, self.dtype, indirect=True)
 
-    def write(self, coarse: Float[Array, "R T1 D"], index, cache, where=None):
-        """Keys/values of coarse vectors ``index .. index+T1-1`` into those slots (``where [R]``:
-        only in those rows, one slot)."""
+    def write(self, coarse: Float[Array, "R T1 D"], index, cache: KVCache | BeamKVCache):
+        """Keys/values of coarse vectors ``index .. index+T1-1`` into those slots (``index``: a
+        scalar, or one slot per row)."""
         k, v = self.attention.project_kv(self.norm_memory(coarse))  # [R, T1, N, H]
-        return write_where(cache, k, v, index, where)
+        return cache.write(k, v, index)
 
     def step(self, coarse, residual, position, cache):
         """Coarse slots ``0 .. position // K`` of each row are visible (the cache's own attention)."""
