@@ -84,6 +84,17 @@ class DecodeOptions:
             return BestSampler()
         return RandomSampler(topk=self.sampling_topk, temperature=self.sampling_temperature)
 
+    def search(self, rng) -> dict:
+        """``generate``'s search arguments (EOS is the tokenizers' ``EOS_ID``)."""
+        return dict(
+            end_id=EOS_ID,
+            max_length=self.max_length,
+            min_length=self.min_length,
+            strategy=self.strategy,
+            sampler=self.sampler,
+            rng=rng,
+        )
+
     @property
     def rng(self) -> jax.Array | None:
         return None if self.sampling_topk == 1 else jax.random.key(self.seed)
@@ -215,18 +226,7 @@ def unknown_summary(outputs: Sequence[Output], what: str = "lines") -> str | Non
 
 
 def _decode_batch(model, params, ids, options: DecodeOptions, key):
-    result = generate(
-        model,
-        params,
-        ids,
-        start_id=BOS_ID,
-        end_id=EOS_ID,
-        max_length=options.max_length,
-        min_length=options.min_length,
-        strategy=options.strategy,
-        sampler=options.sampler,
-        rng=key,
-    )
+    result = generate(model, params, ids, start_id=BOS_ID, **options.search(key))
     return jax.device_get((result.ids, result.lengths, result.scores))
 
 
@@ -268,43 +268,13 @@ def continue_texts(
 ) -> list[Output]:
     """Language models: the continuation of each prompt (at least one token each).
 
-    Prompts of equal token length share a batch (the LM's prefill takes equal lengths).
+    The prompts are decoded together, whatever their lengths (right-padded; each row continues at
+    its own positions, so its result does not depend on the others).
     """
     encoded = [tokenizer.encode(p) for p in prompts]
     unknown = _unknown(tokenizer, prompts, encoded)
     for number, ids in enumerate(encoded, 1):
         if not ids:
             raise ValueError(f"prompt {number} is empty: a language model needs >= 1 token")
-    groups: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        groups.setdefault(len(ids), []).append(i)
-    outputs: list[Output | None] = [None] * len(prompts)
-    rng = options.rng
-    for _, members in sorted(groups.items()):
-        ids = np.asarray([encoded[i] for i in members], np.int32)
-        if rng is not None:
-            rng, key = jax.random.split(rng)
-        else:
-            key = None
-        result = generate(
-            model,
-            params,
-            ids,
-            end_id=EOS_ID,
-            max_length=options.max_length,
-            min_length=options.min_length,
-            strategy=options.strategy,
-            sampler=options.sampler,
-            rng=key,
-        )
-        hyp_ids, lengths, scores = jax.device_get((result.ids, result.lengths, result.scores))
-        for row, i in enumerate(members):
-            texts = [
-                tokenizer.decode(hyp_ids[row, k, : lengths[row, k]].tolist())
-                for k in range(options.n_best)
-            ]
-            truncated = bool(lengths[row, 0] >= options.max_length)
-            outputs[i] = Output(
-                texts, scores[row, : options.n_best].tolist(), truncated, unknown[i]
-            )
-    return [o for o in outputs if o is not None]
+    result = _decode_batch(model, params, encoded, options, options.rng)
+    return [_output(result, row, tokenizer, options, unknown[row]) for row in range(len(encoded))]
