@@ -614,6 +614,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(error).strip() or type(error).__name__
         print(f"jaxformer: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training started, or outside it (fit saves and says so)
+        print("jaxformer: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
