@@ -377,9 +377,9 @@ class HourglassLM(nn.Module):
         self.drop = nn.Dropout(c.dropout)
 
     def _check_length(self, name: str, length: int, limit: int | None = None):
+        what = "the model's max_len" if limit is None else "the cache length"
         limit = self.config.max_len if limit is None else limit
         if length > limit:
-            what = "the model's max_len" if limit == self.config.max_len else "the cache length"
             raise ValueError(f"{name} has length {length}, more than {what}={limit}")
 
     def _logits(self, y):
