@@ -20,6 +20,63 @@ VARIANTS = {
     "shared_embeddings": dict(share_embeddings=True, share_output_embeddings=True),
 }
 
+# The model options of other implementations (TransformerConfig's fields after ``dtype``), combined as
+# those models use them; tests/test_model_options.py runs the property tests on each.
+OPENNMT_TF_SINUSOIDS = dict(
+    positions="sinusoidal",
+    position_layout="concat",
+    position_rate_denominator="D/2-1",
+    position_offset=1,
+)
+OPTION_VARIANTS = {
+    "opennmt_tf": dict(
+        layer_norm_epsilon=1e-3,
+        share_output_embeddings=True,
+        output_bias=True,
+        **OPENNMT_TF_SINUSOIDS,
+    ),
+    "opennmt_tf_post_relative_and_sinusoids": dict(
+        layer_norm_epsilon=1e-3, pre_norm=False, maximum_relative_position=3, **OPENNMT_TF_SINUSOIDS
+    ),
+    "t5_like": dict(
+        norm="rms",
+        activation="gated-gelu_tanh",
+        positions="none",
+        maximum_relative_position=3,
+        embedding_scale=1.0,
+        attention_head_dim=6,
+        query_scaling=False,
+        attention_bias=False,
+        ffn_bias=False,
+        share_embeddings=True,
+        share_output_embeddings=True,
+        tied_output_scale=True,
+    ),
+    "bart_like": dict(
+        pre_norm=False,
+        layer_norm_epsilon=1e-5,
+        activation="gelu",
+        positions="learned",
+        position_offset=2,
+        embedding_scale=1.0,
+        embedding_norm=True,
+        final_logits_bias=True,
+        share_embeddings=True,
+        share_output_embeddings=True,
+    ),
+    "marian_like": dict(
+        pre_norm=False, activation="swish", position_layout="concat", final_logits_bias=True
+    ),
+    "m2m100_like": dict(
+        position_layout="concat", position_rate_denominator="D/2-1", position_offset=2
+    ),
+    "swiglu_post_norm_with_final_norm": dict(
+        activation="swiglu", pre_norm=False, final_norm=True, embedding_scale=2.0
+    ),
+    "geglu_pre_norm_without_final_norm": dict(activation="geglu", final_norm=False),
+    "gelu_tanh_no_positions": dict(activation="gelu_tanh", positions="none"),
+}
+
 
 def make(model_cls, seed=0, **overrides):
     model = model_cls(preset("tiny", **overrides))
@@ -78,6 +135,7 @@ def load_experiment(name: str):
 
 __all__ = [
     "EXPERIMENTS",
+    "OPTION_VARIANTS",
     "VARIANTS",
     "DecoderOnlyLM",
     "Transformer",

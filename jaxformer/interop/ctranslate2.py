@@ -180,9 +180,47 @@ def _check_model(
     _check_vocab("target_vocab", target_vocab, config.vocab_size)
     if config.pad_id != 0:
         raise ValueError(f"model_config.pad_id must be 0 for CTranslate2, got {config.pad_id}")
+    _refuse_options(config)
     for part in ("encoder", "decoder", "target_embedding"):
         if part not in params:
             raise ValueError(f"params has no {part!r}: is it a jaxformer Transformer's params?")
+
+
+# Options of TransformerConfig that this exporter does not write: each must keep jaxformer's default
+# (the values resolved, so that e.g. positions="sinusoidal" without relative positions is accepted).
+_DEFAULT_OPTIONS = {
+    "layer_norm_epsilon": lambda c: c.layer_norm_epsilon == LAYER_NORM_EPSILON,
+    "norm": lambda c: c.norm == "layer",
+    "final_norm": lambda c: c.has_final_norm == c.pre_norm,
+    "activation": lambda c: c.activation == "relu",
+    "positions": lambda c: c.absolute_positions == ("none" if c.relative else "sinusoidal"),
+    "position_layout": lambda c: (
+        c.absolute_positions != "sinusoidal" or c.position_layout == "interleaved"
+    ),
+    "position_rate_denominator": lambda c: (
+        c.absolute_positions != "sinusoidal" or c.position_rate_denominator == "D/2"
+    ),
+    "position_offset": lambda c: c.position_offset == 0,
+    "embedding_scale": lambda c: c.embedding_scale is None,
+    "embedding_norm": lambda c: not c.embedding_norm,
+    "final_logits_bias": lambda c: not c.final_logits_bias,
+    "output_bias": lambda c: c.has_output_bias == (not c.share_output_embeddings),
+    "tied_output_scale": lambda c: not c.tied_output_scale,
+    "attention_head_dim": lambda c: c.head_dim * c.num_heads == c.d_model,
+    "query_scaling": lambda c: c.query_scaling,
+    "attention_bias": lambda c: c.attention_bias,
+    "ffn_bias": lambda c: c.ffn_bias,
+}
+
+
+def _refuse_options(config: TransformerConfig):
+    """Raise naming the first model option that the export cannot express."""
+    for name, is_default in _DEFAULT_OPTIONS.items():
+        if not is_default(config):
+            raise ValueError(
+                f"model_config.{name}={getattr(config, name)!r}: the CTranslate2 export writes "
+                f"jaxformer's default for this option only"
+            )
 
 
 def _set_model_config(model_config, target_vocab: Sequence[str]):

@@ -9,6 +9,13 @@ keys and values into that order at every step: half the time of a ``small`` batc
 With ``maximum_relative_position > 0`` (self-attention only) the relative key/value tables of Shaw et al.
 (2018) add ``q . rel_k[clip(j - i)]`` to the scores and ``sum_j p_ij rel_v[clip(j - i)]`` to the output,
 with query and key positions measured absolutely (cache slot j holds position j).
+
+Options of other implementations: ``head_dim`` H other than ``d_model / num_heads`` (T5's ``d_kv``:
+the projections then map D to an inner width N*H and back), ``use_bias=False`` (T5 has no biases), and
+``query_scaling=False`` (T5 folds the 1/sqrt(H) into its initialisation and scores with plain q . k).
+The arithmetic in ``dot_product.py`` always divides by sqrt(H); without query scaling the queries are
+first multiplied by sqrt(H), in every path alike, so a cached step scores exactly as the full pass.
+(This is exact when sqrt(H) is a power of two, e.g. T5's H = 64, and within one rounding otherwise.)
 """
 
 from typing import Any
@@ -35,11 +42,15 @@ class MultiHeadAttention(nn.Module):
     dropout: float = 0.0
     maximum_relative_position: int = 0
     dtype: Any = jnp.float32
+    head_dim: int | None = None  # H; None: d_model // num_heads
+    query_scaling: bool = True  # False: no 1/sqrt(H) on the scores (T5)
+    use_bias: bool = True
 
     def setup(self):
-        n, h = self.num_heads, self.d_model // self.num_heads
+        n = self.num_heads
+        h = self.d_model // n if self.head_dim is None else self.head_dim
         dense = lambda features, axis, name: nn.DenseGeneral(
-            features, axis=axis, dtype=self.dtype, name=name
+            features, axis=axis, use_bias=self.use_bias, dtype=self.dtype, name=name
         )
         if self.self_attention:
             self.qkv = dense((3, n, h), -1, "qkv")
@@ -55,6 +66,12 @@ class MultiHeadAttention(nn.Module):
             rows = 2 * self.maximum_relative_position + 1
             self.relative_keys = self.param("relative_keys", init, (rows, h))
             self.relative_values = self.param("relative_values", init, (rows, h))
+
+    def _unscaled(self, q: Float[Array, "B T N H"]) -> Float[Array, "B T N H"]:
+        """Queries as the dot product should see them: times sqrt(H) when scores are not scaled."""
+        if self.query_scaling:
+            return q
+        return q * jnp.asarray(q.shape[-1] ** 0.5, q.dtype)
 
     def _relative(self, query_pos: Int[Array, " T"], key_pos: Int[Array, " S"]):
         if self.maximum_relative_position == 0:
@@ -80,11 +97,11 @@ class MultiHeadAttention(nn.Module):
         """Full pass. Self-attention when ``memory`` is None, else cross-attention to ``memory``."""
         if self.self_attention:
             qkv = self.qkv(x)  # [B, T, 3, N, H]
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            q, k, v = self._unscaled(qkv[:, :, 0]), qkv[:, :, 1], qkv[:, :, 2]
             pos = jnp.arange(x.shape[1])
             rel_k, rel_v = self._relative(pos, pos)
         else:
-            q = self.query(x)  # [B, T, N, H]
+            q = self._unscaled(self.query(x))  # [B, T, N, H]
             k, v = self.project_kv(memory)  # [B, S, N, H]
             rel_k = rel_v = None
         out, probs = self._attend(q, k, v, mask, rel_k, rel_v, deterministic)
@@ -102,7 +119,7 @@ class MultiHeadAttention(nn.Module):
         """One token per row at absolute position ``step`` (a scalar, or ``int32[R]``: one per row):
         write its K/V into slot ``step``, attend to slots 0..step."""
         qkv = self.qkv(x)  # [R, 1, 3, N, H]  the projections see one token
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = self._unscaled(qkv[:, :, 0]), qkv[:, :, 1], qkv[:, :, 2]
         cache = cache.write(k, v, step)
         query = jnp.reshape(step, (-1,))  # [1] or [R]
         relative = self._relative(query, jnp.arange(cache.length))  # [1 or R, S, H] each
@@ -113,7 +130,7 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[Float[Array, "B T D"], KVCache]:
         """A prompt of T tokens at positions 0..T-1: causal attention, and its K/V written to the cache."""
         qkv = self.qkv(x)  # [B, T, 3, N, H]
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = self._unscaled(qkv[:, :, 0]), qkv[:, :, 1], qkv[:, :, 2]
         pos = jnp.arange(x.shape[1])
         rel_k, rel_v = self._relative(pos, pos)
         out, _ = dot_product_attention(q, k, v, mask, rel_k, rel_v)
@@ -132,7 +149,7 @@ class MultiHeadAttention(nn.Module):
         b1w0, ...]``): the W queries of an entry then attend to its one copy of the memory, so the
         memory never has to be tiled to ``R`` rows nor reordered with the beams.
         """
-        q = self.query(x)  # [R, T, N, H]
+        q = self._unscaled(self.query(x))  # [R, T, N, H]
         rows, length = q.shape[:2]
         batch = memory_k.shape[0]
         if rows % batch:

@@ -2,6 +2,8 @@
 
 Pre-norm:  ``x = x + drop(sublayer(norm(x)))`` for each sublayer, then one final norm on the stack.
 Post-norm: ``x = norm(x + drop(sublayer(x)))`` (Vaswani et al. 2017), no final norm.
+``TransformerConfig.final_norm`` sets the final norm either way; the norms' kind and epsilon, the
+attention and feed-forward options come from the config too (``attention_options``).
 
 The decoder stack has three entry points that share one set of parameters: a full pass (teacher forcing),
 a prefill of several tokens into a cache, and a one-token cached step.
@@ -15,8 +17,29 @@ import jax.numpy as jnp
 from jaxformer.models.attention import MultiHeadAttention
 from jaxformer.models.cache import DecoderCache, KVCache, Memory
 from jaxformer.models.config import TransformerConfig
-from jaxformer.models.layers import FeedForward, layer_norm
+from jaxformer.models.layers import FeedForward, config_norm
 from jaxformer.typing import Array, Bool, Float, Int
+
+
+def attention(c: TransformerConfig, self_attention: bool) -> MultiHeadAttention:
+    """A self- or cross-attention sublayer with the config's options (Shaw tables: self only)."""
+    return MultiHeadAttention(
+        c.num_heads,
+        c.d_model,
+        self_attention,
+        c.attention_dropout,
+        c.maximum_relative_position if self_attention else 0,
+        jnp.dtype(c.dtype),
+        head_dim=c.head_dim,
+        query_scaling=c.query_scaling,
+        use_bias=c.attention_bias,
+    )
+
+
+def feed_forward(c: TransformerConfig) -> FeedForward:
+    return FeedForward(
+        c.d_model, c.ffn_dim, c.ffn_dropout, jnp.dtype(c.dtype), c.activation, c.ffn_bias
+    )
 
 
 class _Sublayers(nn.Module):
@@ -36,13 +59,10 @@ class _Sublayers(nn.Module):
 class EncoderLayer(_Sublayers):
     def setup(self):
         c = self.config
-        dtype = jnp.dtype(c.dtype)
-        self.self_attention = MultiHeadAttention(
-            c.num_heads, c.d_model, True, c.attention_dropout, c.maximum_relative_position, dtype
-        )
-        self.ffn = FeedForward(c.d_model, c.ffn_dim, c.ffn_dropout, dtype)
-        self.norm_attention = layer_norm("norm_attention", dtype)
-        self.norm_ffn = layer_norm("norm_ffn", dtype)
+        self.self_attention = attention(c, True)
+        self.ffn = feed_forward(c)
+        self.norm_attention = config_norm(c, "norm_attention")
+        self.norm_ffn = config_norm(c, "norm_ffn")
         self.drop = nn.Dropout(c.dropout)
 
     def __call__(self, x, mask, deterministic: bool = True):
@@ -70,8 +90,8 @@ class Encoder(nn.Module):
         mask = valid[:, None, None, :]  # [B, 1, 1, S]
         for i in range(c.num_encoder_layers):
             x = EncoderLayer(c, name=f"layer_{i}")(x, mask, deterministic)
-        if c.pre_norm:
-            x = layer_norm("final_norm", jnp.dtype(c.dtype))(x)
+        if c.has_final_norm:
+            x = config_norm(c, "final_norm")(x)
         return x
 
 
@@ -82,18 +102,13 @@ class DecoderLayer(_Sublayers):
 
     def setup(self):
         c = self.config
-        dtype = jnp.dtype(c.dtype)
-        self.self_attention = MultiHeadAttention(
-            c.num_heads, c.d_model, True, c.attention_dropout, c.maximum_relative_position, dtype
-        )
-        self.norm_self = layer_norm("norm_self", dtype)
+        self.self_attention = attention(c, True)
+        self.norm_self = config_norm(c, "norm_self")
         if self.cross_attention:
-            self.memory_attention = MultiHeadAttention(
-                c.num_heads, c.d_model, False, c.attention_dropout, 0, dtype
-            )
-            self.norm_memory = layer_norm("norm_memory", dtype)
-        self.ffn = FeedForward(c.d_model, c.ffn_dim, c.ffn_dropout, dtype)
-        self.norm_ffn = layer_norm("norm_ffn", dtype)
+            self.memory_attention = attention(c, False)
+            self.norm_memory = config_norm(c, "norm_memory")
+        self.ffn = feed_forward(c)
+        self.norm_ffn = config_norm(c, "norm_ffn")
         self.drop = nn.Dropout(c.dropout)
 
     def _ffn(self, x, deterministic):
@@ -175,11 +190,11 @@ class DecoderStack(nn.Module):
             DecoderLayer(c, self.cross_attention, name=f"layer_{i}")
             for i in range(c.num_decoder_layers)
         ]
-        if c.pre_norm:
-            self.final_norm = layer_norm("final_norm", jnp.dtype(c.dtype))
+        if c.has_final_norm:
+            self.final_norm = config_norm(c, "final_norm")
 
     def _final(self, x):
-        return self.final_norm(x) if self.config.pre_norm else x
+        return self.final_norm(x) if self.config.has_final_norm else x
 
     def __call__(self, x, self_mask, encoded=None, src_valid=None, deterministic: bool = True):
         """Full pass; returns ``(y [B, T, D], last layer's cross-attention [B, N, T, S] or None)``."""

@@ -4,14 +4,43 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxformer.models.activations import ACTIVATIONS
+from jaxformer.models.norms import NORMS
+from jaxformer.models.positions import LAYOUTS, POSITIONS, RATE_DENOMINATORS
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """Hyper-parameters of the encoder-decoder Transformer and of the decoder-only LM.
 
     ``maximum_relative_position > 0`` switches self-attention to the relative position representations
-    of Shaw et al. (2018), as OpenNMT-tf does, and drops the sinusoidal absolute encodings; 0 keeps the
-    sinusoidal encodings of Vaswani et al. (2017).
+    of Shaw et al. (2018), as OpenNMT-tf does, and (unless ``positions`` says otherwise) drops the
+    sinusoidal absolute encodings; 0 keeps the sinusoidal encodings of Vaswani et al. (2017).
+
+    The fields after ``dtype`` describe other implementations' models; their defaults are jaxformer's
+    own, so configs written before they existed load unchanged. Each is resolved when a module is
+    built (``models/norms.py``, ``activations.py``, ``positions.py`` explain them):
+
+    - ``layer_norm_epsilon``: 1e-6 by default; OpenNMT-tf uses 1e-3 (Keras's default), T5 1e-6,
+      BART / Marian / M2M100 1e-5. ``norm``: ``"layer"`` or ``"rms"`` (T5: no bias, no mean).
+    - ``final_norm``: a norm after each stack; None follows ``pre_norm`` (today's models).
+    - ``activation``: one of ``activations.ACTIVATIONS`` (relu, gelu, gelu_tanh, silu/swish, and
+      ``gated-*``, geglu, swiglu; T5 v1.1 / mT5: ``gated-gelu_tanh``).
+    - ``positions``: absolute encodings ``"sinusoidal"``, ``"learned"`` or ``"none"``; None means
+      ``"none"`` with relative positions and ``"sinusoidal"`` without (today's rule).
+      ``position_layout`` (``"interleaved"`` | ``"concat"``), ``position_rate_denominator``
+      (``"D/2"`` | ``"D/2-1"``) and ``position_offset`` (index of the first token: OpenNMT-tf 1,
+      M2M100 / NLLB 2, BART's learned table 2).
+    - ``embedding_scale``: the factor on token embeddings; None is sqrt(d_model) (today), 1.0 none
+      (T5, BART without ``scale_embedding``). ``embedding_norm``: a norm after embeddings and
+      positions, one per side (BART's ``layernorm_embedding``).
+    - ``final_logits_bias``: a zero-initialised bias added to the logits (Marian, BART), kept out of
+      training by a stop-gradient. ``output_bias``: a bias in the output projection; None means a bias
+      unless the projection is tied (today); True with a tied projection keeps one (OpenNMT-tf).
+      ``tied_output_scale``: multiply by d_model**-0.5 before a tied projection (T5 v1.0).
+    - ``attention_head_dim``: H, when not d_model / num_heads (T5's ``d_kv``; inner width N*H).
+      ``query_scaling``: divide scores by sqrt(H) (False: T5). ``attention_bias`` / ``ffn_bias``:
+      biases in the attention / feed-forward projections (T5: none).
     """
 
     vocab_size: int = 32
@@ -31,6 +60,24 @@ class TransformerConfig:
     share_output_embeddings: bool = False  # the output projection reuses the target embedding
     pad_id: int = 0
     dtype: str = "float32"  # activation dtype; parameters stay float32
+    # Other implementations' options (see the class docstring); defaults reproduce jaxformer's models.
+    layer_norm_epsilon: float = 1e-6  # OpenNMT-tf: 1e-3
+    norm: str = "layer"  # "layer" | "rms"
+    final_norm: bool | None = None  # None: exactly when pre_norm
+    activation: str = "relu"
+    positions: str | None = None  # "sinusoidal" | "learned" | "none"; None: see the docstring
+    position_layout: str = "interleaved"  # "interleaved" | "concat"
+    position_rate_denominator: str = "D/2"  # "D/2" | "D/2-1"
+    position_offset: int = 0  # position index of the first token
+    embedding_scale: float | None = None  # None: sqrt(d_model)
+    embedding_norm: bool = False
+    final_logits_bias: bool = False
+    output_bias: bool | None = None  # None: unless share_output_embeddings
+    tied_output_scale: bool = False
+    attention_head_dim: int | None = None  # None: d_model // num_heads
+    query_scaling: bool = True
+    attention_bias: bool = True
+    ffn_bias: bool = True
 
     def __post_init__(self):
         def need(ok: bool, message: str):
@@ -45,7 +92,7 @@ class TransformerConfig:
         need(self.d_model >= 1, f"d_model must be >= 1, got {self.d_model}")
         need(self.num_heads >= 1, f"num_heads must be >= 1, got {self.num_heads}")
         need(
-            self.d_model % self.num_heads == 0,
+            self.attention_head_dim is not None or self.d_model % self.num_heads == 0,
             f"num_heads ({self.num_heads}) must divide d_model ({self.d_model})",
         )
         need(self.num_encoder_layers >= 0, "num_encoder_layers must be >= 0")
@@ -66,8 +113,64 @@ class TransformerConfig:
         need(0 <= self.pad_id < self.vocab_size, f"pad_id must be in [0, {self.vocab_size})")
         need(self.dtype in ("float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}")
         need(
-            self.maximum_relative_position > 0 or self.d_model % 2 == 0,
+            self.absolute_positions != "sinusoidal" or self.d_model % 2 == 0,
             "sinusoidal positions need an even d_model",
+        )
+        self._check_options(need)
+
+    def _check_options(self, need):
+        """The fields of other implementations' options: a message naming the field and what it takes."""
+
+        def one_of(name: str, allowed):
+            value = getattr(self, name)
+            need(value in allowed, f"{name} must be one of {list(allowed)}, got {value!r}")
+
+        def flag(name: str, optional: bool = False):
+            value = getattr(self, name)
+            ok = isinstance(value, bool) or (optional and value is None)
+            need(ok, f"{name} must be {'None, ' if optional else ''}True or False, got {value!r}")
+
+        eps = self.layer_norm_epsilon
+        need(
+            isinstance(eps, int | float) and not isinstance(eps, bool) and 0 < eps < 1,
+            f"layer_norm_epsilon must be a number in (0, 1), got {eps!r}",
+        )
+        one_of("norm", NORMS)
+        one_of("activation", ACTIVATIONS)
+        one_of("positions", (None, *POSITIONS))
+        one_of("position_layout", LAYOUTS)
+        one_of("position_rate_denominator", RATE_DENOMINATORS)
+        need(
+            self.absolute_positions != "sinusoidal"
+            or self.position_rate_denominator != "D/2-1"
+            or self.d_model >= 4,
+            "position_rate_denominator 'D/2-1' needs d_model >= 4",
+        )
+        offset = self.position_offset
+        need(
+            isinstance(offset, int) and not isinstance(offset, bool) and offset >= 0,
+            f"position_offset must be an int >= 0, got {offset!r}",
+        )
+        scale = self.embedding_scale
+        need(
+            scale is None
+            or (isinstance(scale, int | float) and not isinstance(scale, bool) and scale > 0),
+            f"embedding_scale must be None (sqrt(d_model)) or a number > 0, got {scale!r}",
+        )
+        for name in ("embedding_norm", "final_logits_bias", "tied_output_scale", "query_scaling"):
+            flag(name)
+        for name in ("attention_bias", "ffn_bias"):
+            flag(name)
+        flag("final_norm", optional=True)
+        flag("output_bias", optional=True)
+        need(
+            not self.tied_output_scale or self.share_output_embeddings,
+            "tied_output_scale needs share_output_embeddings=True",
+        )
+        head = self.attention_head_dim
+        need(
+            head is None or (isinstance(head, int) and not isinstance(head, bool) and head >= 1),
+            f"attention_head_dim must be None (d_model // num_heads) or an int >= 1, got {head!r}",
         )
 
     @property
@@ -76,11 +179,33 @@ class TransformerConfig:
 
     @property
     def head_dim(self) -> int:
+        """H: ``attention_head_dim``, or ``d_model // num_heads`` when that is None."""
+        if self.attention_head_dim is not None:
+            return self.attention_head_dim
         return self.d_model // self.num_heads
 
     @property
     def relative(self) -> bool:
         return self.maximum_relative_position > 0
+
+    @property
+    def absolute_positions(self) -> str:
+        """``positions`` resolved: None is "none" with relative positions, else "sinusoidal"."""
+        if self.positions is not None:
+            return self.positions
+        return "none" if self.relative else "sinusoidal"
+
+    @property
+    def has_final_norm(self) -> bool:
+        """A norm after each stack: ``final_norm``, or (None) exactly when pre-norm."""
+        return self.pre_norm if self.final_norm is None else self.final_norm
+
+    @property
+    def has_output_bias(self) -> bool:
+        """``output_bias`` resolved: None is a bias unless the output projection is tied."""
+        if self.output_bias is not None:
+            return self.output_bias
+        return not self.share_output_embeddings
 
     def replace(self, **changes) -> TransformerConfig:
         return dataclasses.replace(self, **changes)

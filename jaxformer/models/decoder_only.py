@@ -18,8 +18,15 @@ import jax.numpy as jnp
 from jaxformer.models.blocks import DecoderStack
 from jaxformer.models.cache import DecoderCache
 from jaxformer.models.config import TransformerConfig
+from jaxformer.models.embeddings import (
+    embed,
+    embedding_norm,
+    learned_positions,
+    output_logits,
+    output_parameters,
+    token_embedding,
+)
 from jaxformer.models.encoder_decoder import check_length
-from jaxformer.models.layers import TokenEmbedding
 from jaxformer.models.masks import self_attention_mask
 from jaxformer.typing import Array, Bool, Float, Int
 
@@ -31,19 +38,20 @@ class DecoderOnlyLM(nn.Module):
 
     def setup(self):
         c = self.config
-        dtype = jnp.dtype(c.dtype)
-        self.embedding = TokenEmbedding(
-            c.vocab_size, c.d_model, c.max_len, not c.relative, dtype, name="embedding"
-        )
+        self.embedding = token_embedding(c, c.vocab_size, "embedding")
+        self.positions = learned_positions(c, "positions")
+        self.embedding_norm = embedding_norm(c, "embedding_norm")
         self.decoder = DecoderStack(c, cross_attention=False)
-        if not c.share_output_embeddings:
-            self.output = nn.Dense(c.vocab_size, dtype=dtype, name="output")
+        self.output, self.output_bias, self.final_logits_bias = output_parameters(self, c)
         self.drop = nn.Dropout(c.dropout)
 
+    def _embed(self, ids, positions):
+        return embed(self.embedding, self.positions, self.embedding_norm, ids, positions)
+
     def _logits(self, y):
-        if self.config.share_output_embeddings:
-            return self.embedding.attend(y).astype(jnp.float32)
-        return self.output(y).astype(jnp.float32)
+        return output_logits(
+            self.config, y, self.embedding, self.output, self.output_bias, self.final_logits_bias
+        )
 
     def __call__(
         self,
@@ -54,7 +62,7 @@ class DecoderOnlyLM(nn.Module):
         check_length("ids", ids.shape[1], self.config)
         if valid is None:
             valid = jnp.ones(ids.shape, bool)
-        x = self.drop(self.embedding(ids, jnp.arange(ids.shape[1])), deterministic=deterministic)
+        x = self.drop(self._embed(ids, jnp.arange(ids.shape[1])), deterministic=deterministic)
         y, _ = self.decoder(x, self_attention_mask(valid, causal=True), deterministic=deterministic)
         return self._logits(y)
 
@@ -69,7 +77,7 @@ class DecoderOnlyLM(nn.Module):
             raise ValueError(
                 f"prompt length {ids.shape[1]} exceeds the cache length {cache.max_length}"
             )
-        x = self.embedding(ids, jnp.arange(ids.shape[1]))
+        x = self._embed(ids, jnp.arange(ids.shape[1]))
         mask = self_attention_mask(jnp.ones(ids.shape, bool), causal=True)
         y, cache = self.decoder.prefill(x, mask, cache)
         return self._logits(y), cache
@@ -81,8 +89,6 @@ class DecoderOnlyLM(nn.Module):
         cache: DecoderCache,
     ) -> tuple[Float[Array, "R V"], DecoderCache, None]:
         step = jnp.asarray(step, jnp.int32)
-        x = self.embedding(
-            ids[:, None], step[None] if step.ndim == 0 else step[:, None]
-        )  # [R, 1, D]
+        x = self._embed(ids[:, None], step[None] if step.ndim == 0 else step[:, None])  # [R, 1, D]
         y, cache, _ = self.decoder.step(x, step, cache)
         return self._logits(y[:, 0]), cache, None

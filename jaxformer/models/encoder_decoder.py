@@ -23,6 +23,14 @@ import jax.numpy as jnp
 from jaxformer.models.blocks import DecoderStack, Encoder
 from jaxformer.models.cache import DecoderCache, Memory
 from jaxformer.models.config import TransformerConfig
+from jaxformer.models.embeddings import (
+    embed,
+    embedding_norm,
+    learned_positions,
+    output_logits,
+    output_parameters,
+    token_embedding,
+)
 from jaxformer.models.layers import TokenEmbedding
 from jaxformer.models.masks import causal_mask, padding_mask
 from jaxformer.typing import Array, Bool, Float, Int
@@ -42,36 +50,51 @@ class Transformer(nn.Module):
 
     def setup(self):
         c = self.config
-        dtype = jnp.dtype(c.dtype)
-        embed = lambda vocab, name: TokenEmbedding(
-            vocab, c.d_model, c.max_len, not c.relative, dtype, name=name
-        )
-        self.target_embedding = embed(c.vocab_size, "target_embedding")
+        self.target_embedding = token_embedding(c, c.vocab_size, "target_embedding")
         if not c.share_embeddings:
-            self.source_embedding = embed(c.source_vocab_size, "source_embedding")
+            self.source_embedding = token_embedding(c, c.source_vocab_size, "source_embedding")
+        self.source_positions = learned_positions(c, "source_positions")
+        self.target_positions = learned_positions(c, "target_positions")
+        self.source_embedding_norm = embedding_norm(c, "source_embedding_norm")
+        self.target_embedding_norm = embedding_norm(c, "target_embedding_norm")
         self.encoder = Encoder(c)
         self.decoder = DecoderStack(c, cross_attention=True)
-        if not c.share_output_embeddings:
-            self.output = nn.Dense(c.vocab_size, dtype=dtype, name="output")
+        self.output, self.output_bias, self.final_logits_bias = output_parameters(self, c)
         self.drop = nn.Dropout(c.dropout)
 
     def _source_embedding(self) -> TokenEmbedding:
         return self.target_embedding if self.config.share_embeddings else self.source_embedding
 
-    def _logits(self, y):
-        logits = (
-            self.target_embedding.attend(y)
-            if self.config.share_output_embeddings
-            else self.output(y)
+    def _embed_source(self, ids, positions):
+        return embed(
+            self._source_embedding(),
+            self.source_positions,
+            self.source_embedding_norm,
+            ids,
+            positions,
         )
-        return logits.astype(jnp.float32)
+
+    def _embed_target(self, ids, positions):
+        return embed(
+            self.target_embedding, self.target_positions, self.target_embedding_norm, ids, positions
+        )
+
+    def _logits(self, y):
+        return output_logits(
+            self.config,
+            y,
+            self.target_embedding,
+            self.output,
+            self.output_bias,
+            self.final_logits_bias,
+        )
 
     def encode(
         self, src_ids: Int[Array, "B S"], deterministic: bool = True
     ) -> tuple[Float[Array, "B S D"], Bool[Array, "B S"]]:
         check_length("src_ids", src_ids.shape[1], self.config)
         valid = padding_mask(src_ids, self.config.pad_id)  # [B, S]
-        x = self._source_embedding()(src_ids, jnp.arange(src_ids.shape[1]))
+        x = self._embed_source(src_ids, jnp.arange(src_ids.shape[1]))  # [B, S, D]
         x = self.drop(x, deterministic=deterministic)
         return self.encoder(x, valid, deterministic), valid
 
@@ -84,7 +107,7 @@ class Transformer(nn.Module):
     ) -> tuple[Float[Array, "B T V"], Float[Array, "B T S"]]:
         """Teacher forcing: all target positions at once, causally masked."""
         check_length("tgt_in_ids", tgt_in_ids.shape[1], self.config)
-        x = self.target_embedding(tgt_in_ids, jnp.arange(tgt_in_ids.shape[1]))  # [B, T, D]
+        x = self._embed_target(tgt_in_ids, jnp.arange(tgt_in_ids.shape[1]))  # [B, T, D]
         x = self.drop(x, deterministic=deterministic)
         self_mask = causal_mask(tgt_in_ids.shape[1])[None, None]  # [1, 1, T, T]
         y, probs = self.decoder(x, self_mask, encoded, src_valid, deterministic)
@@ -111,6 +134,6 @@ class Transformer(nn.Module):
         memory: Memory,
     ) -> tuple[Float[Array, "R V"], DecoderCache, Float[Array, "R S"]]:
         step = jnp.asarray(step, jnp.int32)
-        x = self.target_embedding(ids[:, None], step[None])  # [R, 1, D]
+        x = self._embed_target(ids[:, None], step[None])  # [R, 1, D]
         y, cache, probs = self.decoder.step(x, step, cache, memory)  # [R, 1, D], [R, N, 1, S]
         return self._logits(y[:, 0]), cache, probs[:, 0, 0]
