@@ -16,6 +16,7 @@ from jaxformer.data import datasets
 from jaxformer.data.tokenizers import ByteTokenizer, CharTokenizer, SentencePieceTokenizer
 from jaxformer.decoding import texts
 from jaxformer.training.experiment import load_config, override
+from jaxformer.training.heldout import HELD_OUT_CACHE
 
 pytestmark = pytest.mark.xdist_group("cli_trained_run")  # the run is trained once per worker
 
@@ -166,13 +167,13 @@ def test_out_of_vocabulary_symbols_per_tokenizer():
 
 
 def test_eval_limit_progress_and_cached_held_out_split(workdir, capsys, monkeypatch):
-    (workdir / cli.HELD_OUT_CACHE).unlink(missing_ok=True)
+    (workdir / HELD_OUT_CACHE).unlink(missing_ok=True)
     argv = ["eval", "--workdir", str(workdir), "--split", "test", "--max-length", "12"]
     status, out, err = run(capsys, monkeypatch, [*argv, "--limit", "5"])
     assert status == 0, err
     assert json.loads(out)["examples"] == 5
     assert "translating" in err  # the progress bar (stderr)
-    assert (workdir / cli.HELD_OUT_CACHE).is_file()
+    assert (workdir / HELD_OUT_CACHE).is_file()
 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the corpus was rebuilt")
@@ -192,7 +193,7 @@ def test_a_stale_cache_is_rebuilt(workdir, capsys, monkeypatch):
     argv += ["--max-length", "12"]
     status, first, _ = run(capsys, monkeypatch, argv)
     assert status == 0
-    cache = workdir / cli.HELD_OUT_CACHE
+    cache = workdir / HELD_OUT_CACHE
     stored = json.loads(cache.read_text())
     stored["key"]["data"]["seed"] += 1  # as if made for other data settings
     stored["valid"] = [["1", "wrong reference"]] * 4

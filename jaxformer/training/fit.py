@@ -36,14 +36,11 @@ rows (untested here).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import math
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,12 +50,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxformer.data import datasets
 from jaxformer.decoding.texts import DecodeOptions, corpus_scores, translate_texts
 from jaxformer.training import checkpoint as ckpt
 from jaxformer.training import sharding as shd
 from jaxformer.training.experiment import ExperimentConfig, save_json
+from jaxformer.training.interrupt import TrainingInterrupted, stop_on_sigint
 from jaxformer.training.metrics import MetricsLog, plot_curves
+from jaxformer.training.prepare import Data, prepare
 from jaxformer.training.runs import build_model, check_same_run
 from jaxformer.training.step import (
     create_train_state,
@@ -119,82 +117,6 @@ def place_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict:
     return shd.shard_batch(batch, mesh)
 
 
-@dataclasses.dataclass
-class Data:
-    """Everything ``fit`` reads: tokenizers, the batches of each step, held-out sets."""
-
-    source_tokenizer: Any
-    target_tokenizer: Any
-    train: datasets.EpochBatches
-    valid_batches: list[dict[str, np.ndarray]]
-    valid_pairs: list[tuple[str, str]]  # translation: decoded for BLEU / exact match
-    test_pairs: list[tuple[str, str]]
-    test_batches: list[dict[str, np.ndarray]]
-
-
-def prepare(config: ExperimentConfig, workdir: Path) -> tuple[ExperimentConfig, Data]:
-    """Loads the corpus, fits (or reloads) tokenizers, sets the vocabulary sizes in the config."""
-    if config.task == "translate":
-        return _prepare_translation(config, workdir)
-    return _prepare_lm(config, workdir)
-
-
-def _prepare_translation(config: ExperimentConfig, workdir: Path) -> tuple[ExperimentConfig, Data]:
-    data, run = config.data, config.run
-    split = datasets.text_pairs(data)
-    src_tok, tgt_tok = datasets.tokenizers(
-        data,
-        workdir,
-        [s for s, _ in split.train],
-        [t for _, t in split.train],
-        shared=config.model.share_embeddings,
-    )
-    assert src_tok is not None
-    model = config.model.replace(vocab_size=tgt_tok.vocab_size, src_vocab_size=src_tok.vocab_size)
-    settings = datasets.batch_config(data, run.batch_size, train=False)
-
-    def held_out(pairs):
-        ids = datasets.token_pairs(pairs, src_tok, tgt_tok)
-        batches, _ = datasets.bucket_batches(ids, settings, seed=None)
-        return [datasets.as_arrays(b) for b in batches]
-
-    # Held-out examples over the length limit are left out of the loss (and counted in the
-    # summary), never truncated; BLEU / exact match decode every held-out example.
-    limit = data.max_length - 1
-    fits = lambda p: len(src_tok.encode(p[0])) <= limit and len(tgt_tok.encode(p[1])) <= limit
-    train_ids = datasets.token_pairs(split.train, src_tok, tgt_tok)
-    return config.replace(model=model), Data(
-        src_tok,
-        tgt_tok,
-        datasets.translation_batches(train_ids, data, run.batch_size),
-        held_out([p for p in split.valid if fits(p)]),
-        split.valid,
-        split.test,
-        held_out([p for p in split.test if fits(p)]),
-    )
-
-
-def _prepare_lm(config: ExperimentConfig, workdir: Path) -> tuple[ExperimentConfig, Data]:
-    data, run = config.data, config.run
-    split_text = datasets.text_stream(data)
-    _, tok = datasets.tokenizers(data, workdir, None, [split_text.train], shared=False)
-    model = config.model.replace(vocab_size=tok.vocab_size, src_vocab_size=None)
-
-    def windows(text):
-        w = datasets.lm_windows(tok.encode(text), data.max_length, run.batch_size, seed=None)
-        return [{"ids": b[:, :-1], "targets": b[:, 1:]} for b in w]
-
-    return config.replace(model=model), Data(
-        None,
-        tok,
-        datasets.lm_batches(tok.encode(split_text.train), data, run.batch_size),
-        windows(split_text.valid),
-        [],
-        [],
-        windows(split_text.test),
-    )
-
-
 def evaluate_run(
     config: ExperimentConfig,
     model,
@@ -234,55 +156,6 @@ def evaluate_run(
         )
         metrics |= corpus_scores([o.texts[0] for o in outputs], [t for _, t in pairs])
     return metrics
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """``fit`` stopped by Ctrl-C (SIGINT). ``saved_step``: the step a rerun resumes from (``step``
-    itself when it was saved on the way out), None if no checkpoint exists yet."""
-
-    def __init__(self, workdir: Path, step: int, saved_step: int | None):
-        self.workdir, self.step, self.saved_step = workdir, step, saved_step
-        if saved_step == step:
-            text = f"interrupted at step {step}, saved; run the same command to resume"
-        elif saved_step is not None:
-            text = (
-                f"interrupted at step {step} in the middle of an update, which cannot be saved; "
-                f"run the same command to resume from the checkpoint of step {saved_step}"
-            )
-        else:
-            text = f"interrupted at step {step}, before any checkpoint: nothing was saved"
-        super().__init__(f"{text} ({workdir})")
-
-
-class _StopRequest:
-    """The SIGINT handler of a training loop: a first Ctrl-C asks it to stop (and save) after the
-    step under way; a second one interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\njaxformer: stopping after this step (Ctrl-C again: at once)", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _stop_on_sigint():
-    """A ``_StopRequest`` installed for SIGINT while the loop runs, when Python's own handler is in
-    place (the main thread; not where SIGINT is ignored or handled by someone else)."""
-    request = _StopRequest()
-    own = (
-        threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    )
-    previous = signal.signal(signal.SIGINT, request) if own else None
-    try:
-        yield request
-    finally:
-        if own:
-            signal.signal(signal.SIGINT, previous)
 
 
 StopWhen = Callable[[int, dict[str, float]], "str | None"]
@@ -465,7 +338,7 @@ def _train(loop: _Loop, state) -> _Position:
     logs, evaluates and saves on the way; on Ctrl-C saves the step reached and raises."""
     run = loop.config.run
     at, window = _Position(loop.start), _Window()
-    with _progress(loop.config, loop.start) as bar, _stop_on_sigint() as stop:
+    with _progress(loop.config, loop.start) as bar, stop_on_sigint() as stop:
         try:
             while at.stopped_by is None and at.step < run.train_steps:
                 state, out = loop.step(state, at.step)
