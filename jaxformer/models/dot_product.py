@@ -8,6 +8,9 @@ Relative position terms (Shaw et al. 2018) come as tables already indexed by (qu
 ``[T, S, H]`` when every row of the batch has the same query positions, ``[B, T, S, H]`` when each row
 has its own (ragged prompts decode at per-row positions).
 
+An additive ``bias`` on the scores (T5's bucketed relative bias, ``t5_buckets.py``) comes per head:
+``[1 or B, N, T, S]``, or ``[R, N, 1, S]`` for one query per search row.
+
 Three layouts of keys and values:
 
 - ``dot_product_attention``: the projections' ``[B, S, N, H]`` (full passes, prefill);
@@ -43,6 +46,7 @@ def dot_product_attention(
     relative_keys: Float[Array, ...] | None = None,
     relative_values: Float[Array, ...] | None = None,
     dropout=None,
+    bias: Float[Array, "_ N T S"] | None = None,
 ) -> tuple[Float[Array, "B T N H"], Float[Array, "B N T S"]]:
     """Softmax attention of already-projected heads; returns the output and the probabilities.
 
@@ -51,7 +55,7 @@ def dot_product_attention(
     """
     heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [B, S, N, H] --> [B, N, S, H]
     return attend_heads_major(
-        q, heads_major(k), heads_major(v), mask, relative_keys, relative_values, dropout
+        q, heads_major(k), heads_major(v), mask, relative_keys, relative_values, dropout, bias
     )
 
 
@@ -63,12 +67,15 @@ def attend_heads_major(
     relative_keys: Float[Array, ...] | None = None,
     relative_values: Float[Array, ...] | None = None,
     dropout=None,
+    bias: Float[Array, "_ N T S"] | None = None,
 ) -> tuple[Float[Array, "B T N H"], Float[Array, "B N T S"]]:
     """``dot_product_attention`` with keys and values in the cache's ``[B, N, S, H]`` layout."""
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     scores = jnp.einsum("BTNH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32)
     if relative_keys is not None:
         scores += _relative_scores(q, relative_keys)
+    if bias is not None:
+        scores += bias.astype(jnp.float32)  # [1 or B, N, T, S]
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S] float32
@@ -89,6 +96,7 @@ def attend_through_origin(
     mask: Bool[Array, "R S"],
     relative_keys: Float[Array, "R S H"] | None,
     relative_values: Float[Array, "R S H"] | None,
+    bias: Float[Array, "R N 1 S"] | None = None,
 ) -> Float[Array, "R 1 N H"]:
     """One query per search row against slots read through ``origin`` (see ``cache.BeamKVCache``).
 
@@ -115,6 +123,8 @@ def attend_through_origin(
         scores += jnp.einsum(
             "BNWH,BWSH->BNWS", q, per_entry(relative_keys), preferred_element_type=jnp.float32
         )
+    if bias is not None:
+        scores += jnp.swapaxes(per_entry(bias[:, :, 0]), 1, 2).astype(jnp.float32)  # [B, N, W, S]
     mask = per_entry(mask)[:, None]  # [B, 1, W, S]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)  # [B, N, W, S] float32
