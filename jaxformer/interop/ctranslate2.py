@@ -210,6 +210,7 @@ _DEFAULT_OPTIONS = {
     "query_scaling": lambda c: c.query_scaling,
     "attention_bias": lambda c: c.attention_bias,
     "ffn_bias": lambda c: c.ffn_bias,
+    "relative_attention_num_buckets": lambda c: c.relative_attention_num_buckets == 0,
 }
 
 

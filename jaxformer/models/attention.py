@@ -24,7 +24,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxformer.models.cache import BeamKVCache, KVCache
-from jaxformer.models.dot_product import attend_heads_major, dot_product_attention
+from jaxformer.models.dot_product import (
+    attend_heads_major,
+    attend_through_origin,
+    dot_product_attention,
+)
 from jaxformer.models.positions import relative_positions
 from jaxformer.typing import Array, Bool, Float, Int
 
@@ -93,8 +97,11 @@ class MultiHeadAttention(nn.Module):
         memory: Float[Array, "B S D"] | None = None,
         mask: Bool[Array, "..."] | None = None,
         deterministic: bool = True,
+        bias: Float[Array, "_ N T S"] | None = None,
     ) -> tuple[Float[Array, "B T D"], Float[Array, "B N T S"]]:
-        """Full pass. Self-attention when ``memory`` is None, else cross-attention to ``memory``."""
+        """Full pass. Self-attention when ``memory`` is None, else cross-attention to ``memory``.
+
+        ``bias``: an additive per-head score bias (T5's relative bias, ``t5_buckets.py``)."""
         if self.self_attention:
             qkv = self.qkv(x)  # [B, T, 3, N, H]
             q, k, v = self._unscaled(qkv[:, :, 0]), qkv[:, :, 1], qkv[:, :, 2]
@@ -104,36 +111,46 @@ class MultiHeadAttention(nn.Module):
             q = self._unscaled(self.query(x))  # [B, T, N, H]
             k, v = self.project_kv(memory)  # [B, S, N, H]
             rel_k = rel_v = None
-        out, probs = self._attend(q, k, v, mask, rel_k, rel_v, deterministic)
+        out, probs = self._attend(q, k, v, mask, rel_k, rel_v, deterministic, bias)
         return self.out(out), probs
 
-    def _attend(self, q, k, v, mask, rel_k, rel_v, deterministic):
+    def _attend(self, q, k, v, mask, rel_k, rel_v, deterministic, bias=None):
         dropout = None
         if not deterministic and self.dropout > 0.0:
             dropout = lambda p: self.attention_dropout(p, deterministic=False)
-        return dot_product_attention(q, k, v, mask, rel_k, rel_v, dropout)
+        return dot_product_attention(q, k, v, mask, rel_k, rel_v, dropout, bias)
 
     def self_attend_cached(
-        self, x: Float[Array, "R 1 D"], cache: KVCache | BeamKVCache, step
+        self,
+        x: Float[Array, "R 1 D"],
+        cache: KVCache | BeamKVCache,
+        step,
+        bias: Float[Array, "_ N 1 S"] | None = None,
     ) -> tuple[Float[Array, "R 1 D"], KVCache | BeamKVCache]:
         """One token per row at absolute position ``step`` (a scalar, or ``int32[R]``: one per row):
-        write its K/V into slot ``step``, attend to slots 0..step."""
+        write its K/V into slot ``step``, attend to slots 0..step (``bias``: ``[1 or R, N, 1, S]``)."""
         qkv = self.qkv(x)  # [R, 1, 3, N, H]  the projections see one token
         q, k, v = self._unscaled(qkv[:, :, 0]), qkv[:, :, 1], qkv[:, :, 2]
         cache = cache.write(k, v, step)
+        if bias is not None:
+            return self.out(_attend_cache_with_bias(q, cache, step, bias)), cache
         query = jnp.reshape(step, (-1,))  # [1] or [R]
         relative = self._relative(query, jnp.arange(cache.length))  # [1 or R, S, H] each
         return self.out(cache.attend(q, step, relative)), cache
 
     def self_attend_prefill(
-        self, x: Float[Array, "B T D"], cache: KVCache, mask: Bool[Array, "..."]
+        self,
+        x: Float[Array, "B T D"],
+        cache: KVCache,
+        mask: Bool[Array, "..."],
+        bias: Float[Array, "_ N T T"] | None = None,
     ) -> tuple[Float[Array, "B T D"], KVCache]:
         """A prompt of T tokens at positions 0..T-1: causal attention, and its K/V written to the cache."""
         qkv = self.qkv(x)  # [B, T, 3, N, H]
         q, k, v = self._unscaled(qkv[:, :, 0]), qkv[:, :, 1], qkv[:, :, 2]
         pos = jnp.arange(x.shape[1])
         rel_k, rel_v = self._relative(pos, pos)
-        out, _ = dot_product_attention(q, k, v, mask, rel_k, rel_v)
+        out, _ = dot_product_attention(q, k, v, mask, rel_k, rel_v, bias=bias)
         return self.out(out), cache.write(k, v, 0)
 
     def cross_attend_cached(
@@ -165,3 +182,20 @@ class MultiHeadAttention(nn.Module):
             probs = probs.reshape(batch, heads, width, length, source).transpose(0, 2, 1, 3, 4)
             probs = probs.reshape(rows, heads, length, source)  # --> [R, N, T, S]
         return self.out(out), probs
+
+
+def _attend_cache_with_bias(
+    q: Float[Array, "R 1 N H"], cache: KVCache | BeamKVCache, last, bias: Float[Array, "_ N 1 S"]
+) -> Float[Array, "R 1 N H"]:
+    """``cache.attend`` with an additive score bias (T5), slots ``0 .. last`` of each row.
+
+    The caches' ``attend`` takes no bias yet; this reads their keys and values the same way: in
+    place for a ``KVCache``, through the origin table for a ``BeamKVCache``.
+    """
+    rows, length = q.shape[0], cache.length
+    mask = jnp.arange(length)[None, :] <= jnp.broadcast_to(last, (rows,))[:, None]  # [R, S]
+    if isinstance(cache, BeamKVCache):
+        bias = jnp.broadcast_to(bias, (rows, *bias.shape[1:]))  # [R, N, 1, S]
+        return attend_through_origin(q, cache.k, cache.v, cache.origin, mask, None, None, bias)
+    out, _ = attend_heads_major(q, cache.k, cache.v, mask[:, None, None, :], bias=bias)
+    return out

@@ -41,6 +41,9 @@ class TransformerConfig:
     - ``attention_head_dim``: H, when not d_model / num_heads (T5's ``d_kv``; inner width N*H).
       ``query_scaling``: divide scores by sqrt(H) (False: T5). ``attention_bias`` / ``ffn_bias``:
       biases in the attention / feed-forward projections (T5: none).
+    - ``relative_attention_num_buckets > 0``: T5's bucketed relative attention bias (``t5_buckets.py``)
+      with ``relative_attention_max_distance``; one table per stack, shared by its layers
+      (T5: 32 buckets, 128; it uses ``positions="none"``).
     """
 
     vocab_size: int = 32
@@ -78,6 +81,8 @@ class TransformerConfig:
     query_scaling: bool = True
     attention_bias: bool = True
     ffn_bias: bool = True
+    relative_attention_num_buckets: int = 0  # T5's bucketed relative bias; 0: off
+    relative_attention_max_distance: int = 128
 
     def __post_init__(self):
         def need(ok: bool, message: str):
@@ -166,6 +171,23 @@ class TransformerConfig:
         need(
             not self.tied_output_scale or self.share_output_embeddings,
             "tied_output_scale needs share_output_embeddings=True",
+        )
+        buckets, distance = (
+            self.relative_attention_num_buckets,
+            self.relative_attention_max_distance,
+        )
+        need(
+            isinstance(buckets, int) and (buckets == 0 or buckets >= 4),
+            f"relative_attention_num_buckets must be 0 (off) or an int >= 4, got {buckets!r}",
+        )
+        need(
+            isinstance(distance, int) and distance > buckets // 2,
+            f"relative_attention_max_distance must be an int > relative_attention_num_buckets // 2 "
+            f"({buckets // 2}), got {distance!r}",
+        )
+        need(
+            not (buckets and self.relative),
+            "relative_attention_num_buckets (T5) and maximum_relative_position (Shaw) exclude each other",
         )
         head = self.attention_head_dim
         need(
