@@ -53,7 +53,11 @@ def test_overrides_parse_by_field_type():
 @pytest.mark.parametrize(
     "assignment, message",
     [
-        ("run.steps=3", r"unknown config key 'run.steps'; known keys: task, data.corpus"),
+        (
+            "run.steps=3",
+            r"unknown config key 'run.steps' \(did you mean 'run.train_steps'\?\); known keys: "
+            r"task, data.corpus",
+        ),
         ("run.train_steps", r"expects key=value"),
         ("run.train_steps=1.5", r"run.train_steps=1.5: expected int"),
         ("run.train_steps=0", r"run.train_steps must be >= 1"),

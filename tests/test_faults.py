@@ -34,10 +34,23 @@ ROOT = Path(__file__).resolve().parents[1]
 TMP_DIR = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")  # orbax 0.12.8's name for a step being saved
 
 
+def _default_sigint():
+    # pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored across exec: Python
+    # would then install no handler in the child and a test's Ctrl-C would never arrive.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args, log: Path) -> subprocess.Popen:
-    """A subprocess writing its stderr to ``log`` (a pipe could fill up and stall it)."""
+    """A subprocess writing its stderr to ``log`` (a pipe could fill up and stall it), with
+    SIGINT's default disposition, as from a terminal."""
     with log.open("w") as stderr:
-        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        return subprocess.Popen(
+            args,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=_default_sigint,
+        )
 
 
 def wait_for(process, log: Path, condition, what, timeout=150.0):
@@ -333,9 +346,13 @@ def test_ctrl_c_saves_the_step_reached_and_exits_130(tmp_path, program):
         (workdir / "metrics.jsonl").is_file()
         and len((workdir / "metrics.jsonl").read_text().splitlines()) >= 3
     )
-    wait_for(process, log, logged, "three logged steps")
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=120) == 130, log.read_text()[-3000:]
+    try:
+        wait_for(process, log, logged, "three logged steps")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 130, log.read_text()[-3000:]
+    finally:
+        process.kill()  # never left running (a no-op once it has ended)
+        process.wait()
     stderr = log.read_text()
     found = INTERRUPTED.search(stderr)
     assert found, stderr[-3000:]

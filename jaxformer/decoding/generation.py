@@ -167,14 +167,15 @@ def _check_options(adapter: Adapter, inputs, args: dict) -> None:
         raise ValueError("a decoder-only LM has no source to return attention over")
     if spec.needs_start_id and args["start_id"] is None:
         raise ValueError(f"a model with a {spec.name} needs start_id (the target's start token)")
-    opt.check_search(
-        strategy, sampler, max_length=max_length, min_length=min_length,
-        compat=args["compat"], rng=args["rng"],
-    )  # fmt: skip
+    opt.check_types(strategy, sampler)
     start_id = args["start_id"] if spec.needs_start_id else None
     opt.check_vocabulary(
         spec.target_vocab_size, strategy, sampler, end_id=args["end_id"], start_id=start_id
     )
+    opt.check_search(
+        strategy, sampler, max_length=max_length, min_length=min_length,
+        compat=args["compat"], rng=args["rng"],
+    )  # fmt: skip
     positions = adapter.positions(inputs.shape[1], max_length)
     if positions > spec.max_len:
         allowed = spec.max_len - positions + max_length

@@ -58,14 +58,18 @@ def check_lengths(max_length, min_length) -> None:
         raise ValueError(f"min_length must be in [0, max_length={max_length}], got {min_length}")
 
 
-def check_search(strategy, sampler, *, max_length, min_length, compat, rng) -> None:
-    """The options every search takes, checked before anything is traced."""
+def check_types(strategy, sampler) -> None:
     from jaxformer.decoding.strategies import BeamSearch, GreedySearch
 
     if not isinstance(strategy, GreedySearch | BeamSearch):
         raise TypeError(f"strategy must be GreedySearch() or BeamSearch(...), got {strategy!r}")
     if not callable(sampler) or not hasattr(sampler, "needs_rng"):
         raise TypeError(f"sampler must be BestSampler() or RandomSampler(...), got {sampler!r}")
+
+
+def check_search(strategy, sampler, *, max_length, min_length, compat, rng) -> None:
+    """The options every search takes, checked before anything is traced."""
+    check_types(strategy, sampler)
     check_lengths(max_length, min_length)
     if compat not in COMPAT_MODES:
         raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
