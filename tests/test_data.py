@@ -99,7 +99,10 @@ def test_sentencepiece_missing_model_and_package(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
         load_tokenizer(tmp_path)
     monkeypatch.setitem(sys.modules, "sentencepiece", None)
-    with pytest.raises(corpora.MissingDependency, match=r"pip install 'jaxformer\[data\]'"):
+    with pytest.raises(
+        corpora.MissingDependency,
+        match=r"pip install -e '\.\[data\]' \(from the jaxformer repository root\)",
+    ):
         SentencePieceTokenizer.train(CORPUS, 40)
 
 
