@@ -34,23 +34,28 @@ ROOT = Path(__file__).resolve().parents[1]
 TMP_DIR = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")  # orbax 0.12.8's name for a step being saved
 
 
-def _default_sigint():
-    # pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored across exec: Python
-    # would then install no handler in the child and a test's Ctrl-C would never arrive.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def start(args, log: Path) -> subprocess.Popen:
-    """A subprocess writing its stderr to ``log`` (a pipe could fill up and stall it), with
-    SIGINT's default disposition, as from a terminal."""
+    """A subprocess writing its stderr to ``log`` (a pipe could fill up and stall it)."""
     with log.open("w") as stderr:
-        return subprocess.Popen(
-            args,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            preexec_fn=_default_sigint,
-        )
+        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+# Runs ``-m MODULE ARGS`` or ``SCRIPT ARGS`` with Python's own SIGINT handler, as from a terminal.
+# pytest-xdist's workers ignore SIGINT and an ignored signal stays ignored across exec, so a child
+# started from a worker would never see a test's Ctrl-C. (A preexec_fn would reset it too, but it
+# forks a multithreaded JAX process, which JAX warns against.)
+WITH_SIGINT = """
+import runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+args = sys.argv[1:]
+if args[0] == "-m":
+    sys.argv = [args[1], *args[2:]]
+    runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = args
+    sys.path.insert(0, str(__import__("pathlib").Path(args[0]).resolve().parent))
+    runpy.run_path(args[0], run_name="__main__")
+"""
 
 
 def wait_for(process, log: Path, condition, what, timeout=150.0):
@@ -341,7 +346,7 @@ def test_ctrl_c_saves_the_step_reached_and_exits_130(tmp_path, program):
     else:
         args = [str(EXPERIMENTS / "demo.py"), "--variant", "smoke", "--workdir", str(workdir),
                 "--stop-at", "none"]  # fmt: skip
-    process = start([sys.executable, *args, *steps], log)
+    process = start([sys.executable, "-c", WITH_SIGINT, *args, *steps], log)
     logged = lambda: (
         (workdir / "metrics.jsonl").is_file()
         and len((workdir / "metrics.jsonl").read_text().splitlines()) >= 3
