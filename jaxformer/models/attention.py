@@ -24,11 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxformer.models.cache import BeamKVCache, KVCache
-from jaxformer.models.dot_product import (
-    attend_heads_major,
-    attend_through_origin,
-    dot_product_attention,
-)
+from jaxformer.models.dot_product import attend_heads_major, dot_product_attention
 from jaxformer.models.positions import relative_positions
 from jaxformer.typing import Array, Bool, Float, Int
 
@@ -132,11 +128,9 @@ class MultiHeadAttention(nn.Module):
         qkv = self.qkv(x)  # [R, 1, 3, N, H]  the projections see one token
         q, k, v = self._unscaled(qkv[:, :, 0]), qkv[:, :, 1], qkv[:, :, 2]
         cache = cache.write(k, v, step)
-        if bias is not None:
-            return self.out(_attend_cache_with_bias(q, cache, step, bias)), cache
         query = jnp.reshape(step, (-1,))  # [1] or [R]
         relative = self._relative(query, jnp.arange(cache.length))  # [1 or R, S, H] each
-        return self.out(cache.attend(q, step, relative)), cache
+        return self.out(cache.attend(q, step, relative, bias)), cache
 
     def self_attend_prefill(
         self,
@@ -182,20 +176,3 @@ class MultiHeadAttention(nn.Module):
             probs = probs.reshape(batch, heads, width, length, source).transpose(0, 2, 1, 3, 4)
             probs = probs.reshape(rows, heads, length, source)  # --> [R, N, T, S]
         return self.out(out), probs
-
-
-def _attend_cache_with_bias(
-    q: Float[Array, "R 1 N H"], cache: KVCache | BeamKVCache, last, bias: Float[Array, "_ N 1 S"]
-) -> Float[Array, "R 1 N H"]:
-    """``cache.attend`` with an additive score bias (T5), slots ``0 .. last`` of each row.
-
-    The caches' ``attend`` takes no bias yet; this reads their keys and values the same way: in
-    place for a ``KVCache``, through the origin table for a ``BeamKVCache``.
-    """
-    rows, length = q.shape[0], cache.length
-    mask = jnp.arange(length)[None, :] <= jnp.broadcast_to(last, (rows,))[:, None]  # [R, S]
-    if isinstance(cache, BeamKVCache):
-        bias = jnp.broadcast_to(bias, (rows, *bias.shape[1:]))  # [R, N, 1, S]
-        return attend_through_origin(q, cache.k, cache.v, cache.origin, mask, None, None, bias)
-    out, _ = attend_heads_major(q, cache.k, cache.v, mask[:, None, None, :], bias=bias)
-    return out

@@ -95,10 +95,11 @@ class KVCache:
         rows = jnp.arange(slots.shape[0])[:, None]  # [R, 1]
         return self.k[rows, :, slots], self.v[rows, :, slots]
 
-    def attend(self, q: Float[Array, "R 1 N H"], last, relative=(None, None)):
+    def attend(self, q: Float[Array, "R 1 N H"], last, relative=(None, None), bias=None):
         """One query per row against slots ``0 .. last`` (``last``: scalar or ``[R]``).
 
-        ``relative``: Shaw tables ``[1 or R, S, H]`` for keys and values, or ``(None, None)``.
+        ``relative``: Shaw tables ``[1 or R, S, H]`` for keys and values, or ``(None, None)``;
+        ``bias``: an additive per-head score bias ``[1 or R, N, 1, S]`` (T5), or None.
         """
         slots = jnp.arange(self.length)
         if jnp.ndim(last) == 0:
@@ -107,7 +108,7 @@ class KVCache:
         else:
             mask = (slots[None, :] <= last[:, None])[:, None, None, :]  # [R, 1, 1, S]
             rel_k, rel_v = (None if t is None else t[:, None] for t in relative)  # [R, 1, S, H]
-        out, _ = attend_heads_major(q, self.k, self.v, mask, rel_k, rel_v)
+        out, _ = attend_heads_major(q, self.k, self.v, mask, rel_k, rel_v, bias=bias)
         return out
 
     # The search-state protocol (``jaxformer.decoding.state``).
@@ -173,7 +174,7 @@ class BeamKVCache:
         beam = jnp.take_along_axis(self.origin, slots, axis=1)  # [R, M]
         return self.k[entry, :, beam, slots], self.v[entry, :, beam, slots]
 
-    def attend(self, q: Float[Array, "R 1 N H"], last, relative=(None, None)):
+    def attend(self, q: Float[Array, "R 1 N H"], last, relative=(None, None), bias=None):
         """``KVCache.attend`` through the origin table."""
         rows, length = q.shape[0], self.length
         last = jnp.broadcast_to(last, (rows,))
@@ -181,7 +182,9 @@ class BeamKVCache:
         rel_k, rel_v = (
             None if t is None else jnp.broadcast_to(t, (rows, *t.shape[1:])) for t in relative
         )  # [R, S, H]
-        return attend_through_origin(q, self.k, self.v, self.origin, mask, rel_k, rel_v)
+        if bias is not None:
+            bias = jnp.broadcast_to(bias, (rows, *bias.shape[1:]))  # [R, N, 1, S]
+        return attend_through_origin(q, self.k, self.v, self.origin, mask, rel_k, rel_v, bias)
 
     def tile_beams(self, width: int):
         raise ValueError("this KVCache is tiled already (a BeamKVCache has an origin table)")

@@ -162,9 +162,8 @@ class TransformerConfig:
             or (isinstance(scale, int | float) and not isinstance(scale, bool) and scale > 0),
             f"embedding_scale must be None (sqrt(d_model)) or a number > 0, got {scale!r}",
         )
-        for name in ("embedding_norm", "final_logits_bias", "tied_output_scale", "query_scaling"):
-            flag(name)
-        for name in ("attention_bias", "ffn_bias"):
+        flags = ("embedding_norm", "final_logits_bias", "tied_output_scale", "query_scaling")
+        for name in (*flags, "attention_bias", "ffn_bias"):
             flag(name)
         flag("final_norm", optional=True)
         flag("output_bias", optional=True)
@@ -172,6 +171,10 @@ class TransformerConfig:
             not self.tied_output_scale or self.share_output_embeddings,
             "tied_output_scale needs share_output_embeddings=True",
         )
+        self._check_attention_options(need)
+
+    def _check_attention_options(self, need):
+        """T5's relative buckets and the attention head width."""
         buckets, distance = (
             self.relative_attention_num_buckets,
             self.relative_attention_max_distance,
