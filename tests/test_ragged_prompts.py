@@ -6,11 +6,13 @@ A ragged batch is right-padded; each row then continues at its own positions (``
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxformer import decoding as dec
 from jaxformer import generate
+from jaxformer.decoding.adapters import step_function
 
 from helpers import VARIANTS, DecoderOnlyLM, Transformer, as_a_user, make
 
@@ -73,11 +75,26 @@ def test_an_array_with_prompt_lengths_equals_the_list(lm):
 
 
 def test_equal_lengths_take_the_shared_position_path(lm):
-    """All prompts of the full width: no per-row positions (the scalar path), same results."""
-    padded = np.asarray([LONG, LONG[::-1]], np.int32)
+    """All prompts of the full width: ``generate`` uses one shared position (a scalar offset), and
+    the per-row path (an offset per row, slots written by scatter) gives the same results."""
+    model, params = lm
+    padded = jnp.asarray([LONG, LONG[::-1]], jnp.int32)
     np.testing.assert_array_equal(
         decode(lm, padded, "greedy", prompt_lengths=[6, 6]).ids, decode(lm, padded, "greedy").ids
     )
+    adapter = dec.adapter_for(model)
+    results = []
+    for lengths in (None, jnp.asarray([6, 6], jnp.int32)):
+        prepared = adapter.prepare(params, padded, lengths, None, 7)
+        assert jnp.ndim(prepared.state[1]) == (0 if lengths is None else 1)  # the offset
+        results.append(
+            dec.dynamic_decode(
+                step_function(adapter, params), prepared.start_ids, END_ID, prepared.state,
+                strategy=dec.BeamSearch(3), max_length=7,
+            )
+        )  # fmt: skip
+    np.testing.assert_array_equal(results[0].ids, results[1].ids)
+    np.testing.assert_allclose(results[0].log_probs, results[1].log_probs, atol=1e-5)
 
 
 BAD_LENGTHS = [
