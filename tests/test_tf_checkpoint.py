@@ -1,0 +1,191 @@
+"""jaxformer.interop.tf_checkpoint reads TensorFlow checkpoints bit for bit, without TensorFlow.
+
+Fixtures written by TensorFlow 2.13.1: tests/data/opennmt_tf/bundle_dtypes (tools/
+opennmt_tf_checkpoints.py; 'hex' holds each tensor's bytes) and tests/data/tf_checkpoint
+(tools/tf_checkpoint_fixtures.py: two saves of a CheckpointManager, a checkpoint merged from two
+shards with a 1 MiB tensor, a partitioned variable; 'bytes' or 'sha256' per tensor).
+"""
+
+import base64
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxformer.interop import tf_checkpoint
+from jaxformer.interop.tf_checkpoint import (
+    latest_checkpoint,
+    list_variables,
+    read_checkpoint,
+    resolve_checkpoint,
+)
+
+DATA = Path(__file__).parent / "data"
+BUNDLE = DATA / "opennmt_tf" / "bundle_dtypes"
+OWN = DATA / "tf_checkpoint"
+OWN_VALUES = json.loads((OWN / "values.json").read_text())["checkpoints"]
+
+
+def numpy_name(tf_name):
+    return "object" if tf_name == "string" else tf_name
+
+
+def test_bundle_dtypes_bit_for_bit():
+    golden = json.loads((BUNDLE / "values.json").read_text())
+    tensors = read_checkpoint(BUNDLE / "ckpt-1")
+    assert set(tensors) == {name for name, _ in golden["list_variables"]}
+    assert tensors["_CHECKPOINTABLE_OBJECT_GRAPH"].shape == ()
+    assert isinstance(tensors["_CHECKPOINTABLE_OBJECT_GRAPH"].item(), bytes)
+    for key, want in golden["variables"].items():
+        got = tensors[key]
+        assert (got.dtype.name, list(got.shape)) == (numpy_name(want["dtype"]), want["shape"]), key
+        if want["dtype"] == "string":
+            assert [v.hex() for v in got.reshape(-1)] == want["hex"], key
+        else:
+            assert got.tobytes().hex() == want["hex"], key
+    listing = {key: list(shape) for key, (_, shape) in list_variables(BUNDLE).items()}
+    assert listing == {name: shape for name, shape in golden["list_variables"]}
+
+
+@pytest.mark.parametrize("prefix", sorted(OWN_VALUES))
+def test_own_fixtures_bit_for_bit(prefix):
+    golden = OWN_VALUES[prefix]
+    listing = list_variables(OWN / prefix)
+    assert [[key, list(shape)] for key, (_, shape) in listing.items()] == golden["list_variables"]
+    assert {key: dtype for key, (dtype, _) in listing.items()} == {
+        key: numpy_name(dtype) for key, dtype in golden["dtypes"].items()
+    }
+    if prefix.startswith("sliced"):
+        with pytest.raises(NotImplementedError, match=r"^w is a partitioned"):
+            read_checkpoint(OWN / prefix)
+        return
+    tensors = read_checkpoint(OWN / prefix)
+    assert sorted(tensors) == sorted(golden["tensors"])
+    for key, want in golden["tensors"].items():
+        got = tensors[key]
+        assert (got.dtype.name, list(got.shape)) == (numpy_name(want["dtype"]), want["shape"]), key
+        if "strings" in want:
+            assert [base64.b64encode(v).decode() for v in got.reshape(-1)] == want["strings"]
+        else:
+            assert hashlib.sha256(got.tobytes()).hexdigest() == want["sha256"], key
+            if "bytes" in want:
+                assert base64.b64encode(got.tobytes()).decode() == want["bytes"], key
+
+
+def test_values_and_arrays():
+    tensors = read_checkpoint(OWN / "dtypes")  # the directory: its latest, ckpt-2
+    f32 = tensors["f32/.ATTRIBUTES/VARIABLE_VALUE"]
+    assert np.isnan(f32[0, 0]) and f32[0, 1] == np.inf and np.signbit(f32[0, 2])
+    assert tensors["bf16/.ATTRIBUTES/VARIABLE_VALUE"].astype(np.float32).tolist()[:3] == [
+        1.0,
+        -2.5,
+        3.140625,
+    ]
+    words = tensors["words/.ATTRIBUTES/VARIABLE_VALUE"][:, 0].tolist()
+    assert words == [b"", b"a", "héllo".encode(), b"x" * 200, b"\x00\xff"]
+    assert int(tensors["save_counter/.ATTRIBUTES/VARIABLE_VALUE"]) == 2
+    f64 = tensors["f64/.ATTRIBUTES/VARIABLE_VALUE"]
+    f64[0, 0] = 0.0  # writable arrays, not views of a read-only buffer
+    sharded = read_checkpoint(OWN / "sharded" / "model")
+    big = sharded["big"]
+    assert big.shape == (256, 1024) and big.nbytes == 2**20
+    assert np.array_equal(big.reshape(64, 4096)[0], big.reshape(64, 4096)[63])  # tiled 64 times
+    assert sharded["names"].tolist() == [b"a"] and int(sharded["step"]) == 7
+    assert "tensorflow" not in sys.modules
+
+
+def test_latest_and_resolve(tmp_path):
+    assert latest_checkpoint(OWN / "dtypes") == OWN / "dtypes" / "ckpt-2"
+    assert latest_checkpoint(BUNDLE) == BUNDLE / "ckpt-1"
+    assert latest_checkpoint(OWN / "sharded") is None  # no `checkpoint` file, no name-N.index
+    assert latest_checkpoint(tmp_path) is None
+    for n in (2, 9, 10):
+        (tmp_path / f"ckpt-{n}.index").write_bytes(b"")
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-10"  # by number, not by name
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "ckpt-9"\n')
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-9"
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "/elsewhere/run/ckpt-2"\n')
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-2"  # an absolute path, moved here
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "ckpt-3"\n')
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-10"  # names a deleted checkpoint
+
+    prefix = OWN / "sharded" / "model"
+    for path in (prefix, f"{prefix}.index", f"{prefix}.data-00001-of-00002"):
+        assert resolve_checkpoint(path) == prefix
+    assert resolve_checkpoint(OWN / "dtypes") == OWN / "dtypes" / "ckpt-2"
+    with pytest.raises(FileNotFoundError, match=r"looked for .*ckpt-7\.index"):
+        resolve_checkpoint(OWN / "dtypes" / "ckpt-7")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no TensorFlow checkpoint in directory"):
+        read_checkpoint(tmp_path / "empty")
+
+
+def copy_checkpoint(source, tmp_path):
+    target = tmp_path / source.parent.name
+    shutil.copytree(source.parent, target)
+    return target / source.name
+
+
+def test_corrupt_files(tmp_path):
+    prefix = copy_checkpoint(OWN / "dtypes" / "ckpt-1", tmp_path)
+    data = Path(f"{prefix}.data-00000-of-00001")
+    index = Path(f"{prefix}.index")
+    good_data, good_index = data.read_bytes(), index.read_bytes()
+
+    data.write_bytes(good_data[:-10])
+    with pytest.raises(
+        ValueError, match=r"ckpt-1\.data-00000-of-00001 is truncated: .* needs bytes"
+    ):
+        read_checkpoint(prefix)
+    words = tf_checkpoint._read_index(prefix)[1]["words/.ATTRIBUTES/VARIABLE_VALUE"]
+    flipped = bytearray(good_data)
+    flipped[words.offset + words.size - 1] ^= 1  # the last byte of the last string
+    data.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=r"words/\.ATTRIBUTES/VARIABLE_VALUE: checksum mismatch"):
+        read_checkpoint(prefix)
+    assert read_checkpoint(prefix, verify=False)["words/.ATTRIBUTES/VARIABLE_VALUE"][4, 0] == (
+        b"\x00\xfe"
+    )
+    data.unlink()
+    with pytest.raises(FileNotFoundError, match=r"data shard .*ckpt-1\.data-00000-of-00001"):
+        read_checkpoint(prefix)
+
+    index.write_bytes(good_index[:-1] + b"\x00")
+    with pytest.raises(ValueError, match=r"ckpt-1\.index is not a TF checkpoint index: magic"):
+        list_variables(prefix)
+    footer = good_index[-48:]  # metaindex handle, index handle: varint offset and size each
+    _, pos = tf_checkpoint._varint(footer, tf_checkpoint._varint(footer, 0)[1])
+    offset, pos = tf_checkpoint._varint(footer, pos)
+    size, _ = tf_checkpoint._varint(footer, pos)
+    for at, value, error in [(offset + size, 1, "compression type 1"), (offset, 0, "checksum")]:
+        broken = bytearray(good_index)
+        broken[at] = value if broken[at] != value else value + 1
+        index.write_bytes(bytes(broken))
+        with pytest.raises(ValueError, match=error):
+            list_variables(prefix)
+
+
+def test_missing_shard(tmp_path):
+    prefix = copy_checkpoint(OWN / "sharded" / "model", tmp_path)
+    Path(f"{prefix}.data-00001-of-00002").unlink()
+    assert list_variables(prefix)["big"] == ("float32", (256, 1024))  # the index alone
+    with pytest.raises(FileNotFoundError, match=r"model\.data-00001-of-00002 not found"):
+        read_checkpoint(prefix)
+
+
+def test_crc32c():
+    def bytewise(data):
+        crc = 0xFFFFFFFF
+        for b in data:
+            crc = tf_checkpoint._TABLE_LIST[(crc ^ b) & 0xFF] ^ (crc >> 8)
+        return crc ^ 0xFFFFFFFF
+
+    assert tf_checkpoint._crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    rng = np.random.default_rng(0)
+    for n in (4095, 4096, 4097, 3 * 4096 + 5, 9 * 1024 + 3):  # around the vectorized path's edges
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert tf_checkpoint._crc32c(data) == bytewise(data), n
