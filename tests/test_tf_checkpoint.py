@@ -1,9 +1,10 @@
 """jaxformer.interop.tf_checkpoint reads TensorFlow checkpoints bit for bit, without TensorFlow.
 
 Fixtures written by TensorFlow 2.13.1: tests/data/opennmt_tf/bundle_dtypes (tools/
-opennmt_tf_checkpoints.py; 'hex' holds each tensor's bytes) and tests/data/tf_checkpoint
+opennmt_tf_checkpoints.py; 'hex' holds each tensor's bytes), the OpenNMT-tf models next to it
+(their goldens.json lists each variable as TF does), and tests/data/tf_checkpoint
 (tools/tf_checkpoint_fixtures.py: two saves of a CheckpointManager, a checkpoint merged from two
-shards with a 1 MiB tensor, a partitioned variable; 'bytes' or 'sha256' per tensor).
+shards with a 1 MiB tensor, a partitioned variable, 300 tensors; 'bytes' or 'sha256' per tensor).
 """
 
 import base64
@@ -28,6 +29,7 @@ DATA = Path(__file__).parent / "data"
 BUNDLE = DATA / "opennmt_tf" / "bundle_dtypes"
 OWN = DATA / "tf_checkpoint"
 OWN_VALUES = json.loads((OWN / "values.json").read_text())["checkpoints"]
+MODELS = sorted(path.parent.name for path in (DATA / "opennmt_tf").glob("*/goldens.json"))
 
 
 def numpy_name(tf_name):
@@ -49,6 +51,19 @@ def test_bundle_dtypes_bit_for_bit():
             assert got.tobytes().hex() == want["hex"], key
     listing = {key: list(shape) for key, (_, shape) in list_variables(BUNDLE).items()}
     assert listing == {name: shape for name, shape in golden["list_variables"]}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_opennmt_model_checkpoints(name):
+    """OpenNMT-tf's own checkpoints (optimizer slots included): TF's listing and value samples."""
+    directory = DATA / "opennmt_tf" / name
+    golden = json.loads((directory / "goldens.json").read_text())
+    want = {v["key"]: (numpy_name(v["dtype"]), tuple(v["shape"])) for v in golden["variables"]}
+    assert list_variables(directory) == want
+    tensors = read_checkpoint(directory)
+    assert {key: (v.dtype.name, v.shape) for key, v in tensors.items()} == want
+    for key, sample in golden["variable_samples"].items():
+        assert tensors[key].reshape(-1)[:8].astype(np.float64).tolist() == sample, key
 
 
 @pytest.mark.parametrize("prefix", sorted(OWN_VALUES))
@@ -167,6 +182,38 @@ def test_corrupt_files(tmp_path):
         index.write_bytes(bytes(broken))
         with pytest.raises(ValueError, match=error):
             list_variables(prefix)
+
+
+def varint(n):
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes([*out, n])
+
+
+def test_index_of_several_blocks(tmp_path):
+    """TF starts a new block every 256 KiB of index: repack a real index into 3 data blocks."""
+    source = OWN / "many" / "model"
+    prefix = copy_checkpoint(source, tmp_path)
+    items = tf_checkpoint._read_table(Path(f"{source}.index"))
+    table = bytearray()
+
+    def block(entries):  # keys unshared, one restart point; trailer: type 0 and its masked crc
+        body = b"".join(varint(0) + varint(len(k)) + varint(len(v)) + k + v for k, v in entries)
+        body += (0).to_bytes(4, "little") + (1).to_bytes(4, "little") + b"\0"
+        handle = varint(len(table)) + varint(len(body) - 1)
+        table.extend(body + tf_checkpoint._mask(tf_checkpoint._crc32c(body)).to_bytes(4, "little"))
+        return handle
+
+    index = [(part[-1][0], block(part)) for part in (items[:100], items[100:250], items[250:])]
+    handles = block([]) + block(index)
+    Path(f"{prefix}.index").write_bytes(
+        bytes(table) + handles.ljust(40, b"\0") + (0xDB4775248B80FB57).to_bytes(8, "little")
+    )
+    got, want = read_checkpoint(prefix), read_checkpoint(source)
+    assert list(got) == list(want) and len(got) == 300
+    assert all(np.array_equal(got[key], want[key]) for key in want)
 
 
 def test_missing_shard(tmp_path):

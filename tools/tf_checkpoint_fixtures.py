@@ -13,6 +13,7 @@ It writes under tests/data/tf_checkpoint/:
   sharded save does), so the data lie in 2 files; one tensor is 1 MiB (its values repeat every 16 KiB,
   so git stores it compressed).
 * ``sliced/model``: a variable saved as two slices (a partitioned variable).
+* ``many/model``: 300 small tensors with long keys, so that the index spans several 4 KiB blocks.
 * ``values.json``: per checkpoint, TensorFlow's own listing (``tf.train.list_variables`` and the
   reader's dtype map) and every tensor's dtype, shape, sha256 of its bytes and, when small, the bytes.
 """
@@ -88,6 +89,16 @@ def write_sliced(prefix):
     )
 
 
+def write_many(prefix):
+    names = [f"model/decoder/layers/{i}/self_attention/linear_{i % 7}/kernel" for i in range(300)]
+    tf.raw_ops.SaveV2(
+        prefix=str(prefix),
+        tensor_names=names,
+        shape_and_slices=[""] * len(names),
+        tensors=[tf.constant([i, -i], tf.int16) for i in range(len(names))],
+    )
+
+
 def record(prefix):
     reader = tf.train.load_checkpoint(str(prefix))
     dtypes = reader.get_variable_to_dtype_map()
@@ -115,15 +126,32 @@ def record(prefix):
     return {"list_variables": listing, "dtypes": tf_dtypes, "tensors": tensors}
 
 
+def one_per_line(value, depth, indent=" "):
+    """JSON of nested dicts and lists: ``depth`` levels open, then one item a line."""
+    if depth < 0 or not isinstance(value, dict | list):
+        return json.dumps(value)
+    items = value.items() if isinstance(value, dict) else [(None, v) for v in value]
+    lines = [
+        indent
+        + " "
+        + ("" if k is None else f"{json.dumps(k)}: ")
+        + one_per_line(v, depth - 1, indent + " ")
+        for k, v in items
+    ]
+    opening, closing = "{}" if isinstance(value, dict) else "[]"
+    return f"{opening}\n" + ",\n".join(lines) + f"\n{indent}{closing}"
+
+
 def main():
     shutil.rmtree(OUT, ignore_errors=True)
     write_dtypes(OUT / "dtypes")
     write_sharded(OUT / "sharded" / "model")
     write_sliced(OUT / "sliced" / "model")
-    prefixes = ["dtypes/ckpt-1", "dtypes/ckpt-2", "sharded/model", "sliced/model"]
-    values = {"tensorflow_version": tf.__version__}
-    values["checkpoints"] = {p: record(OUT / p) for p in prefixes}
-    (OUT / "values.json").write_text(json.dumps(values, indent=1) + "\n")
+    write_many(OUT / "many" / "model")
+    prefixes = ["dtypes/ckpt-1", "dtypes/ckpt-2", "sharded/model", "sliced/model", "many/model"]
+    parts = [f" {json.dumps(p)}: {one_per_line(record(OUT / p), 1)}" for p in prefixes]
+    head = f'{{"tensorflow_version": "{tf.__version__}", "checkpoints": {{\n'
+    (OUT / "values.json").write_text(head + ",\n".join(parts) + "\n}}\n")
 
 
 if __name__ == "__main__":
