@@ -77,6 +77,8 @@ def test_own_fixtures_bit_for_bit(prefix):
     if prefix.startswith("sliced"):
         with pytest.raises(NotImplementedError, match=r"^w is a partitioned"):
             read_checkpoint(OWN / prefix)
+        b = read_checkpoint(OWN / prefix, keys=["b"])  # the other variables can still be read
+        assert list(b) == ["b"] and b["b"].tolist() == [1.0, 2.0]
         return
     tensors = read_checkpoint(OWN / prefix)
     assert sorted(tensors) == sorted(golden["tensors"])
@@ -110,6 +112,9 @@ def test_values_and_arrays():
     assert big.shape == (256, 1024) and big.nbytes == 2**20
     assert np.array_equal(big.reshape(64, 4096)[0], big.reshape(64, 4096)[63])  # tiled 64 times
     assert sharded["names"].tolist() == [b"a"] and int(sharded["step"]) == 7
+    assert list(read_checkpoint(OWN / "sharded" / "model", keys=("step", "big"))) == ["step", "big"]
+    with pytest.raises(KeyError, match="has no variable bias, kernel"):
+        read_checkpoint(OWN / "sharded" / "model", keys=["bias", "step", "kernel"])
     assert "tensorflow" not in sys.modules
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import codecs
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -323,8 +324,11 @@ def list_variables(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {key: (_dtype_name(e.dtype), e.shape) for key, e in entries.items()}
 
 
-def read_checkpoint(path: str | Path, *, verify: bool = True) -> dict[str, np.ndarray]:
-    """Every tensor of a checkpoint (prefix, .index file, or directory: its latest), by key.
+def read_checkpoint(
+    path: str | Path, *, keys: Iterable[str] | None = None, verify: bool = True
+) -> dict[str, np.ndarray]:
+    """The tensors of a checkpoint (prefix, .index file, or directory: its latest), by key: all of
+    them, or those named in ``keys`` (KeyError for a key the checkpoint lacks).
 
     String tensors (such as ``_CHECKPOINTABLE_OBJECT_GRAPH``) are object arrays of ``bytes``;
     bfloat16 is ``ml_dtypes.bfloat16``. ``verify`` checks every tensor's crc32c. Partitioned
@@ -332,6 +336,12 @@ def read_checkpoint(path: str | Path, *, verify: bool = True) -> dict[str, np.nd
     """
     prefix = resolve_checkpoint(path)
     num_shards, entries = _read_index(prefix)
+    if keys is not None:
+        keys = list(keys)
+        missing = [key for key in keys if key not in entries]
+        if missing:
+            raise KeyError(f"checkpoint {prefix} has no variable {', '.join(missing)}")
+        entries = {key: entries[key] for key in keys}
     out = {}
     for key, entry in entries.items():
         if entry.sliced:
