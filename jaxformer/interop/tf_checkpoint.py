@@ -19,7 +19,7 @@ its bytes lie in the data shards ``ckpt-5.data-0000K-of-0000N``. Sources of the 
   uncompressed.
 
 ``read_checkpoint`` verifies every block's and tensor's checksum (``verify=False`` skips this); the
-crc32c runs on numpy over many chunks of the data at once, about 1 s per 100 MB.
+crc32c runs on numpy over many chunks of the data at once, about 0.5 s per 100 MB.
 """
 
 from __future__ import annotations
@@ -50,59 +50,60 @@ _UNSUPPORTED = {11: "qint8", 12: "quint8", 13: "qint32", 15: "qint16", 16: "quin
                 21: "variant"}  # fmt: skip
 
 
-def _make_table() -> np.ndarray:
+def _make_tables() -> np.ndarray:
+    """Slicing-by-4 tables: [0] is the byte-wise table, [k] a byte followed by k zero bytes."""
     t = np.arange(256, dtype=np.uint32)
     for _ in range(8):
         t = np.where(t & 1, (t >> 1) ^ np.uint32(0x82F63B78), t >> 1).astype(np.uint32)
-    return t
+    tables = [t]
+    for _ in range(3):
+        tables.append((tables[-1] >> 8) ^ t[tables[-1] & 0xFF])
+    return np.stack(tables)
 
 
-_TABLE = _make_table()
-_TABLE_LIST = [int(v) for v in _TABLE]
-_CHUNK = 1024  # bytes per chunk in the vectorized crc; a power of two
+_TABLES = _make_tables()
+_TABLE_LIST = [int(v) for v in _TABLES[0]]
 
 
-def _zeros_operator(tables: np.ndarray) -> np.ndarray:
-    """The register map of twice as many zero bytes as ``tables`` (4 x 256 byte-sliced images)."""
-    x = tables.reshape(-1)
-    out = tables[0][x & 0xFF] ^ tables[1][(x >> 8) & 0xFF]
-    out ^= tables[2][(x >> 16) & 0xFF] ^ tables[3][x >> 24]
-    return out.reshape(4, 256)
+def _apply(op: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A linear map of the 32-bit register given as 4 x 256 byte-sliced images, applied to x."""
+    return op[0][x & 0xFF] ^ op[1][(x >> 8) & 0xFF] ^ op[2][(x >> 16) & 0xFF] ^ op[3][x >> 24]
 
 
 def _crc32c(data: bytes | bytearray | memoryview) -> int:
-    """Standard crc32c of ``data``: a byte loop when short, else numpy over 1 KiB chunks at once.
+    """Standard crc32c of ``data``: a byte loop when short, else numpy over many chunks at once.
 
-    The crc register is linear: with initial value 0, leading zero bytes leave it at 0, and the
-    register of A+B is Z_len(B)(reg(A)) ^ reg(B), Z_n being the map of n zero bytes. The initial
-    value 0xFFFFFFFF equals flipping the first 4 bytes and starting from 0.
+    The register is linear: from initial value 0, leading zero bytes leave it 0, and the register
+    of A+B is Z(reg(A)) ^ reg(B), Z the map of len(B) zero bytes. The initial value 0xFFFFFFFF
+    equals flipping the first 4 bytes and starting from 0. Chunks go 4 bytes a step (slicing-by-4).
     """
     n = len(data)
-    if n < 4 * _CHUNK:
+    if n < 4096:
         crc = 0xFFFFFFFF
         for b in bytes(data):
             crc = _TABLE_LIST[(crc ^ b) & 0xFF] ^ (crc >> 8)
         return crc ^ 0xFFFFFFFF
-    k = -(-n // _CHUNK)
-    buf = np.zeros(k * _CHUNK, dtype=np.uint8)  # zero padding in front: register unchanged
-    buf[k * _CHUNK - n :] = np.frombuffer(data, dtype=np.uint8)
-    buf[k * _CHUNK - n : k * _CHUNK - n + 4] ^= 0xFF
-    rows = np.ascontiguousarray(buf.reshape(k, _CHUNK).T)  # rows[t]: byte t of every chunk
-    reg = np.zeros(k, dtype=np.uint32)
-    for row in rows:
-        reg = _TABLE[(reg & 0xFF) ^ row] ^ (reg >> 8)
-    # Z_1 as byte-sliced tables, squared up to Z_CHUNK, then squared once per level of the tree.
+    chunk = 1 << min(12, max(8, round(np.log2(n) / 2)))  # 256..4096 bytes, about sqrt(n)
+    k = -(-n // chunk)
+    buf = np.zeros(k * chunk, dtype=np.uint8)  # zero padding in front: register unchanged
+    buf[k * chunk - n :] = np.frombuffer(data, dtype=np.uint8)
+    buf[k * chunk - n : k * chunk - n + 4] ^= 0xFF
+    words = np.ascontiguousarray(buf.view("<u4").reshape(k, chunk // 4).T)  # [step, chunk]
+    reg, x = np.zeros(k, dtype=np.uint32), np.empty(k, dtype=np.uint32)
+    for word in words:
+        np.bitwise_xor(reg, word, out=x)
+        reg = _TABLES[3][x & 0xFF] ^ _TABLES[2][(x >> 8) & 0xFF]
+        reg ^= _TABLES[1][(x >> 16) & 0xFF] ^ _TABLES[0][x >> 24]
+    # Z of one zero byte as byte-sliced images, squared up to Z_chunk, then once per tree level.
     shifts = np.arange(256, dtype=np.uint32) << (8 * np.arange(4, dtype=np.uint32))[:, None]
-    op = _TABLE[shifts & 0xFF] ^ (shifts >> 8)
-    for _ in range(_CHUNK.bit_length() - 1):
-        op = _zeros_operator(op)
+    op = _TABLES[0][shifts & 0xFF] ^ (shifts >> 8)
+    for _ in range(chunk.bit_length() - 1):
+        op = _apply(op, op)
     while len(reg) > 1:
         if len(reg) % 2:
             reg = np.concatenate([np.zeros(1, dtype=np.uint32), reg])
-        a, b = reg[0::2], reg[1::2]
-        reg = op[0][a & 0xFF] ^ op[1][(a >> 8) & 0xFF] ^ op[2][(a >> 16) & 0xFF] ^ op[3][a >> 24]
-        reg ^= b
-        op = _zeros_operator(op)
+        reg = _apply(op, reg[0::2]) ^ reg[1::2]
+        op = _apply(op, op)
     return int(reg[0]) ^ 0xFFFFFFFF
 
 
