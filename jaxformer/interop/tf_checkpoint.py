@@ -338,7 +338,7 @@ def read_checkpoint(
     prefix = resolve_checkpoint(path)
     num_shards, entries = _read_index(prefix)
     if keys is not None:
-        keys = list(keys)
+        keys = [keys] if isinstance(keys, str) else list(keys)
         missing = [key for key in keys if key not in entries]
         if missing:
             raise KeyError(f"checkpoint {prefix} has no variable {', '.join(missing)}")
