@@ -53,10 +53,13 @@ N_FORWARD = 8  # batch for encoder_output / teacher-forced logits
 OOV_TOKEN = "zzz"  # appears in one test source, never in training
 
 # OpenNMT-tf inference parameters per decoding case (model.params entries).
+# maximum_decoding_length 32 instead of OpenNMT-tf's default 250 keeps the arrays small (a
+# hypothesis that never emits </s> runs to the limit).
 DECODE_CASES = [
-    ("greedy", {"beam_width": 1}),
-    ("beam2_lp02_cp02", {"beam_width": 2, "length_penalty": 0.2, "coverage_penalty": 0.2}),
-    ("beam4_lp06", {"beam_width": 4, "length_penalty": 0.6}),
+    ("greedy", {"beam_width": 1, "maximum_decoding_length": 32}),
+    ("beam2_lp02_cp02", {"beam_width": 2, "length_penalty": 0.2, "coverage_penalty": 0.2,
+                         "maximum_decoding_length": 32}),
+    ("beam4_lp06", {"beam_width": 4, "length_penalty": 0.6, "maximum_decoding_length": 32}),
     ("greedy_min5_max8", {"beam_width": 1, "minimum_decoding_length": 5,
                           "maximum_decoding_length": 8}),
 ]
@@ -70,7 +73,7 @@ def _perm(n, seed):
     return [int(i) for i in np.random.default_rng(seed).permutation(n)]
 
 
-def _task(src_prefix, n_src, tgt_prefix, n_tgt, seed, reverse, shared=False):
+def _task(src_prefix, n_src, tgt_prefix, n_tgt, seed, order, shared=False):
     src = [f"{src_prefix}{i}" for i in range(n_src)]
     if shared:
         tgt = src
@@ -79,39 +82,41 @@ def _task(src_prefix, n_src, tgt_prefix, n_tgt, seed, reverse, shared=False):
         tgt = [f"{tgt_prefix}{i}" for i in range(n_tgt)]
         perm = _perm(n_tgt, seed)
         mapping = [perm[i % n_tgt] for i in range(n_src)]
-    return {"src_tokens": src, "tgt_tokens": tgt, "mapping": mapping, "reverse": reverse,
+    return {"src_tokens": src, "tgt_tokens": tgt, "mapping": mapping, "order": order,
             "shared": shared, "min_len": 3, "max_len": 12}
 
 
 NO_DROPOUT = {"dropout": 0.0, "attention_dropout": 0.0, "ffn_dropout": 0.0}
 
 MODELS = {
-    # The OpenNMT-tf inference article's model (dropout left at its defaults, as in the article).
+    # The OpenNMT-tf inference article's model (dropout 0 for training only: it is a no-op at
+    # inference; without absolute positions the task is a sorted set, not a copy).
     "article": {
         "kwargs": {"num_layers": 1, "num_units": 6, "num_heads": 2, "ffn_inner_dim": 12,
-                   "maximum_relative_position": 8, "position_encoder_class": None},
-        "task": _task("", 22, "", 22, 11, reverse=False),
-        "steps": 600,
-        "learning_rate": 0.01,
+                   "maximum_relative_position": 8, "position_encoder_class": None,
+                   **NO_DROPOUT},
+        "task": _task("", 22, "", 22, 11, order="sorted_unique"),
+        "steps": 2000,
+        "learning_rate": 0.005,
     },
     "sinusoid_prenorm": {
         "kwargs": {"num_layers": 2, "num_units": 32, "num_heads": 4, "ffn_inner_dim": 64,
                    **NO_DROPOUT},
-        "task": _task("s", 30, "t", 20, 12, reverse=True),
+        "task": _task("s", 30, "t", 20, 12, order="reversed"),
         "steps": 500,
         "learning_rate": 0.003,
     },
     "postnorm_shared": {
         "kwargs": {"num_layers": 2, "num_units": 32, "num_heads": 4, "ffn_inner_dim": 64,
                    "pre_norm": False, "share_embeddings": "ALL", **NO_DROPOUT},
-        "task": _task("x", 28, None, None, 13, reverse=True, shared=True),
+        "task": _task("x", 28, None, None, 13, order="reversed", shared=True),
         "steps": 500,
         "learning_rate": 0.003,
     },
     "relative_sinusoid": {
         "kwargs": {"num_layers": [2, 1], "num_units": 32, "num_heads": 8, "ffn_inner_dim": 64,
                    "maximum_relative_position": 8, "pre_norm": False, **NO_DROPOUT},
-        "task": _task("s", 26, "t", 26, 14, reverse=False),
+        "task": _task("s", 26, "t", 26, 14, order="as_is"),
         "steps": 500,
         "learning_rate": 0.003,
     },
@@ -267,9 +272,12 @@ def make_pair(task, rng, length=None):
         length = int(rng.integers(task["min_len"], task["max_len"] + 1))
     idx = [int(i) for i in rng.integers(0, n, size=length)]
     src = [task["src_tokens"][i] for i in idx]
-    tgt = [task["tgt_tokens"][task["mapping"][i]] for i in idx]
-    if task["reverse"]:
-        tgt = tgt[::-1]
+    mapped = [task["mapping"][i] for i in idx]
+    if task["order"] == "reversed":
+        mapped = mapped[::-1]
+    elif task["order"] == "sorted_unique":
+        mapped = sorted(set(mapped))
+    tgt = [task["tgt_tokens"][j] for j in mapped]
     return " ".join(src), " ".join(tgt)
 
 
@@ -392,6 +400,7 @@ def train_model(name, spec, work, out):
 
 
 def load_model(spec, directory, prefix, params=None):
+    seed_everything(MASTER_SEED)  # create_variables runs one training-mode call (dropout)
     model = make_model(spec["kwargs"])
     model.initialize(data_config(directory, spec), params=params or {})
     model.create_variables()
@@ -399,12 +408,16 @@ def load_model(spec, directory, prefix, params=None):
     status.expect_partial()
     status.assert_existing_objects_matched()
     reader = tf.train.load_checkpoint(str(prefix))
-    mapping = misc.get_variables_name_mapping(model, "model")
-    for key, var in mapping.items():
-        np.testing.assert_array_equal(var.numpy(), reader.get_tensor(key))
+    # The mapping also lists aliases (examples_inputter/inputters/0 = features_inputter, ...);
+    # the checkpoint stores each variable once, under its first path.
+    aliases = misc.get_variables_name_mapping(model, "model")
     ckpt_model_keys = {k for k, _ in tf.train.list_variables(str(prefix))
                        if k.startswith("model/") and ".OPTIMIZER_SLOT" not in k}
-    assert ckpt_model_keys == set(mapping), (ckpt_model_keys ^ set(mapping))
+    assert ckpt_model_keys <= set(aliases), ckpt_model_keys - set(aliases)
+    mapping = {k: aliases[k] for k in sorted(ckpt_model_keys)}
+    for key, var in mapping.items():
+        np.testing.assert_array_equal(var.numpy(), reader.get_tensor(key))
+    assert {id(v) for v in model.variables} == {id(v) for v in mapping.values()}
     return model, mapping
 
 
@@ -544,14 +557,12 @@ def collect_goldens(name, spec, directory, prefix, tests, seen, extra):
 
     listing = variables_listing(prefix)
     reader = tf.train.load_checkpoint(str(prefix))
-    var_by_key = {m.name: k for k, m in mapping.items()}
     for entry in listing:
         var = mapping.get(entry["key"])
         entry["keras_name"] = var.name if var is not None else None
     sample_keys = [k for k in extra["sample_keys"] if k in {e["key"] for e in listing}]
     samples = {k: np.asarray(reader.get_tensor(k)).reshape(-1)[:8].astype(np.float64).tolist()
                for k in sample_keys}
-    del var_by_key
 
     goldens = {
         **versions(),
@@ -637,24 +648,35 @@ def model_json(name, spec, vocab_files):
         "output_layer_bias": True,
         "attention_reduction": "FIRST_HEAD_LAST_LAYER",
         "vocabulary_files": vocab_files,
-        "task": {k: spec["task"][k] for k in ("reverse", "shared", "min_len", "max_len",
+        "task": {k: spec["task"][k] for k in ("order", "shared", "min_len", "max_len",
                                               "mapping")},
         "task_description": (
             "source: random sequences of min_len..max_len source tokens; target token = "
-            "tgt_tokens[mapping[source token index]], reversed when reverse is true."),
+            "tgt_tokens[mapping[source token index]]; order as_is keeps the source order, "
+            "reversed reverses it, sorted_unique sorts the distinct mapped indices ascending."),
     }
 
 
-def run_model(name, work_root):
+def run_model(name, work_root, reuse=False):
     spec = MODELS[name]
     out = OUT_ROOT / name
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     work = work_root / name
-    if work.exists():
-        shutil.rmtree(work)
-    info, prefixes, tests, seen, _ = train_model(name, spec, work, out)
+    info_path = work / "info.json"
+    if reuse and info_path.exists():
+        # Debugging aid: keep the training run and the vocabularies, redo the goldens.
+        info = json.loads(info_path.read_text())
+        prefixes = [str(work / "run" / p) for p in info["checkpoints_written"]]
+        _, tests, seen = make_data(spec["task"], info["seed"])
+        for f in out.glob("ckpt-*"):
+            f.unlink()
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        if work.exists():
+            shutil.rmtree(work)
+        info, prefixes, tests, seen, _ = train_model(name, spec, work, out)
+        info_path.write_text(json.dumps(info))
     last = copy_checkpoint(prefixes[-1], out)
     write_checkpoint_state(out, [last])
     vocab_files = (["vocab.txt"] if spec["task"]["shared"] else
@@ -732,10 +754,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=ALL_NAMES, default=None)
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the training runs left in --work (debugging only)")
     args = parser.parse_args(argv)
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    tf.get_logger().setLevel("WARNING")
+    tf.get_logger().setLevel("INFO")
     names = args.only or ALL_NAMES
     t0 = time.time()
     for name in ALL_NAMES:
@@ -747,7 +771,7 @@ def main(argv=None):
         elif name == "averaged":
             run_averaged(args.work)
         else:
-            run_model(name, args.work)
+            run_model(name, args.work, reuse=args.reuse)
         print(f"{name}: {time.time() - t:.1f} s")
     print(f"total {time.time() - t0:.1f} s")
     return 0
