@@ -238,6 +238,8 @@ def test_crc32c():
 
     assert tf_checkpoint._crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     rng = np.random.default_rng(0)
-    for n in (4095, 4096, 4097, 3 * 4096 + 5, 9 * 1024 + 3):  # around the vectorized path's edges
-        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert tf_checkpoint._crc32c(data) == bytewise(data), n
+    sizes = [0, 3, 4, 5, 63, 64, 65, 100, 4096, 4097, 3 * 4096 + 5, 2**16 + 1, 2**20 + 3]
+    buffers = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+    want = [bytewise(data) for data in buffers]
+    assert [tf_checkpoint._crc32c(data) for data in buffers] == want
+    assert tf_checkpoint._crc32c_many(buffers) == want  # grouped by padded width
