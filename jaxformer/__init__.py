@@ -7,11 +7,13 @@ The layout follows the architecture (arrows run one way: models <- decoding <- t
 - ``jaxformer.decoding``: the model-agnostic search (``dynamic_decode``), its state protocol, one
   adapter per model family, ``generate`` and text-level inference.
 - ``jaxformer.training``: losses, the train step, ``fit``, checkpoints, metrics, sharding.
-- ``jaxformer.data``: tokenizers, corpora, batching. ``jaxformer.interop``: export to CTranslate2.
+- ``jaxformer.data``: tokenizers, corpora, batching. ``jaxformer.interop``: export to CTranslate2,
+  ``load_pretrained`` (Hugging Face directories and OpenNMT-tf checkpoints, without their frameworks).
 """
 
 from jaxformer import decoding
 from jaxformer.decoding.generation import generate, transformer_step_fn
+from jaxformer.interop.pretrained import Pretrained, load_pretrained
 from jaxformer.models.cache import DecoderCache, KVCache
 from jaxformer.models.config import PRESETS, TransformerConfig, preset
 from jaxformer.models.decoder_only import DecoderOnlyLM
@@ -36,6 +38,7 @@ __all__ = [
     "HourglassConfig",
     "HourglassLM",
     "KVCache",
+    "Pretrained",
     "Transformer",
     "TransformerConfig",
     "decoding",
@@ -43,6 +46,7 @@ __all__ = [
     "hourglass_preset",
     "hourglass_step_fn",
     "init_params",
+    "load_pretrained",
     "preset",
     "sharding",
     "transformer_step_fn",

@@ -1,4 +1,10 @@
-"""Exports of trained models to other inference engines.
+"""Other frameworks' models in, jaxformer's models out.
+
+``load_pretrained`` (``pretrained.py``) reads Hugging Face model directories (``huggingface.py``,
+``hf_tokenizers.py``) and OpenNMT-tf checkpoints (``opennmt_tf.py``, ``tf_checkpoint.py``) with
+numpy, safetensors and the tokenizer libraries only; ``weights.py`` holds the layout conversions.
+
+Exports of trained models to other inference engines:
 
 ``to_ctranslate2`` (``jaxformer export ctranslate2`` on the command line) writes a CTranslate2 model
 directory. It needs CTranslate2: ``pip install -e '.[ctranslate2]'`` from the jaxformer repository
@@ -8,5 +14,13 @@ shows how to translate with the exported model, and why its ``length_penalty`` i
 """
 
 from jaxformer.interop.ctranslate2 import SPECIAL_TOKENS, ids_vocab, to_ctranslate2
+from jaxformer.interop.pretrained import GenerationDefaults, Pretrained, load_pretrained
 
-__all__ = ["SPECIAL_TOKENS", "ids_vocab", "to_ctranslate2"]
+__all__ = [
+    "SPECIAL_TOKENS",
+    "GenerationDefaults",
+    "Pretrained",
+    "ids_vocab",
+    "load_pretrained",
+    "to_ctranslate2",
+]
