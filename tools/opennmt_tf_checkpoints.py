@@ -6,12 +6,15 @@ and OpenNMT-tf. It writes ``tests/data/opennmt_tf/<name>/`` for each fixture:
 * ``bundle_dtypes``: a plain ``tf.train.Checkpoint`` of a few ``tf.Variable`` of every dtype the
   tensor-bundle reader should handle, plus ``values.json`` with their exact contents.
 * ``article``, ``sinusoid_prenorm``, ``postnorm_shared``, ``relative_sinusoid``: a Transformer
-  trained by OpenNMT-tf's own ``Runner.train`` for a few hundred steps on a toy task (the target is
-  a fixed token mapping of the source, reversed for some models), its last checkpoint as
-  OpenNMT-tf wrote it (optimizer slots included), its vocabularies (``onmt-build-vocab``), a
-  ``model.json`` with the constructor arguments, and ``goldens.json`` + ``arrays.npz`` with the
-  model's own encoder outputs, teacher-forced logits and decoding results.
-* ``averaged``: ``Runner.average_checkpoints`` of the last 3 checkpoints of ``sinusoid_prenorm``.
+  trained by OpenNMT-tf's own ``Runner.train`` for 2000 steps on a toy task (the target is a fixed
+  token mapping of the source: as is, reversed, or sorted), its last checkpoint (``article``: the
+  training checkpoint as Runner.train wrote it, optimizer slots included; the others: the same
+  weights saved model-only by ``opennmt.utils.checkpoint.Checkpoint`` without an optimizer, to keep
+  the fixture small), its vocabularies (``onmt-build-vocab``), a ``model.json`` with the
+  constructor arguments, and ``goldens.json`` + ``arrays.npz`` with the model's own encoder
+  outputs, teacher-forced logits and decoding results.
+* ``averaged``: ``opennmt.utils.checkpoint.average_checkpoints`` of the last 3 training
+  checkpoints of ``sinusoid_prenorm``.
 
 Usage: ``/tmp/tfvenv/bin/python tools/opennmt_tf_checkpoints.py [--only NAME ...]``.
 The training runs live in a scratch directory (``--work``, default /tmp/opennmt_tf_work), which is
@@ -100,24 +103,27 @@ MODELS = {
         "learning_rate": 0.005,
     },
     "sinusoid_prenorm": {
+        "model_only": True,
         "kwargs": {"num_layers": 2, "num_units": 32, "num_heads": 4, "ffn_inner_dim": 64,
                    **NO_DROPOUT},
         "task": _task("s", 30, "t", 20, 12, order="reversed"),
-        "steps": 500,
+        "steps": 2000,
         "learning_rate": 0.003,
     },
     "postnorm_shared": {
+        "model_only": True,
         "kwargs": {"num_layers": 2, "num_units": 32, "num_heads": 4, "ffn_inner_dim": 64,
                    "pre_norm": False, "share_embeddings": "ALL", **NO_DROPOUT},
-        "task": _task("x", 28, None, None, 13, order="reversed", shared=True),
-        "steps": 500,
-        "learning_rate": 0.003,
+        "task": _task("x", 30, None, None, 13, order="reversed", shared=True),
+        "steps": 2000,
+        "learning_rate": 0.0015,  # 0.003 left a loss spike at the last step
     },
     "relative_sinusoid": {
+        "model_only": True,
         "kwargs": {"num_layers": [2, 1], "num_units": 32, "num_heads": 8, "ffn_inner_dim": 64,
                    "maximum_relative_position": 8, "pre_norm": False, **NO_DROPOUT},
         "task": _task("s", 26, "t", 26, 14, order="as_is"),
-        "steps": 500,
+        "steps": 2000,
         "learning_rate": 0.003,
     },
 }
@@ -484,6 +490,126 @@ def greedy_margins(model, src_lines, ids, lengths, end_id=2):
     return min(gaps), float(np.median(gaps))
 
 
+# ------------------------------------------------------------------------ numpy re-derivation
+# An independent float64 NumPy forward pass from the checkpoint tensors, written from the
+# conventions read in OpenNMT-tf's source; collect_goldens asserts it matches OpenNMT-tf's
+# encoder_output and logits, so the conventions listed in README.opennmt_tf.md are checked.
+
+LN_EPS = 1e-3  # opennmt.layers.LayerNorm = tf.keras.layers.LayerNormalization (epsilon 0.001)
+
+
+class _Weights:
+    def __init__(self, prefix):
+        self.reader = tf.train.load_checkpoint(str(prefix))
+
+    def __call__(self, key):
+        return self.reader.get_tensor(f"model/{key}/.ATTRIBUTES/VARIABLE_VALUE").astype(
+            np.float64)
+
+
+def np_layer_norm(w, key, x):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + LN_EPS) * w(key + "/gamma") + w(key + "/beta")
+
+
+def np_sinusoids(length, depth):
+    positions = np.arange(1, length + 1, dtype=np.float64)  # positions start at 1
+    inv = np.exp(np.arange(depth // 2) * -(np.log(10000.0) / (depth / 2 - 1)))
+    scaled = positions[:, None] * inv[None, :]
+    return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1)  # [sin..., cos...]
+
+
+def np_dense(w, key, x):
+    return x @ w(key + "/kernel") + w(key + "/bias")
+
+
+def np_attention(w, key, x, memory, mask, heads, max_rel):
+    """mask: bool [B, Tq, Tk]."""
+    def split(t):
+        b, n, d = t.shape
+        return t.reshape(b, n, heads, d // heads).transpose(0, 2, 1, 3)
+
+    src = x if memory is None else memory
+    q = split(np_dense(w, key + "/linear_queries", x))
+    k = split(np_dense(w, key + "/linear_keys", src))
+    v = split(np_dense(w, key + "/linear_values", src))
+    q = q * (q.shape[-1] ** -0.5)
+    dot = q @ k.transpose(0, 1, 3, 2)
+    if max_rel is not None:
+        tq, tk = q.shape[2], k.shape[2]
+        rel = np.clip(np.arange(tk)[None, :] - np.arange(tq)[:, None], -max_rel, max_rel) + max_rel
+        rel_k = w(key + "/relative_position_keys")[rel]  # [Tq, Tk, d]
+        dot = dot + np.einsum("bhqd,qkd->bhqk", q, rel_k)
+    dot = np.where(mask[:, None], dot, np.finfo(np.float32).min)
+    dot = dot - dot.max(-1, keepdims=True)
+    attn = np.exp(dot)
+    attn = attn / attn.sum(-1, keepdims=True)
+    out = attn @ v
+    if max_rel is not None:
+        out = out + np.einsum("bhqk,qkd->bhqd", attn, w(key + "/relative_position_values")[rel])
+    b, h, t, d = out.shape
+    return np_dense(w, key + "/linear_output", out.transpose(0, 2, 1, 3).reshape(b, t, h * d))
+
+
+def np_sublayer(w, key, x, fn, pre_norm):
+    if pre_norm:
+        return x + fn(np_layer_norm(w, key + "/input_layer_norm", x))
+    return np_layer_norm(w, key + "/output_layer_norm", x + fn(x))
+
+
+def np_ffn(w, key, x):
+    return np_dense(w, key + "/layer/outer", np.maximum(np_dense(w, key + "/layer/inner", x), 0))
+
+
+def np_stack(w, part, x, lengths, kw, memory=None, mem_lengths=None):
+    units, heads = kw["num_units"], kw["num_heads"]
+    pre_norm, max_rel = kw.get("pre_norm", True), kw.get("maximum_relative_position")
+    layers = kw["num_layers"]
+    n = layers if isinstance(layers, int) else layers[0 if part == "encoder" else 1]
+    x = x * units**0.5
+    if kw.get("position_encoder_class", "default") is not None:
+        x = x + np_sinusoids(x.shape[1], units)[None]
+    t = x.shape[1]
+    key_mask = np.arange(t)[None, :] < lengths[:, None]  # [B, T]
+    self_mask = np.repeat(key_mask[:, None, :], t, axis=1)
+    if part == "decoder":
+        self_mask = self_mask & np.tril(np.ones((t, t), bool))[None]
+        mem_mask = np.repeat((np.arange(memory.shape[1])[None, :] < mem_lengths[:, None])
+                             [:, None, :], t, axis=1)
+    for i in range(n):
+        base = f"{part}/layers/{i}"
+        x = np_sublayer(w, f"{base}/self_attention", x, lambda y, b=base: np_attention(
+            w, f"{b}/self_attention/layer", y, None, self_mask, heads, max_rel), pre_norm)
+        if part == "decoder":
+            x = np_sublayer(w, f"{base}/attention/0", x, lambda y, b=base: np_attention(
+                w, f"{b}/attention/0/layer", y, memory, mem_mask, heads, None), pre_norm)
+        x = np_sublayer(w, f"{base}/ffn", x, lambda y, b=base: np_ffn(w, f"{b}/ffn", y),
+                        pre_norm)
+    if pre_norm:
+        x = np_layer_norm(w, f"{part}/layer_norm", x)
+    return x
+
+
+def numpy_reference(spec, prefix, arrays, n):
+    kw = spec["kwargs"]
+    w = _Weights(prefix)
+    shared = kw.get("share_embeddings") == "ALL"
+    src_emb = w("examples_inputter/features_inputter/embedding")
+    tgt_emb = src_emb if shared else w("examples_inputter/labels_inputter/embedding")
+    src_ids, src_len = arrays["src_ids"][:n], arrays["src_lengths"][:n]
+    s = int(src_len.max())
+    enc = np_stack(w, "encoder", src_emb[src_ids[:, :s]], src_len, kw)
+    dec = np_stack(w, "decoder", tgt_emb[arrays["tgt_in_ids"]], arrays["tgt_lengths"], kw,
+                   memory=enc, mem_lengths=src_len)
+    kernel = tgt_emb.T if shared else w("decoder/output_layer/kernel")
+    logits = dec @ kernel + w("decoder/output_layer/bias")
+    return {
+        "encoder_output_max_abs_diff": float(np.abs(enc - arrays["encoder_output"]).max()),
+        "logits_max_abs_diff": float(np.abs(logits - arrays["logits"]).max()),
+    }
+
+
 def collect_goldens(name, spec, directory, prefix, tests, seen, extra):
     model, mapping = load_model(spec, directory, prefix)
     src_vocab = Path(model.features_inputter.vocabulary_file).read_text().splitlines()
@@ -518,6 +644,10 @@ def collect_goldens(name, spec, directory, prefix, tests, seen, extra):
     arrays["logits"] = outputs["logits"].numpy().astype(np.float32)
     if outputs.get("attention") is not None:
         arrays["forward_attention"] = outputs["attention"].numpy().astype(np.float32)
+
+    numpy_check = numpy_reference(spec, prefix, arrays, N_FORWARD)
+    assert numpy_check["encoder_output_max_abs_diff"] < 1e-4, numpy_check
+    assert numpy_check["logits_max_abs_diff"] < 1e-3, numpy_check
 
     # Decoding cases with the model's own serving function.
     cases = []
@@ -593,6 +723,7 @@ def collect_goldens(name, spec, directory, prefix, tests, seen, extra):
             "logits_shape": list(arrays["logits"].shape),
             "logits_argmax": arrays["logits"].argmax(-1).tolist(),
         },
+        "numpy_reference_check": numpy_check,
         "decoding": cases,
         "variables": listing,
         "variable_samples": samples,
@@ -657,6 +788,26 @@ def model_json(name, spec, vocab_files):
     }
 
 
+def export_model_only(spec, out, train_prefix):
+    """Saves the model variables of train_prefix alone, as OpenNMT-tf's Checkpoint does without
+    an optimizer (keys model/..., save_counter, no optimizer/ and no .OPTIMIZER_SLOT)."""
+    model, mapping = load_model(spec, out, train_prefix)
+    step = checkpoint_util.get_step_from_checkpoint_prefix(str(train_prefix))
+    tmp = out / "_export"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    path = checkpoint_util.Checkpoint(model, model_dir=str(tmp), keep_checkpoint_max=1).save(step)
+    name = copy_checkpoint(path, out)
+    shutil.rmtree(tmp)
+    train_reader = tf.train.load_checkpoint(str(train_prefix))
+    reader = tf.train.load_checkpoint(str(out / name))
+    keys = {k for k, _ in tf.train.list_variables(str(out / name)) if k.startswith("model/")}
+    assert keys == set(mapping), keys ^ set(mapping)
+    for key in keys:
+        np.testing.assert_array_equal(reader.get_tensor(key), train_reader.get_tensor(key))
+    return name
+
+
 def run_model(name, work_root, reuse=False):
     spec = MODELS[name]
     out = OUT_ROOT / name
@@ -677,12 +828,20 @@ def run_model(name, work_root, reuse=False):
             shutil.rmtree(work)
         info, prefixes, tests, seen, _ = train_model(name, spec, work, out)
         info_path.write_text(json.dumps(info))
-    last = copy_checkpoint(prefixes[-1], out)
+    if spec.get("model_only"):
+        last = export_model_only(spec, out, prefixes[-1])
+        info["fixture_checkpoint"] = (
+            "model-only: the last training checkpoint restored into a fresh model and saved "
+            "with opennmt.utils.checkpoint.Checkpoint(model, optimizer=None).save(step)")
+    else:
+        last = copy_checkpoint(prefixes[-1], out)
+        info["fixture_checkpoint"] = "the last training checkpoint, as Runner.train wrote it"
     write_checkpoint_state(out, [last])
     vocab_files = (["vocab.txt"] if spec["task"]["shared"] else
                    ["src_vocab.txt", "tgt_vocab.txt"])
     mj = model_json(name, spec, vocab_files)
     mj["checkpoint"] = last
+    mj["checkpoint_has_optimizer"] = not spec.get("model_only", False)
     mj["training"] = info
     write_json(out / "model.json", mj)
     collect_goldens(name, spec, out, out / last, tests, seen,
@@ -707,21 +866,14 @@ def run_averaged(work_root):
     vocab_files = ["src_vocab.txt", "tgt_vocab.txt"]
     for f in vocab_files:
         shutil.copyfile(src_out / f, out / f)
-    # The same Runner configuration as training, then Runner.average_checkpoints.
+    # opennmt.utils.checkpoint.average_checkpoints with the model alone as trackable (what
+    # Runner.average_checkpoints does, less the optimizer), on the last 3 training checkpoints.
     avg_dir = work_root / "averaged_run"
     if avg_dir.exists():
         shutil.rmtree(avg_dir)
-    config = {
-        "model_dir": str(src_work / "run"),
-        "data": data_config(out, spec),
-        "params": {"optimizer": "Adam", "optimizer_params": {"beta_1": 0.9, "beta_2": 0.998},
-                   "learning_rate": spec["learning_rate"], "decay_type": "InvSqrtDecay",
-                   "decay_params": {"warmup_steps": 50}},
-        "train": {"keep_checkpoint_max": 5},
-    }
-    seed_everything(MASTER_SEED)
-    runner = opennmt.Runner(make_model(spec["kwargs"]), config, auto_config=False)
-    runner.average_checkpoints(str(avg_dir), max_count=AVERAGE_COUNT)
+    model, _ = load_model(spec, out, prefixes[-1])
+    checkpoint_util.average_checkpoints(prefixes, str(avg_dir), {"model": model},
+                                        max_count=AVERAGE_COUNT)
     avg_prefix = tf.train.latest_checkpoint(str(avg_dir))
     last = copy_checkpoint(avg_prefix, out)
     write_checkpoint_state(out, [last])
@@ -737,11 +889,12 @@ def run_averaged(work_root):
     assert max_err < 1e-5, max_err
     mj = model_json(name, spec, vocab_files)
     mj["checkpoint"] = last
+    mj["checkpoint_has_optimizer"] = False
     avg_info = {"averaged_from": AVERAGED_FROM,
                 "averaged_checkpoints": [Path(p).name for p in prefixes],
-                "method": "opennmt.Runner.average_checkpoints(output_dir, max_count=3): model "
-                          "variables = sum(value / 3) accumulated in float32; optimizer "
-                          "variables (slots, iterations) are those of the latest checkpoint",
+                "method": "opennmt.utils.checkpoint.average_checkpoints(paths, output_dir, "
+                          "{'model': model}, max_count=3): each model variable = sum of "
+                          "value / 3 accumulated in float32 (assign_add); model-only checkpoint",
                 "max_abs_diff_vs_float64_mean": max_err}
     mj["training"] = avg_info
     write_json(out / "model.json", mj)
