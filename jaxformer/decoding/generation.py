@@ -33,13 +33,14 @@ STATIC = (
     "strategy",
     "return_attention",
     "compat",
+    "suppress_ids",
 )
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
 def _run(
-    adapter, params, inputs, lengths, rng, sampler, *, start_id, end_id, max_length, min_length,
-    strategy, return_attention, compat,
+    adapter, params, inputs, lengths, rng, sampler, target_prefix, *, start_id, end_id, max_length,
+    min_length, strategy, return_attention, compat, suppress_ids,
 ):  # fmt: skip
     prepared = adapter.prepare(params, inputs, lengths, start_id, max_length)
     return dynamic_decode(
@@ -56,6 +57,8 @@ def _run(
         return_attention=return_attention,
         compat=compat,
         shared=prepared.shared,  # the memory is never tiled nor reordered
+        target_prefix=target_prefix,
+        suppress_ids=suppress_ids,
     )
 
 
@@ -74,6 +77,8 @@ def generate(
     return_attention: bool = False,
     compat: str | None = None,
     prompt_lengths: Int[Array | np.ndarray, " B"] | list | tuple | None = None,
+    target_prefix: Int[Array | np.ndarray, "_B P"] | list | None = None,
+    suppress_ids: tuple[int, ...] | list[int] = (),
 ) -> DecodingResult:
     """Translate sources with an encoder-decoder, or continue prompts with a decoder-only LM.
 
@@ -84,16 +89,41 @@ def generate(
     (None: all P, or taken from a list); all but each prompt's last token go into the cache, the
     search starts from its last one and writes at most ``max_length`` new tokens. A row's result is
     the one it has alone, whatever the lengths of the others.
+
+    ``target_prefix`` (encoder-decoder only): int32 ``[B, P]`` or B lists of P ids, forced right
+    after ``start_id`` in every hypothesis of entry b (NLLB's target-language token; CTranslate2's
+    ``target_prefix``; Hugging Face's ``forced_bos_token_id`` is P = 1). ``result.ids[b, w, :P]``
+    is the prefix and ``lengths`` count it; the forced tokens add 0 to ``log_probs`` and ``scores``
+    (Hugging Face's and CTranslate2's convention), so those are the log-probability of the free
+    tokens given the prefix. ``max_length`` and ``min_length`` count from the first token, prefix
+    included (P < ``max_length``). Beam search follows the prefix with one live beam, then expands
+    it: the W hypotheses share the prefix and differ after it. ``suppress_ids``: token ids that
+    never appear (their logits are -inf at every free step, before the log-softmax): Marian's
+    ``bad_words_ids=[[pad_id]]``, CTranslate2's ``suppress_sequences`` of single tokens; never
+    ``end_id``. Both work with every strategy, sampler and ``compat`` mode (``dynamic_decode``'s
+    module docstring has the details); the prefix's ids are data: one trace per prefix length.
     The whole thing is one jit-compiled function per shape and option set; the sampler's temperature
     is data, so changing it per call does not recompile.
     """
     adapter = adapter_for(model)
     inputs, lengths = _as_batch(adapter, inputs, prompt_lengths)
     _check_options(adapter, inputs, locals())
+    spec = adapter.inputs
+    if suppress_ids != ():
+        suppress_ids = opt.check_suppress_ids(suppress_ids, spec.target_vocab_size, end_id)
+    if target_prefix is not None and not spec.needs_start_id:
+        raise ValueError(
+            f"target_prefix is for encoder-decoder models; a decoder-only LM's {spec.name} already "
+            "forces its tokens (append the prefix to the prompt)"
+        )
+    target_prefix = opt.check_target_prefix(
+        target_prefix, batch=inputs.shape[0], vocab=spec.target_vocab_size, end_id=end_id,
+        max_length=max_length,
+    )  # fmt: skip
     return _run(
-        adapter, params, inputs, lengths, rng, sampler, start_id=start_id, end_id=end_id,
-        max_length=max_length, min_length=min_length, strategy=strategy,
-        return_attention=return_attention, compat=compat,
+        adapter, params, inputs, lengths, rng, sampler, target_prefix, start_id=start_id,
+        end_id=end_id, max_length=max_length, min_length=min_length, strategy=strategy,
+        return_attention=return_attention, compat=compat, suppress_ids=suppress_ids,
     )  # fmt: skip
 
 

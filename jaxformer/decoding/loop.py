@@ -3,8 +3,10 @@
 The order of operations at each step is OpenNMT-tf 2.32's (``opennmt.utils.decoding``):
 
 1. ``logits, state[, attention] = step_fn(ids, step, state[, shared])``; logits cast to float32.
-2. Before ``min_length``: EOS logit -1e7. Otherwise finished rows are forced to EOS with log-prob 0.
-3. ``log_probs = log_softmax(logits)``; the strategy picks words, parent beams and new scores.
+2. ``suppress_ids`` logits -inf (when given). Before ``min_length``: EOS logit -1e7. Otherwise
+   finished rows are forced to EOS with log-prob 0.
+3. ``log_probs = log_softmax(logits)``; the strategy picks words, parent beams and new scores
+   (during a target prefix, the pick is replaced by the prefix's token: see below).
 4. Lengths grow for unfinished rows; lengths, finished flags, accumulators and the model state are
    gathered by the parent rows (``state.reorder``); ``finished |= word == end_id``.
 
@@ -15,6 +17,20 @@ not depend on the other entries of its batch. ``compat="opennmt-tf"`` keeps Open
 which re-scores such an entry for as long as other entries run: the step after a hypothesis's EOS,
 its length penalty counts the EOS and its coverage penalty starts, so its score, and the order of the
 entry's beams, depend on the batch.
+
+Forced prefixes (``target_prefix`` int32 [B, P], beyond OpenNMT-tf; CTranslate2's ``target_prefix``,
+Hugging Face's ``forced_bos_token_id`` / ``forced_decoder_ids`` for P = 1 / a prefix): at steps
+t < P every row of entry b emits ``target_prefix[b, t]`` whatever the model predicts; its own row
+continues (no reorder), so beams that start at -inf stay at -inf until the prefix ends and step P
+expands the single live beam as step 0 does without a prefix: the W hypotheses share the prefix
+and are distinct. A forced token adds 0 to ``log_probs`` and ``scores``, as in Hugging Face (its
+forced-token logits processors leave the forced token the only candidate, log-prob 0) and
+CTranslate2 (``update_sample_with_prefix`` sets the score of a prefix step to 0): both are the
+cumulative log-probability of the tokens the search chose, given the prefix. The prefix's tokens
+are part of ``ids`` and count in ``lengths`` and in the length penalty; ``max_length`` and
+``min_length`` count from the first token, prefix included (CTranslate2 with its default
+``return_prefix=True``), so ``min_length <= P`` adds nothing. ``suppress_ids`` do not apply to
+forced tokens (CTranslate2 forces its prefix after suppressing too).
 
 The loop has a static length (``max_length`` steps) and OpenNMT-tf's stopping rule: once every row
 has finished, the remaining steps change nothing (the search state and the records of such a step
@@ -90,6 +106,8 @@ class Search:
     return_attention: bool
     trace: bool
     attention_width: int  # S of the step's attention (0 when it is not used)
+    suppress_ids: tuple[int, ...] = ()  # tokens whose logits are -inf at every step
+    prefix_length: int = 0  # P: steps 0 .. P-1 emit the target prefix
 
     @property
     def width(self) -> int:
@@ -120,6 +138,8 @@ def dynamic_decode(
     chunk_size: int | None = 8,
     trace: bool = False,
     shared: PyTree = None,
+    target_prefix: Int[Array | np.ndarray, "_B P"] | list | None = None,
+    suppress_ids: tuple[int, ...] | list[int] = (),
 ) -> DecodingResult:
     """Decode with ``step_fn(ids [R], step, state[, shared]) -> (logits [R, V], state[, attention [R, S]])``.
 
@@ -139,8 +159,13 @@ def dynamic_decode(
     the default corrects them (every returned field describes the same hypothesis; log_probs travel
     with their hypothesis; each token's attention comes from the row that generated it).
     ``chunk_size`` steps run between two checks for the early exit (None: no early exit, one scan);
-    ``trace`` returns the per-step tensors of the OpenNMT-tf article in ``result.trace``. It runs
-    eagerly or inside ``jax.jit``; every option is static except the sampler's temperature.
+    ``trace`` returns the per-step tensors of the OpenNMT-tf article in ``result.trace``.
+    ``target_prefix`` int32 [B, P] (P < ``max_length``; None or P = 0: none) forces the first P
+    tokens of every hypothesis of entry b to ``target_prefix[b]`` (see "Forced prefixes" in the
+    module docstring); its values are data, its length is static. ``suppress_ids`` (a tuple of
+    token ids, never ``end_id``) get a -inf logit at every step, before the log-softmax.
+    It runs eagerly or inside ``jax.jit``; every option is static except the sampler's temperature
+    and the prefix's ids.
     """
     opt.check_search(
         strategy, sampler, max_length=max_length, min_length=min_length, compat=compat, rng=rng
@@ -153,10 +178,16 @@ def dynamic_decode(
     step = _with_shared(step_fn, shared)
     initial = _initial_search_state(start_ids, initial_state, strategy, attention_size, rng)
     search = _probe(step, initial, end_id, strategy, sampler, attention_size, return_attention)
+    if suppress_ids != ():
+        suppress_ids = opt.check_suppress_ids(suppress_ids, search.vocab, end_id)
+    prefix = opt.check_target_prefix(
+        target_prefix, batch=search.batch, vocab=search.vocab, end_id=end_id, max_length=max_length
+    )  # int32[B, P] or None
     search = dataclasses.replace(
-        search, max_length=max_length, min_length=min_length, compat=compat, trace=trace
-    )
-    body = _loop_body(step, search)
+        search, max_length=max_length, min_length=min_length, compat=compat, trace=trace,
+        suppress_ids=suppress_ids, prefix_length=0 if prefix is None else prefix.shape[1],
+    )  # fmt: skip
+    body = _loop_body(step, search, prefix)
     if chunk_size is None:
         steps = jnp.arange(max_length, dtype=jnp.int32)
         final, records = jax.lax.scan(body, initial, steps)
@@ -243,7 +274,7 @@ def _probe(step, initial: SearchState, end_id, strategy, sampler, attention_size
     )
 
 
-def _loop_body(step, search: Search):
+def _loop_body(step, search: Search, prefix=None):
     """One step of the loop: ``_advance``, or nothing once every row has finished, leaf by leaf.
 
     The model step always runs and its state is kept: once every row has finished nothing reads that
@@ -253,7 +284,7 @@ def _loop_body(step, search: Search):
 
     def body(state: SearchState, t) -> tuple[SearchState, StepRecord]:
         idle = jnp.all(state.finished) | (t >= search.max_length)
-        new, record = _advance(step, search, state, jnp.minimum(t, search.max_length - 1))
+        new, record = _advance(step, search, state, jnp.minimum(t, search.max_length - 1), prefix)
         keep = lambda old, ran: jax.tree.map(lambda a, b: jnp.where(idle, a, b), old, ran)
         aside = dict(model_state=None, rng=None)  # the model state is not selected; rng is fixed
         picked = keep(state.replace(**aside), new.replace(**aside))
@@ -263,10 +294,16 @@ def _loop_body(step, search: Search):
     return body
 
 
-def _advance(step, search: Search, state: SearchState, t) -> tuple[SearchState, StepRecord]:
-    """Steps 1-4 of the module docstring for every row."""
+def _advance(
+    step, search: Search, state: SearchState, t, prefix=None
+) -> tuple[SearchState, StepRecord]:
+    """Steps 1-4 of the module docstring for every row (``prefix``: int32[B, P] or None)."""
     logits, model_state, attention = step(state.ids, t, state.model_state)
     logits = logits.astype(jnp.float32)  # [R, V]
+    if search.suppress_ids:
+        suppressed = np.zeros([1, search.vocab], bool)  # [1, V]
+        suppressed[0, list(search.suppress_ids)] = True
+        logits = jnp.where(suppressed, -jnp.inf, logits)  # [R, V]
     attention = attention.astype(jnp.float32) if search.wants_attention else None  # [R, S]
     eos = jax.nn.one_hot(search.end_id, search.vocab, dtype=jnp.float32)[None]  # [1, V]
     forced = jnp.where(eos > 0, 0.0, -jnp.inf)  # [1, V] log-probs of a forced EOS
@@ -277,6 +314,8 @@ def _advance(step, search: Search, state: SearchState, t) -> tuple[SearchState, 
     sel = search.strategy.select(log_probs, state, attention, search.sampler, rng)
     if not search.compat:
         sel = _freeze_finished_entries(sel, state, search)
+    if prefix is not None:
+        sel = _force_prefix(sel, state, search, prefix, t)
     parents = sel.beam_indices  # [R]
     grown = jnp.where(state.finished, state.lengths, state.lengths + 1)  # [R]
     parent_finished = state.finished[parents]  # [R]
@@ -365,6 +404,28 @@ def _freeze_finished_entries(sel, state: SearchState, search: Search):
         cum_log_probs=jnp.where(done, state.cum_log_probs, sel.cum_log_probs),
         scores=jnp.where(done, state.scores, sel.scores),
         accumulated_attention=accumulated,
+    )
+
+
+def _force_prefix(sel, state: SearchState, search: Search, prefix, t):
+    """The selection with every row emitting ``prefix[b, t]`` from its own row while ``t < P``.
+
+    A forced step adds nothing to the log-probs and scores (as Hugging Face's forced-token logits
+    processors and CTranslate2's ``target_prefix`` do) and reorders nothing: the beams that start at
+    -inf (``BeamSearch.initial_log_probs``) stay there, so step P expands the one live beam as step
+    0 does without a prefix, and the W hypotheses are distinct. The coverage accumulator keeps the
+    forced steps' attention (each row's own).
+    """
+    forced = t < search.prefix_length
+    token = prefix[:, jnp.minimum(t, search.prefix_length - 1)]  # [B]
+    token = jnp.repeat(token, search.width)  # [B] -> [R]
+    own = jnp.arange(search.rows, dtype=jnp.int32)  # [R]
+    return sel._replace(
+        word_ids=jnp.where(forced, token, sel.word_ids),
+        beam_ids=jnp.where(forced, own % search.width, sel.beam_ids),
+        beam_indices=jnp.where(forced, own, sel.beam_indices),
+        cum_log_probs=jnp.where(forced, state.cum_log_probs, sel.cum_log_probs),
+        scores=jnp.where(forced, state.scores, sel.scores),
     )
 
 

@@ -100,3 +100,76 @@ def check_vocabulary(vocab: int, strategy, sampler, **ids) -> None:
 def check_chunk_size(chunk_size) -> None:
     if chunk_size is not None:
         require_int("chunk_size", chunk_size, 1)
+
+
+def check_suppress_ids(suppress_ids, vocab: int, end_id: int) -> tuple[int, ...]:
+    """``suppress_ids`` as a tuple of distinct ids in ``[0, vocab)``, none of them ``end_id``."""
+    allowed = f"a tuple of token ids in [0, {vocab}) other than end_id={end_id}"
+    if not isinstance(suppress_ids, tuple | list) or not all(_is_int(i) for i in suppress_ids):
+        raise ValueError(f"suppress_ids must be {allowed}, got {suppress_ids!r}")
+    outside = [i for i in suppress_ids if not 0 <= i < vocab]
+    if outside:
+        raise ValueError(
+            f"suppress_ids: {outside} outside the target vocabulary [0, {vocab}); "
+            f"allowed: {allowed}"
+        )
+    if end_id in suppress_ids:
+        raise ValueError(
+            f"suppress_ids must not contain end_id={end_id} (a hypothesis could never end; use "
+            "min_length to delay EOS)"
+        )
+    return tuple(sorted({int(i) for i in suppress_ids}))
+
+
+def check_target_prefix(target_prefix, *, batch: int, vocab: int, end_id: int, max_length: int):
+    """``target_prefix`` as int32 ``[batch, P]`` (a jax array; None for None or P = 0).
+
+    ``P < max_length`` (at least one step is free); concrete ids must be in ``[0, vocab)`` and
+    differ from ``end_id``. A traced prefix (inside ``jax.jit``) is checked for its shape only.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if target_prefix is None:
+        return None
+    if isinstance(target_prefix, jax.core.Tracer):
+        array = target_prefix
+    else:
+        try:
+            array = np.asarray(target_prefix)
+        except ValueError:  # ragged nested lists
+            array = None
+        if array is None or array.dtype == object:
+            raise ValueError(
+                f"target_prefix must be int32[{batch}, P] (or {batch} lists of P token ids each, "
+                "all of the same length), got rows of different lengths"
+            )
+        if array.size and not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"target_prefix must be integer token ids, got dtype {array.dtype}")
+    shape = tuple(np.shape(array))
+    if len(shape) != 2 or shape[0] != batch:
+        raise ValueError(
+            f"target_prefix must be int32[{batch}, P] (one row of P forced tokens per batch entry, "
+            f"batch {batch}), got shape {shape}"
+        )
+    length = shape[1]
+    if length == 0:
+        return None
+    if length >= max_length:
+        raise ValueError(
+            f"target_prefix has P={length} tokens per row; P must be < max_length={max_length} "
+            f"(max_length counts the prefix and at least one token must be free)"
+        )
+    if not isinstance(array, jax.core.Tracer):
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"target_prefix ids must be in [0, {vocab}) (the target vocabulary), got values "
+                f"in [{low}, {high}]"
+            )
+        if (array == end_id).any():
+            raise ValueError(
+                f"target_prefix must not contain end_id={end_id} (a forced EOS would end the "
+                "hypothesis inside its prefix)"
+            )
+    return jnp.asarray(array, jnp.int32)

@@ -45,6 +45,10 @@ class DecodeOptions:
     distribution; k > 1 from the k most likely tokens, with ``sampling_temperature``.
     ``max_length``: the most target tokens per hypothesis. A hypothesis that reaches it without EOS
     is returned as it is (``truncated`` tells how many did), as OpenNMT-tf does.
+    ``target_prefix``: target token ids forced after the start token of every line (NLLB's
+    target-language token), part of the output (its text and its length; its tokens add 0 to the
+    scores); translation only. ``suppress_ids``: target token ids that never appear. ``generate``
+    documents both; empty (the default) changes nothing.
     """
 
     beam_size: int = 1
@@ -56,6 +60,8 @@ class DecodeOptions:
     max_length: int = 250
     n_best: int = 1
     seed: int = 0
+    target_prefix: tuple[int, ...] | list[int] = ()  # a list is stored as a tuple
+    suppress_ids: tuple[int, ...] | list[int] = ()
 
     def __post_init__(self):  # the checks every decoding entry point shares (options.py)
         opt.require_int("beam_size", self.beam_size, 1)
@@ -66,6 +72,17 @@ class DecodeOptions:
         opt.require_number("length_penalty", self.length_penalty)
         opt.require_number("coverage_penalty", self.coverage_penalty)
         opt.require_int("seed", self.seed)
+        for name in ("target_prefix", "suppress_ids"):  # ids; checked against V by generate
+            ids = getattr(self, name)
+            if not isinstance(ids, tuple | list):
+                raise ValueError(f"{name} must be a tuple of token ids (ints >= 0), got {ids!r}")
+            ids = tuple(opt.require_int(f"{name}[{k}]", i, 0) for k, i in enumerate(ids))
+            object.__setattr__(self, name, ids)  # a list becomes a (hashable) tuple
+        if len(self.target_prefix) >= self.max_length:
+            raise ValueError(
+                f"target_prefix has {len(self.target_prefix)} tokens; it must be shorter than "
+                f"max_length={self.max_length} (which counts it)"
+            )
 
     @property
     def strategy(self) -> GreedySearch | BeamSearch:
@@ -93,6 +110,7 @@ class DecodeOptions:
             strategy=self.strategy,
             sampler=self.sampler,
             rng=rng,
+            suppress_ids=self.suppress_ids,
         )
 
     @property
@@ -226,7 +244,10 @@ def unknown_summary(outputs: Sequence[Output], what: str = "lines") -> str | Non
 
 
 def _decode_batch(model, params, ids, options: DecodeOptions, key):
-    result = generate(model, params, ids, start_id=BOS_ID, **options.search(key))
+    prefix = {}
+    if options.target_prefix:  # the same tokens for every row
+        prefix["target_prefix"] = np.tile(np.asarray([options.target_prefix]), (len(ids), 1))
+    result = generate(model, params, ids, start_id=BOS_ID, **options.search(key), **prefix)
     return jax.device_get((result.ids, result.lengths, result.scores))
 
 
