@@ -5,6 +5,10 @@ examples:
         --set run.train_steps=3000 --set model.d_model=128 --set run.progress=false
     echo 60051 | jaxformer translate --workdir runs/demo --beam-size 4
     jaxformer translate --workdir runs/demo --input numbers.txt --output out/words.txt
+    jaxformer translate --model opus-mt-en-de --beam-size 4 < english.txt
+    jaxformer translate --model nllb-200-distilled-600M --source-lang eng_Latn --target-lang fra_Latn
+    jaxformer translate --model onmt-run/ --source-vocabulary src.txt --target-vocabulary tgt.txt \
+        --model-type TransformerBase < tokenized.txt
     jaxformer eval --workdir runs/demo --split test --beam-size 4 --limit 200
     jaxformer eval --workdir runs/demo --source src.txt --reference ref.txt --beam-size 4
     jaxformer generate --workdir runs/shakespeare --prompt "ROMEO." --sampling-topk 10
@@ -94,17 +98,51 @@ def _default_max_length(run, prompt_tokens: int = 0) -> int:
     return min(stored, limit) if stored else limit
 
 
-def _decode_options(args, max_length: int):
+def _load_pretrained(args):
+    """``--model DIR`` with the hints given on the command line (OpenNMT-tf needs some)."""
+    from jaxformer.interop import load_pretrained
+
+    names = {
+        "source_vocabulary": "source_vocabulary",
+        "target_vocabulary": "target_vocabulary",
+        "num_heads": "num_heads",
+        "model_type": "model",
+        "positions": "positions",
+        "dtype": "dtype",
+    }
+    hints = {h: getattr(args, a) for a, h in names.items() if getattr(args, a) is not None}
+    if args.source_lang is not None and args.target_lang is None:
+        raise UsageError("--source-lang needs --target-lang (the language forced first)")
+    try:
+        return load_pretrained(args.model, **hints)
+    except TypeError as error:  # a hint this kind of checkpoint does not take
+        raise UsageError(
+            str(error).replace("_", "-").replace("load-pretrained", "--model")
+        ) from None
+
+
+def _decode_options(args, max_length: int | None, pre=None):
     from jaxformer.decoding.texts import DecodeOptions
 
+    if pre is not None:  # the checkpoint's generation defaults, the command line's options
+        chosen = _search_options(args)
+        if args.max_length is not None:
+            chosen["max_length"] = args.max_length
+        return pre.decode_options(args.target_lang, **chosen)
     return DecodeOptions(
+        max_length=max_length if args.max_length is None else args.max_length,
+        **_search_options(args),
+    )
+
+
+def _search_options(args) -> dict:
+    return dict(
         beam_size=args.beam_size,
         length_penalty=args.length_penalty,
         coverage_penalty=args.coverage_penalty,
         sampling_topk=args.sampling_topk,
         sampling_temperature=args.sampling_temperature,
         min_length=args.min_length,
-        max_length=max_length if args.max_length is None else args.max_length,
         n_best=args.n_best,
         seed=args.seed,
     )
@@ -210,20 +248,33 @@ def cmd_translate(args) -> int:
 
     _check_at_least(args, "--batch-size", 1)
     _check_output(args.output)
-    run = _load(args, "translate")
-    options = _decode_options(args, _default_max_length(run))
-    lines = _read_lines(args.input)
-    outputs = translate_texts(
-        run.model,
-        run.params,
-        run.source_tokenizer,
-        run.target_tokenizer,
-        lines,
-        options,
-        batch_size=args.batch_size,
-        truncate=args.truncate,
-        progress=len(lines) >= 64,
-    )
+    if args.model is not None:
+        pre = _load_pretrained(args)
+        options = _decode_options(args, None, pre)
+        lines = _read_lines(args.input)
+        outputs = pre.translate(
+            lines,
+            options,
+            source_lang=args.source_lang,
+            batch_size=args.batch_size,
+            truncate=args.truncate,
+            progress=len(lines) >= 64,
+        )
+    else:
+        run = _load(args, "translate")
+        options = _decode_options(args, _default_max_length(run))
+        lines = _read_lines(args.input)
+        outputs = translate_texts(
+            run.model,
+            run.params,
+            run.source_tokenizer,
+            run.target_tokenizer,
+            lines,
+            options,
+            batch_size=args.batch_size,
+            truncate=args.truncate,
+            progress=len(lines) >= 64,
+        )
     _warn_unknown(args, outputs)
     _warn_truncated(outputs, options.max_length)
     out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")
@@ -433,7 +484,17 @@ def _add_train(command) -> None:
 
 def _add_translate(command) -> None:
     translate = command("translate", "translate lines from stdin or --input")
-    _add_run(translate)
+    which = translate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--workdir", help="a directory `jaxformer train` wrote")
+    which.add_argument(
+        "--model",
+        help="a Hugging Face model directory (config.json + *.safetensors: Marian, NLLB/M2M100, "
+        "BART, mBART, T5, mT5) or an OpenNMT-tf checkpoint (directory or prefix)",
+    )
+    translate.add_argument(
+        "--checkpoint", default="best", help="with --workdir: 'best', 'latest' or a step"
+    )
+    _add_pretrained_options(translate)
     translate.add_argument(
         "--input", help="a UTF-8 text file, one source per line (default: stdin)"
     )
@@ -452,6 +513,24 @@ def _add_translate(command) -> None:
     _add_unk_option(translate)
     _add_decode_options(translate)
     translate.set_defaults(func=cmd_translate)
+
+
+def _add_pretrained_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("--model (imported checkpoints)")
+    group.add_argument("--source-lang", help="NLLB / M2M100 source language, e.g. eng_Latn")
+    group.add_argument("--target-lang", help="NLLB / M2M100 target language, e.g. fra_Latn")
+    group.add_argument("--source-vocabulary", help="OpenNMT-tf: the source vocabulary file")
+    group.add_argument("--target-vocabulary", help="OpenNMT-tf: the target vocabulary file")
+    group.add_argument("--num-heads", type=int, help="OpenNMT-tf: heads (not in checkpoints)")
+    group.add_argument(
+        "--model-type", help="OpenNMT-tf: the catalog model, e.g. TransformerBase (sets heads)"
+    )
+    group.add_argument(
+        "--positions",
+        choices=("sinusoidal", "none"),
+        help="OpenNMT-tf with relative positions: whether sinusoids are on too",
+    )
+    group.add_argument("--dtype", choices=("float32", "bfloat16"), help="activations' dtype")
 
 
 def _add_generate(command) -> None:

@@ -75,7 +75,7 @@ def _source_tokenizer(pre, g):
 def _target_ids(pre, g, text):
     """Labels as HF's ``tokenizer(text_target=...)`` makes them: target tokens then EOS (NLLB: the
     target language first)."""
-    ids = pre.target_tokenizer.encode(text) + [pre.end_id]
+    ids = [*pre.target_tokenizer.encode(text), pre.end_id]
     return _prefix(pre, g) + ids
 
 
@@ -119,3 +119,23 @@ def test_beam_search_is_ctranslate2_s(loaded):
     theirs = g["ct2"]["beam4"]["ids"]
     same = sum(hyp == ref for hyp, ref in zip(ours, theirs, strict=True))
     assert same >= 0.95 * len(theirs), (same, len(theirs))
+
+
+def test_translate_text_in_text_out(loaded, capsys, monkeypatch):
+    """``Pretrained.translate`` and ``jaxformer translate --model DIR`` give HF's greedy texts."""
+    import io
+
+    from jaxformer.cli import main
+
+    pre, g, _ = loaded
+    sources = [g.get("source_prefix", "") + text for text in g["sources"][:8]]
+    langs = {"source_lang": g.get("source_lang"), "target_lang": g.get("target_lang")}
+    outputs = pre.translate(sources, **{k: v for k, v in langs.items() if v})
+    assert [o.texts[0] for o in outputs] == g["texts"][:8]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(sources) + "\n"))
+    argv = ["translate", "--model", str(pre.path)]
+    for name, value in langs.items():
+        if value:
+            argv += [f"--{name.replace('_', '-')}", value]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines() == g["texts"][:8]

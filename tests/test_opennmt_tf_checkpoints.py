@@ -210,3 +210,25 @@ def test_a_named_checkpoint_and_the_latest_are_the_same(tmp_path):
             np.testing.assert_array_equal(x, y)
     with pytest.raises(FileNotFoundError):
         jaxformer.load_pretrained(tmp_path / "nothing-here")
+
+
+def test_translate_command_reads_an_opennmt_tf_checkpoint(capsys, monkeypatch):
+    """``jaxformer translate --model DIR``: tokenized text in, OpenNMT-tf's greedy tokens out."""
+    import io
+
+    from jaxformer.cli import main
+
+    directory, goldens, a = _fixture("article")
+    sources = [entry["text"] for entry in goldens["sources"][:6]]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(sources) + "\n"))
+    argv = ["translate", "--model", str(directory), "--positions", "none", "--max-length", "32"]
+    argv += ["--source-vocabulary", str(directory / goldens["source_vocabulary"])]
+    argv += ["--target-vocabulary", str(directory / goldens["target_vocabulary"])]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    target = VocabularyTokenizer.load(directory / goldens["target_vocabulary"])
+    ids, lengths = a["greedy/ids"], a["greedy/lengths"]
+    expected = [target.decode(ids[b, 0, : lengths[b, 0]]) for b in range(len(sources))]
+    assert lines == expected
+    assert main(["translate", "--model", str(directory)]) == 2
+    assert "positions='none' or positions='sinusoidal'" in capsys.readouterr().err

@@ -311,8 +311,11 @@ def out_of_vocabulary(tokenizer: Tokenizer, text: str) -> list[str]:
     """The pieces of ``text`` that ``tokenizer`` encodes as ``UNK_ID``, in order of appearance.
 
     Characters for ``CharTokenizer``, the unknown surface strings for ``SentencePieceTokenizer``,
-    nothing for ``ByteTokenizer``. Any other tokenizer: one ``UNK_TEXT`` per ``UNK_ID`` it produces.
+    nothing for ``ByteTokenizer``. A tokenizer with an ``unknown(text)`` method (a loaded
+    checkpoint's): what it says. Any other: one ``UNK_TEXT`` per ``UNK_ID`` it produces.
     """
+    if hasattr(tokenizer, "unknown"):
+        return list(tokenizer.unknown(text))
     if isinstance(tokenizer, ByteTokenizer):
         return []
     if isinstance(tokenizer, CharTokenizer):

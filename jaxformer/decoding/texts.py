@@ -119,6 +119,17 @@ class DecodeOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    """The ids text-level decoding needs: jaxformer's tokenizers' by default; a loaded checkpoint's
+    (``Pretrained.special_ids``) otherwise. ``unk_id`` None: the tokenizer has no unknown token."""
+
+    start: int = BOS_ID
+    end: int = EOS_ID
+    pad: int = PAD_ID
+    unk: int | None = UNK_ID
+
+
+@dataclasses.dataclass(frozen=True)
 class Output:
     texts: list[str]  # n-best hypotheses, best first
     scores: list[float]  # their search scores (log-probabilities, with penalties for beams)
@@ -151,15 +162,19 @@ def encode_sources(
 
 
 def length_batches(
-    sequences: Sequence[Sequence[int]], batch_size: int, length_step: int = 16
+    sequences: Sequence[Sequence[int]],
+    batch_size: int,
+    length_step: int = 16,
+    pad_id: int = PAD_ID,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``[(index int32[B], ids int32[B, S])]``: sorted by length, padded to buckets; index -1 = filler."""
+    """``[(index int32[B], ids int32[B, S])]``: sorted by length, padded with ``pad_id`` to
+    buckets; index -1 = filler."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     batches = []
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         length = _round_up(max(len(sequences[i]) for i in chunk), length_step)
-        ids = np.full((batch_size, length), PAD_ID, np.int32)
+        ids = np.full((batch_size, length), pad_id, np.int32)
         index = np.full((batch_size,), -1, np.int32)
         for row, i in enumerate(chunk):
             ids[row, : len(sequences[i])] = sequences[i]
@@ -179,21 +194,23 @@ def translate_texts(
     batch_size: int = 32,
     truncate: bool = False,
     progress: bool = False,
+    special_ids: SpecialIds = SpecialIds(),
 ) -> list[Output]:
     """Translates ``lines`` (in order). Empty lines translate to an empty output without decoding.
 
     ``Output.unknown`` names the symbols of each line that the source vocabulary lacks (they were
-    translated as ``<unk>``).
+    translated as ``<unk>``). ``special_ids``: the start, end, padding and unknown ids of the
+    tokenizers (jaxformer's by default; ``Pretrained.translate`` passes a checkpoint's).
     """
     _check_batch_size(batch_size)
     sources = encode_sources(src_tokenizer, lines, model.config.max_len, truncate)
-    unknown = _unknown(src_tokenizer, lines, sources)
+    unknown = _unknown(src_tokenizer, lines, sources, special_ids.unk)
     todo = [i for i, ids in enumerate(sources) if ids]
     outputs: list[Output | None] = [
         None if ids else Output([""] * options.n_best, [0.0] * options.n_best, False)
         for ids in sources
     ]
-    batches = length_batches([sources[i] for i in todo], batch_size)
+    batches = length_batches([sources[i] for i in todo], batch_size, pad_id=special_ids.pad)
     bar = _progress(len(todo), progress, "translating")
     rng = options.rng
     for index, ids in batches:
@@ -201,7 +218,7 @@ def translate_texts(
             rng, key = jax.random.split(rng)
         else:
             key = None
-        result = _decode_batch(model, params, ids, options, key)
+        result = _decode_batch(model, params, ids, options, key, special_ids)
         for row, i in enumerate(index.tolist()):
             if i >= 0:
                 line = todo[i]
@@ -217,11 +234,14 @@ def _check_batch_size(batch_size) -> None:
 
 
 def _unknown(
-    tokenizer: Tokenizer, texts: Sequence[str], encoded: Sequence[Sequence[int]]
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    encoded: Sequence[Sequence[int]],
+    unk_id: int | None = UNK_ID,
 ) -> list[tuple[str, ...]]:
     """Per text, the symbols encoded as UNK (looked up only where an UNK id occurs)."""
     return [
-        tuple(out_of_vocabulary(tokenizer, text)) if UNK_ID in ids else ()
+        tuple(out_of_vocabulary(tokenizer, text)) if unk_id is not None and unk_id in ids else ()
         for text, ids in zip(texts, encoded, strict=True)
     ]
 
@@ -243,11 +263,12 @@ def unknown_summary(outputs: Sequence[Output], what: str = "lines") -> str | Non
     )
 
 
-def _decode_batch(model, params, ids, options: DecodeOptions, key):
+def _decode_batch(model, params, ids, options: DecodeOptions, key, special: SpecialIds):
     prefix = {}
     if options.target_prefix:  # the same tokens for every row
         prefix["target_prefix"] = np.tile(np.asarray([options.target_prefix]), (len(ids), 1))
-    result = generate(model, params, ids, start_id=BOS_ID, **options.search(key), **prefix)
+    search = {**options.search(key), "end_id": special.end}
+    result = generate(model, params, ids, start_id=special.start, **search, **prefix)
     return jax.device_get((result.ids, result.lengths, result.scores))
 
 

@@ -37,6 +37,11 @@ class FastTokenizer:
     suffix: tuple[int, ...]
     unk_id: int | None
     files: tuple[Path, ...]
+    ids: dict[str, int]  # the checkpoint's start / end / pad ids
+
+    bos_id = property(lambda self: self.ids["start"])  # jaxformer's Tokenizer protocol
+    eos_id = property(lambda self: self.ids["end"])
+    pad_id = property(lambda self: self.ids["pad"])
 
     @property
     def vocab_size(self) -> int:
@@ -88,6 +93,8 @@ class MarianTokenizer:
     specials: frozenset[int]
     files: tuple[Path, ...]
     add_eos: bool = True
+    pad_id: int | None = None
+    bos_id: int | None = None  # the decoder's start id
 
     def __post_init__(self):
         self.pieces = {i: piece for piece, i in self.vocab.items()}
@@ -144,7 +151,10 @@ def load(directory: Path, config: dict, ids: dict[str, int]):
         model = sentencepiece.SentencePieceProcessor(model_file=str(directory / "spiece.model"))
         vocab = {model.id_to_piece(i): i for i in range(model.get_piece_size())}
         files = (directory / "spiece.model",)
-        tok = MarianTokenizer(model, vocab, ids["end"], model.unk_id(), _special_ids(ids), files)
+        tok = MarianTokenizer(
+            model, vocab, ids["end"], model.unk_id(), _special_ids(ids), files,
+            pad_id=ids["pad"], bos_id=ids["start"],
+        )  # fmt: skip
         return tok, dataclasses.replace(tok, add_eos=False)
     return None, None
 
@@ -166,7 +176,19 @@ def _marian(directory: Path, settings: dict, ids: dict[str, int]):
     for spm, table, eos in (("source.spm", vocab, True), ("target.spm", target_vocab, False)):
         model = sentencepiece.SentencePieceProcessor(model_file=str(directory / spm))
         files = (directory / spm, directory / "vocab.json")
-        made.append(MarianTokenizer(model, table, ids["end"], unk, specials, files, add_eos=eos))
+        made.append(
+            MarianTokenizer(
+                model,
+                table,
+                ids["end"],
+                unk,
+                specials,
+                files,
+                add_eos=eos,
+                pad_id=ids["pad"],
+                bos_id=ids["start"],
+            )
+        )
     return made[0], made[1]
 
 
@@ -187,8 +209,8 @@ def _fast(directory: Path, model_type: str, settings: dict, ids: dict[str, int])
         source_prefix: tuple[int, ...] = (bos,)
     else:
         source_prefix = ()
-    source = FastTokenizer(tokenizer, source_prefix, end, unk, files)
-    target = FastTokenizer(tokenizer, (), (), unk, files)
+    source = FastTokenizer(tokenizer, source_prefix, end, unk, files, ids)
+    target = FastTokenizer(tokenizer, (), (), unk, files, ids)
     if model_type == "m2m100" and settings.get("src_lang"):  # NLLB: [src_lang] tokens </s>
         source = source.with_prefix([source.token_id(settings["src_lang"])])
     return source, target

@@ -30,6 +30,7 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import jax
 
@@ -74,6 +75,9 @@ class VocabularyTokenizer:
 
     tokens: tuple[str, ...]
     path: Path
+    pad_id: ClassVar[int] = PAD_ID  # jaxformer's Tokenizer protocol
+    bos_id: ClassVar[int] = START_ID
+    eos_id: ClassVar[int] = END_ID
 
     @classmethod
     def load(cls, path: str | Path) -> VocabularyTokenizer:

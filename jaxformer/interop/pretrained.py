@@ -64,6 +64,74 @@ class Pretrained:
     def config(self) -> TransformerConfig:
         return self.model.config
 
+    @property
+    def special_ids(self):
+        """The ids text-level decoding needs (``decoding.texts.SpecialIds``)."""
+        from jaxformer.decoding.texts import SpecialIds
+
+        return SpecialIds(self.start_id, self.end_id, self.pad_id, _unk_id(self.source_tokenizer))
+
+    def decode_options(self, target_lang: str | None = None, **options):
+        """``DecodeOptions`` with this checkpoint's generation defaults: its suppressed tokens,
+        its forced first token or ``target_lang``'s token (NLLB), ``max_length`` within the model's
+        positions; ``options`` (``beam_size=4``, ...) are passed on and win."""
+        from jaxformer.decoding.texts import DecodeOptions
+
+        defaults = {"suppress_ids": self.generation.suppress_ids}
+        if target_lang is not None:
+            if self.target_tokenizer is None or not hasattr(self.target_tokenizer, "token_id"):
+                raise ValueError(f"target_lang={target_lang!r}: this model has no language tokens")
+            defaults["target_prefix"] = (self.target_tokenizer.token_id(target_lang),)
+        elif self.generation.forced_first_id is not None:
+            defaults["target_prefix"] = (self.generation.forced_first_id,)
+        limit = self.config.max_len
+        defaults["max_length"] = min(self.generation.max_length or 256, limit)
+        return DecodeOptions(**{**defaults, **options})
+
+    def translate(
+        self,
+        lines,
+        options=None,
+        *,
+        source_lang: str | None = None,
+        target_lang: str | None = None,
+        batch_size: int = 32,
+        truncate: bool = False,
+        progress: bool = False,
+    ):
+        """Text in, text out with the checkpoint's tokenizers (``decoding.texts.Output`` per line).
+
+        ``options``: a ``DecodeOptions`` (default: ``decode_options(target_lang)``). NLLB / M2M100
+        need ``source_lang`` and ``target_lang`` (codes such as ``eng_Latn``).
+        """
+        from jaxformer.decoding.texts import translate_texts
+
+        if self.source_tokenizer is None or self.target_tokenizer is None:
+            raise ValueError(f"{self.path} has no tokenizer files: encode the text yourself")
+        source = self.source_tokenizer
+        if source_lang is not None:
+            if not hasattr(source, "for_language"):
+                raise ValueError(f"source_lang={source_lang!r}: this model has no language tokens")
+            source = source.for_language(source_lang)
+        if options is None:
+            options = self.decode_options(target_lang)
+        return translate_texts(
+            self.model,
+            self.params,
+            source,
+            self.target_tokenizer,
+            lines,
+            options,
+            batch_size=batch_size,
+            truncate=truncate,
+            progress=progress,
+            special_ids=self.special_ids,
+        )
+
+
+def _unk_id(tokenizer) -> int | None:
+    return None if tokenizer is None else getattr(tokenizer, "unk_id", None)
+
 
 def load_pretrained(path: str | Path, **hints) -> Pretrained:
     """A Hugging Face model directory or an OpenNMT-tf checkpoint, loaded without its framework.
