@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,22 @@ def test_beam_walkthrough_shows_the_article_tensors():
     text = walkthrough.describe(out)
     for name in ("log_probs", "total_probs", "scores", "word_ids", "beam_ids", "beam_indices"):
         assert name in text
+
+
+def test_beam_walkthrough_reads_the_article_s_opennmt_tf_checkpoint():
+    """``--checkpoint``: the first step's log-probs are OpenNMT-tf's own (its teacher-forced logits
+    of the same source at the start token, recorded by tools/opennmt_tf_checkpoints.py)."""
+    import json
+
+    walkthrough = load("beam_walkthrough")
+    directory = Path(__file__).parent / "data" / "opennmt_tf" / "article"
+    goldens = json.loads((directory / "goldens.json").read_text())
+    logits = np.load(directory / "arrays.npz")["logits"][0, 0]  # source 0, the start token
+    pretrained = walkthrough.load_checkpoint(directory)
+    out = walkthrough.run(2, pretrained=pretrained, source=goldens["sources"][0]["text"])
+    theirs = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    np.testing.assert_allclose(out["trace"]["log_probs"][0][0], theirs, atol=1e-5)
+    assert out["vocab_size"] == 26 and "hypothesis 0: ids" in walkthrough.describe(out)
 
 
 def test_demo_runs_and_cached_equals_recomputed():

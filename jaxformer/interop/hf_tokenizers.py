@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxformer.data.tokenizers import Ids
 from jaxformer.interop.weights import CheckpointError
 
 LANGUAGE_TOKEN = re.compile(r"(>>[^<>\s]+<<)")  # Marian's target-language tokens
@@ -57,7 +58,7 @@ class FastTokenizer:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return [*self.prefix, *ids, *self.suffix]
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def unknown(self, text: str) -> list[str]:
@@ -116,7 +117,7 @@ class MarianTokenizer:
         ids = [self.vocab.get(piece, self.unk_id) for piece in self._pieces(text)]
         return [*ids, self.eos_id] if self.add_eos else ids
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Ids) -> str:
         pieces = [self.pieces.get(int(i), "") for i in ids if int(i) not in self.specials]
         return self.model.decode_pieces(pieces)
 

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
 import jax
 
+from jaxformer.data.tokenizers import Ids
 from jaxformer.interop import tf_checkpoint
 from jaxformer.interop.weights import (
     CheckpointError,
@@ -108,9 +108,10 @@ class VocabularyTokenizer:
         index = self._index
         return [index.get(token, self.unk_id) for token in text.split()]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        words = [self.tokens[i] if i < len(self.tokens) else "<unk>" for i in map(int, ids)]
-        return " ".join(w for i, w in zip(ids, words, strict=True) if int(i) > END_ID)
+    def decode(self, ids: Ids) -> str:
+        ids = [int(i) for i in ids]
+        words = [self.tokens[i] if i < len(self.tokens) else "<unk>" for i in ids]
+        return " ".join(w for i, w in zip(ids, words, strict=True) if i > END_ID)
 
     def unknown(self, text: str) -> list[str]:
         index = self._index
