@@ -74,7 +74,7 @@ def test_encoder_and_logits_match_opennmt_tf(loaded):
     src, tgt_in = jnp.asarray(a["src_ids"][: len(a["tgt_in_ids"])]), jnp.asarray(a["tgt_in_ids"])
     encoded, valid = pre.model.apply(variables, src, method=Transformer.encode)
     _within(encoded, a["encoder_output"], np.asarray(valid))
-    logits = pre.model.apply(variables, src, tgt_in)
+    logits = jax.jit(pre.model.apply)(variables, src, tgt_in)
     real = np.arange(tgt_in.shape[1])[None] < a["tgt_lengths"][:, None]
     _within(logits, a["logits"], real)
 
@@ -128,7 +128,8 @@ def _rescore(pre, src, ids, lengths):
     flat = ids.reshape(batch * width, steps)
     tgt_in = np.concatenate([np.full((len(flat), 1), pre.start_id), flat[:, :-1]], axis=1)
     sources = np.repeat(np.asarray(src), width, axis=0)
-    logits = pre.model.apply({"params": pre.params}, jnp.asarray(sources), jnp.asarray(tgt_in))
+    apply = jax.jit(pre.model.apply)
+    logits = apply({"params": pre.params}, jnp.asarray(sources), jnp.asarray(tgt_in))
     log_probs = np.asarray(
         jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), flat[..., None], -1)
     )[..., 0]

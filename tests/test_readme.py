@@ -72,3 +72,19 @@ def test_install_hints_work_from_a_clone():
         assert "jaxformer[" not in path.read_text(encoding="utf-8"), path
     assert "pip install -e '.[data]'" in tokenizers.SPM_INSTALL
     assert "pip install -e '.[ctranslate2]'" in interop_doc
+
+
+def test_your_model_in_jax_runs_as_pasted():
+    """The loading example of "Your model in JAX" runs on the committed Marian fixture."""
+    (code,) = python_blocks(section("Your model in JAX"))
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=README.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first == second != ""  # the text path and the ids path give the same translation
