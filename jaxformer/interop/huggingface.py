@@ -99,7 +99,8 @@ def read_tensors(directory: Path) -> Tensors:
         for key, array in load_file(str(path)).items():
             arrays[key] = array
             origin[key] = str(path)
-    where = lambda key: origin.get(key, weight_map.get(key) if weight_map else str(directory))
+    listed = ", ".join(str(directory / name) for name in files)
+    where = lambda key: origin.get(key) or (weight_map or {}).get(key) or listed
     return Tensors(arrays, where, f"the Hugging Face model in {directory}")
 
 
@@ -112,7 +113,7 @@ def _get(config: dict, name: str, path: str, default: Any = None, required: bool
 
 
 def _same(config: dict, a: str, b: str, path: str):
-    if config.get(b, config[a]) != config[a]:
+    if config.get(b) is not None and config[b] != config[a]:
         raise CheckpointError(
             f"{path}: {a}={config[a]} differs from {b}={config[b]}; jaxformer needs the encoder "
             "and the decoder to have the same width"
