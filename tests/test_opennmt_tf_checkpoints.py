@@ -233,3 +233,12 @@ def test_translate_command_reads_an_opennmt_tf_checkpoint(capsys, monkeypatch):
     assert lines == expected
     assert main(["translate", "--model", str(directory)]) == 2
     assert "positions='none' or positions='sinusoidal'" in capsys.readouterr().err
+
+
+def test_the_article_preset_is_the_article_s_opennmt_tf_model():
+    """``preset("article")`` is what the article's OpenNMT-tf checkpoint describes (its weights aside)."""
+    directory, goldens, _ = _fixture("article")
+    loaded = jaxformer.load_pretrained(directory, **_hints(directory, goldens)).config
+    article = jaxformer.preset("article")
+    assert loaded.absolute_positions == article.absolute_positions == "none"
+    assert loaded.replace(max_len=article.max_len, positions=None) == article
