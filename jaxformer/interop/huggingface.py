@@ -6,7 +6,7 @@ Read with the ``safetensors`` numpy API: no torch and no transformers at run tim
 - ``marian`` (OPUS-MT): post-norm, fixed sinusoids ``[sin | cos]`` from position 0, scaled
   embeddings, swish, ``final_logits_bias``; source and target tables shared or not
   (``share_encoder_decoder_embeddings``); the decoder starts from ``<pad>``.
-- ``m2m100`` (M2M100 and NLLB-200): pre-norm with final norms, sinusoids ``[sin | cos]`` with rates
+- ``m2m_100`` (M2M100 and NLLB-200): pre-norm with final norms, sinusoids ``[sin | cos]`` with rates
   ``10000^(-i / (D/2 - 1))`` starting at position ``pad_token_id + 1``; the decoder starts from
   ``</s>`` and the target language is forced as the first token (``target_prefix``).
 - ``bart`` / ``mbart``: learned positions with offset 2, ``layernorm_embedding``, post-norm (BART)
@@ -42,6 +42,7 @@ from jaxformer.models.config import TransformerConfig
 BART_LIKE = ("marian", "m2m100", "bart", "mbart")
 T5_LIKE = ("t5", "mt5")
 MODEL_TYPES = BART_LIKE + T5_LIKE
+ALIASES = {"m2m_100": "m2m100"}  # transformers' spelling in M2M100 / NLLB config.json files
 ACTIVATIONS = {
     "relu": "relu",
     "gelu": "gelu",
@@ -55,7 +56,8 @@ ACTIVATIONS = {
 def read_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
-    model_type = config.get("model_type")
+    model_type = ALIASES.get(config.get("model_type"), config.get("model_type"))
+    config["model_type"] = model_type
     if model_type not in MODEL_TYPES:
         raise CheckpointError(
             f"{path}: model_type {model_type!r} is not supported; jaxformer loads "
