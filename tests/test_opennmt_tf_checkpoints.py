@@ -6,7 +6,8 @@ recorded by ``tools/opennmt_tf_checkpoints.py`` in a throwaway venv. Nothing her
 
 Tolerances: encoder outputs and logits within 1e-5 of the compared values' largest magnitude
 (float32 noise: jaxformer's own eager and jit runs differ by more); decoding in
-``compat="opennmt-tf"`` identical ids and lengths, log-probs within 1e-5 per unit of magnitude.
+``compat="opennmt-tf"`` identical ids and lengths, cumulative log-probs within 1e-5 per decoded
+token (measured: at most 5.6e-5 over 9 tokens, 1.3e-6 to 5.6e-6 per token).
 """
 
 from __future__ import annotations
@@ -117,9 +118,11 @@ def test_compat_decoding_is_opennmt_tf_s(loaded):
         np.testing.assert_array_equal(ours[:, :, :steps], theirs, err_msg=name)
         assert (ours[:, :, steps:] == pre.end_id).all(), name
         np.testing.assert_array_equal(result.lengths, a[f"{name}/lengths"], err_msg=name)
-        log_probs = a[f"{name}/log_probs"]
-        diff = np.abs(np.asarray(result.log_probs) - log_probs)
-        assert (diff <= 1e-5 * np.maximum(1.0, np.abs(log_probs))).all(), (name, diff.max())
+        # Cumulative log-probs: float32 noise of about 1e-6 per step adds up over the tokens
+        # (the logits themselves match within 1e-5 of their magnitude): 1e-5 per decoded token.
+        diff = np.abs(np.asarray(result.log_probs) - a[f"{name}/log_probs"])
+        tokens = np.asarray(result.lengths) + 1  # the tokens and the EOS
+        assert (diff <= 1e-5 * tokens).all(), (name, diff.max())
 
 
 def _rescore(pre, src, ids, lengths):

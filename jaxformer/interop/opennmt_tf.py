@@ -144,8 +144,8 @@ def _embedding_names(t: Tensors) -> tuple[str | None, str | None]:
     names = [k for k in t.arrays if k.endswith("/embedding") and "inputter" in k]
     source = next((k for k in names if "features_inputter" in k), None)
     target = next((k for k in names if "labels_inputter" in k), None)
-    if source is None and target is None and len(names) == 1:
-        return names[0], names[0]
+    if target is None and source is not None:  # EmbeddingsSharingLevel.ALL: one table, the source's
+        return source, source
     return source, target
 
 
