@@ -341,6 +341,14 @@ def data_config(directory, spec):
             "target_vocabulary": str(directory / "tgt_vocab.txt")}
 
 
+def fresh_session(seed):
+    """Resets Keras' layer-name counters and the seeds. The checkpoint's object graph records each
+    variable's Keras name (e.g. transformer/self_attention_encoder/...), so without the reset the
+    bytes would depend on how many models the process built before."""
+    tf.keras.backend.clear_session()
+    seed_everything(seed)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -386,18 +394,19 @@ def train_model(name, spec, work, out):
             "length_bucket_width": 1,
         },
     }
-    seed_everything(seed)
+    fresh_session(seed)
     runner = opennmt.Runner(make_model(spec["kwargs"]), config, auto_config=False, seed=seed)
     t0 = time.time()
     _, summary = runner.train(return_summary=True)
     elapsed = time.time() - t0
+    print(f"{name}: trained {spec['steps']} steps in {elapsed:.1f} s, "
+          f"last loss {float(summary['last_loss']):.4f}")
     state = tf.train.get_checkpoint_state(str(work / "run"))
     prefixes = list(state.all_model_checkpoint_paths)
     info = {"seed": seed, "train_examples": len(train), "optimizer": config["params"],
             "train_config": config["train"],
             "last_step": int(summary["last_step"]), "last_loss": float(summary["last_loss"]),
             "last_learning_rate": float(summary["last_learning_rate"]),
-            "train_seconds": round(elapsed, 1),
             "checkpoints_written": [Path(p).name for p in prefixes]}
     return info, prefixes, tests, seen, runner
 
@@ -406,7 +415,7 @@ def train_model(name, spec, work, out):
 
 
 def load_model(spec, directory, prefix, params=None):
-    seed_everything(MASTER_SEED)  # create_variables runs one training-mode call (dropout)
+    fresh_session(MASTER_SEED)  # create_variables runs one training-mode call (dropout)
     model = make_model(spec["kwargs"])
     model.initialize(data_config(directory, spec), params=params or {})
     model.create_variables()
