@@ -98,7 +98,7 @@ def _generate(pre, g, strategy):
         sources,
         start_id=pre.start_id,
         end_id=pre.end_id,
-        max_length=MAX_LENGTH,
+        max_length=min(MAX_LENGTH, pre.config.max_len),
         strategy=strategy,
         suppress_ids=pre.generation.suppress_ids,
         **extra,
