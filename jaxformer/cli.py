@@ -250,6 +250,8 @@ def cmd_translate(args) -> int:
     _check_output(args.output)
     if args.model is not None:
         pre = _load_pretrained(args)
+        for setting in pre.generation.ignored:  # generation_config.json settings not reproduced
+            print(f"jaxformer: note: {pre.path.name}: not applied: {setting}", file=sys.stderr)
         options = _decode_options(args, None, pre)
         lines = _read_lines(args.input)
         outputs = pre.translate(
