@@ -20,10 +20,27 @@ which ``all_steps`` / ``restore_latest`` ignore and a writable manager deletes w
 (``cleanup_tmp_directories``). A step whose files are truncated, missing or corrupted raises a
 ``ValueError`` naming the directory and the step (and listing the other steps) instead of loading:
 orbax itself raises on truncated or missing files, but overwritten bytes in an array's data load
-silently as wrong numbers (measured with orbax-checkpoint 0.12.8), so ``save`` stores a SHA-256 of
-every array in the step's metadata (``custom_metadata["jaxformer_checksums"]``, written before the
+silently as wrong numbers (measured with orbax-checkpoint 0.12.8), so ``save`` stores a checksum of
+every array in the step's metadata (``custom_metadata["jaxformer_checksums_v2"]``, written before the
 rename) and every restore checks the arrays it read against them. A step saved without checksums
 (another tool, or its ``_CHECKPOINT_METADATA`` deleted) is refused unless ``verify=False``.
+
+Several processes (``jaxformer.training.sharding.initialize_distributed``). Every process calls
+``save`` / ``restore`` with the same arguments; orbax writes each array's shards from the process that
+holds them (``default/ocdbt.process_N``) and process 0 writes the metadata, so no array is gathered
+onto one host. The checksum is built for that: an array's checksum is a sum over its elements,
+modulo 2**64, of a 64-bit mix (splitmix64) of the element's bits and of its position in the whole
+array. A sum splits over any sharding: each process adds up the shards
+it holds (one copy of each: ``replica_id == 0``), the processes exchange these partial sums (a few
+bytes per array, ``multihost_utils.process_allgather``) and add them. So the same checksum comes out
+whatever the mesh or the number of processes that saved or restores the step: a checkpoint saved on
+N processes restores, verified, on one (``restore`` into a one-process ``abstract``, or
+``restore_params``), and the other way round. It detects accidental damage (any changed element
+changes it with probability 1 - 2**-64); it is not a cryptographic hash.
+
+Checkpoints written before these checksums hold a SHA-256 of every whole array
+(``custom_metadata["jaxformer_checksums"]``): they still restore, verified against those (an array
+that spans processes is then gathered to compute its SHA-256; restore such steps on one process).
 """
 
 from __future__ import annotations
@@ -36,10 +53,15 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxformer.typing import PyTree
 
-CHECKSUMS = "jaxformer_checksums"  # the step's custom_metadata key holding checksums(state)
+# The step's custom_metadata key holding {"algorithm": CHECKSUM_ALGORITHM, "arrays": checksums(state)}.
+CHECKSUMS = "jaxformer_checksums_v2"
+CHECKSUM_ALGORITHM = "splitmix64-position-sum-64"
+# Before: {"params/...": SHA-256 of the whole array} (sha256_checksums), still verified on restore.
+LEGACY_CHECKSUMS = "jaxformer_checksums"
 
 
 def make_manager(
@@ -87,14 +109,15 @@ def save(
 ) -> bool:
     """Saves ``state`` at ``step`` (with ``metrics`` for best-checkpoint selection) and waits.
 
-    Returns whether a checkpoint was written (orbax skips a step it already holds).
+    Returns whether a checkpoint was written (orbax skips a step it already holds). With several
+    processes, every process calls it with the same ``step`` and its part of the same global ``state``.
     """
     metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
     saved = manager.save(
         int(step),
         args=ocp.args.StandardSave(state),
         metrics=metrics,
-        custom_metadata={CHECKSUMS: checksums(state)},
+        custom_metadata={CHECKSUMS: {"algorithm": CHECKSUM_ALGORITHM, "arrays": checksums(state)}},
     )
     manager.wait_until_finished()
     return saved
@@ -117,15 +140,101 @@ def _path_name(path) -> str:
     return "/".join(_key_name(e) for e in path)
 
 
-def checksums(tree: PyTree) -> dict[str, str]:
-    """``{"params/...": SHA-256 of the array's bytes}`` for every leaf of ``tree`` (what ``save``
-    stores and a restore checks)."""
-    sums = {}
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_SEED = np.uint64(0x9E3779B97F4A7C15)
+_CHUNK = 1 << 20  # elements mixed at a time (bounds the uint64 temporaries)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (a bijection; numpy's uint64 arithmetic wraps)."""
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
+
+
+def _positions(shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+    """Row-major positions in an array of ``shape`` of the elements of the block ``index`` (slices)."""
+    flat = np.zeros((), np.uint64)
+    for size, part in zip(shape, index, strict=True):
+        start, stop, stride = part.indices(size)
+        flat = flat[..., None] * np.uint64(size) + np.arange(start, stop, stride, dtype=np.uint64)
+    return flat.reshape(-1)
+
+
+def _block_sum(shape: tuple[int, ...], index: tuple, block: np.ndarray) -> np.uint64:
+    """The sum (mod 2**64) over the elements of ``block``, which sits at ``index`` in ``shape``."""
+    block = np.asarray(block)
+    if block.dtype.itemsize > 8:
+        raise ValueError(
+            f"checksums: no checksum for {block.dtype} arrays (over 8 bytes per element)"
+        )
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    if block.ndim == 0:
+        parts = [(index, block.reshape(1))]
+    else:  # chunks along the first axis, about _CHUNK elements each
+        start, _, stride = index[0].indices(shape[0])
+        rows = max(1, _CHUNK // max(1, block[0].size))
+        parts = [
+            ((slice(start + r * stride, start + min(r + rows, len(block)) * stride, stride),
+              *index[1:]), block[r : r + rows])
+            for r in range(0, len(block), rows)
+        ]  # fmt: skip
+    total = np.uint64(0)
+    for where, part in parts:
+        bits = np.ascontiguousarray(part).reshape(-1).view(f"u{block.dtype.itemsize}")
+        mixed = _mix(bits.astype(np.uint64) ^ _mix(_positions(shape, where) ^ _SEED))
+        total = np.add(total, np.sum(mixed, dtype=np.uint64), dtype=np.uint64)
+    return total
+
+
+def _leaves(tree: PyTree) -> list[tuple[str, Any]]:
+    out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             leaf = jax.random.key_data(leaf)
+        out.append((_path_name(path), leaf))
+    return out
+
+
+def checksums(tree: PyTree) -> dict[str, str]:
+    """``{"params/...": 16 hex digits}`` for every leaf of ``tree`` (what ``save`` stores and a
+    restore checks): the position-keyed sum of the module docstring, independent of the sharding.
+
+    Arrays that span processes are never gathered: each process sums the shards it holds and the
+    partial sums are exchanged, so with several processes every process must call it (collectively).
+    """
+    leaves = _leaves(tree)
+    sums = [0] * len(leaves)  # Python ints, kept modulo 2**64
+    spanning = []  # rows of arrays that span processes: their partial sums are added over processes
+    for row, (_, leaf) in enumerate(leaves):
+        if isinstance(leaf, jax.Array):
+            if not leaf.is_fully_addressable:
+                spanning.append(row)
+            for shard in leaf.addressable_shards:
+                if shard.replica_id == 0:  # one copy of every block, over all processes
+                    block = _block_sum(leaf.shape, shard.index, np.asarray(shard.data))
+                    sums[row] = (sums[row] + int(block)) % 2**64
+        else:
+            leaf = np.asarray(leaf)
+            sums[row] = int(_block_sum(leaf.shape, (), leaf))
+    if spanning and jax.process_count() > 1:
+        mine = np.array([sums[row] for row in spanning], np.uint64).view(np.uint8)  # [rows * 8]
+        every = np.ascontiguousarray(multihost_utils.process_allgather(mine))  # [P, rows * 8]
+        for row, parts in zip(spanning, every.view(np.uint64).T.tolist(), strict=True):
+            sums[row] = sum(parts) % 2**64
+    return {name: f"{sums[row]:016x}" for row, (name, _) in enumerate(leaves)}
+
+
+def sha256_checksums(tree: PyTree) -> dict[str, str]:
+    """``{"params/...": SHA-256 of the whole array's bytes}``: the checksums of checkpoints saved by
+    earlier versions (``LEGACY_CHECKSUMS``). An array spanning processes is gathered first."""
+    sums = {}
+    for name, leaf in _leaves(tree):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
         data = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
-        sums[_path_name(path)] = hashlib.sha256(data.tobytes()).hexdigest()
+        sums[name] = hashlib.sha256(data.tobytes()).hexdigest()
     return sums
 
 
@@ -194,21 +303,30 @@ def _stored_layout(manager: ocp.CheckpointManager, step: int) -> PyTree:
 def _verify(manager: ocp.CheckpointManager, step: int, restored: PyTree, prefix: str = "") -> None:
     """Raises a ValueError unless every restored array has the checksum stored at save time."""
     directory = os.fspath(manager.directory)
-    custom = _read(manager, step, "metadata", lambda: manager.metadata(step)).custom_metadata
-    stored = (custom or {}).get(CHECKSUMS)
-    if not isinstance(stored, dict):
+    custom = _read(manager, step, "metadata", lambda: manager.metadata(step)).custom_metadata or {}
+    current, legacy = custom.get(CHECKSUMS), custom.get(LEGACY_CHECKSUMS)
+    if isinstance(current, dict) and isinstance(current.get("arrays"), dict):
+        if current.get("algorithm") != CHECKSUM_ALGORITHM:
+            raise ValueError(
+                f"checkpoint {directory} step {step} has checksums of another kind "
+                f"({current.get('algorithm')!r}, this version computes {CHECKSUM_ALGORITHM!r}); "
+                f"pass verify=False to load it unverified"
+            )
+        stored, got, kind = current["arrays"], checksums(restored), "checksum"
+    elif isinstance(legacy, dict):  # saved by an earlier version: whole-array SHA-256
+        stored, got, kind = legacy, sha256_checksums(restored), "SHA-256"
+    else:
         raise ValueError(
             f"checkpoint {directory} step {step} has no array checksums (its _CHECKPOINT_METADATA "
             f"is missing, or it was not saved by jaxformer.training.checkpoint.save), so its arrays cannot "
             f"be verified; pass verify=False to load it unverified"
         )
-    got = checksums(restored)
     bad = [name for name in got if stored.get(prefix + name) != got[name]]
     if bad:
         shown = ", ".join(prefix + name for name in bad[:10]) + (", ..." if len(bad) > 10 else "")
         raise ValueError(
             f"checkpoint {directory} step {step} is corrupted: {len(bad)} of {len(got)} arrays "
-            f"differ from what was saved (SHA-256 mismatch): {shown}; steps in the directory: "
+            f"differ from what was saved ({kind} mismatch): {shown}; steps in the directory: "
             f"{sorted(manager.all_steps())}"
         )
 
@@ -286,4 +404,5 @@ __all__ = [
     "restore_latest",
     "restore_params",
     "save",
+    "sha256_checksums",
 ]
