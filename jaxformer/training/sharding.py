@@ -26,8 +26,17 @@ moments (``mu`` / ``nu`` mirror the parameter tree) and a whole ``TrainState``.
 A dimension that the mesh axis does not divide (4 heads on ``model=8``) is replicated instead of
 sharded, silently, unless ``strict=True``, which raises a ``ValueError`` naming the parameter.
 
-Multi-host: call ``initialize_distributed()`` first in every process, then build the mesh over all
-devices (``jax.devices()`` spans the hosts) and give ``shard_batch`` each process's own rows.
+Several processes (hosts, or processes on one machine): call ``initialize_distributed()`` first in
+every process, then build the mesh over all devices (``jax.devices()`` lists every process's devices,
+process by process, so ``make_mesh(data, model)`` with ``model`` at most a process's device count
+keeps the model axis inside each process and spans the processes with ``"data"``), and give
+``shard_batch`` each process's own rows (process ``i`` of ``P``: rows ``i * B / P`` to
+``(i + 1) * B / P`` of the global batch ``B``). Collectives across processes go over the network; on
+CPU JAX uses gloo (``jax_cpu_collectives_implementation``, its default). Every process runs the same
+program: the same jitted steps, and ``jaxformer.training.checkpoint.save`` / ``restore`` with the
+same arguments (each process writes and reads the shards it holds). Results that span processes come
+back to a host with ``jax.experimental.multihost_utils.process_allgather(x, tiled=True)``.
+``tests/test_two_processes.py`` runs two processes of two CPU devices each on one machine.
 """
 
 from __future__ import annotations
@@ -280,8 +289,10 @@ def initialize_distributed(
     """Joins a multi-host run (``jax.distributed.initialize``); returns ``(process_id, process_count)``.
 
     Call it once per process, before any other JAX call. Arguments left None are read from
-    ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0), ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID``; those still missing are detected by JAX on Cloud TPU, SLURM and Open MPI.
+    ``JAX_COORDINATOR_ADDRESS`` (``host:port`` where process 0 serves the coordinator; every process
+    gives the same), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (0 to ``num_processes - 1``, one
+    per process); those still missing are detected by JAX on Cloud TPU, SLURM and Open MPI. Each
+    process brings its local devices (on CPU, ``JAX_NUM_CPU_DEVICES=n`` simulates n of them).
     One process (``num_processes == 1``) initialises nothing. Afterwards ``jax.devices()`` lists every
     host's devices, so ``make_mesh`` spans them; each process feeds its own rows to ``shard_batch``,
     and ``jax.experimental.multihost_utils.process_allgather`` brings sharded results back to a host.
