@@ -70,7 +70,7 @@ def huggingface(directory: Path) -> dict:
         "logits_max_abs_diff": float(np.abs(logits - arrays["logits"])[mask].max()),
         "logits_max_abs": float(np.abs(arrays["logits"])[mask].max()),
         "greedy_identical_to_hf": same(greedy, strip(g["greedy"]["ids"])),
-        "beam4_identical_to_ct2": same(beam, g["ct2"]["beam4"]["ids"]),
+        "beam4_identical_to_ct2": same(beam, g["ct2"]["beam4"]["ids"]) if g["ct2"] else None,
         "beam4_identical_to_hf_lp0": same(beam, strip(hf_beam["ids"])),
         "bfloat16_top1_agreement": float((logits.argmax(-1) == low_logits.argmax(-1))[mask].mean()),
     }
@@ -127,6 +127,10 @@ def opennmt_tf(directory: Path) -> dict:
     return out
 
 
+def _count(same: int | None, rows: int) -> str:
+    return "no conversion" if same is None else f"{same}/{rows}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "parity.json"))
@@ -142,7 +146,7 @@ def main():
         print(
             f"| {directory.name} | {r['model_type']} | {r['logits_max_abs_diff']:.1e} "
             f"(of {r['logits_max_abs']:.1f}) | {r['greedy_identical_to_hf']}/{n} | "
-            f"{r['beam4_identical_to_ct2']}/{n} | {r['beam4_identical_to_hf_lp0']}/{n} | "
+            f"{_count(r['beam4_identical_to_ct2'], n)} | {r['beam4_identical_to_hf_lp0']}/{n} | "
             f"{r['bfloat16_top1_agreement']:.3f} |"
         )
     print(

@@ -74,10 +74,12 @@ def _source_tokenizer(pre, g):
 
 
 def _target_ids(pre, g, text):
-    """Labels as HF's ``tokenizer(text_target=...)`` makes them: target tokens then EOS (NLLB: the
-    target language first)."""
+    """Labels as HF's ``tokenizer(text_target=...)`` frames them: NLLB ``[tgt_lang] tokens </s>``,
+    BART ``<s> tokens </s>``, the others ``tokens </s>``."""
+    if g.get("target_lang"):
+        return pre.source_tokenizer.for_language(g["target_lang"]).encode(text)
     ids = [*pre.target_tokenizer.encode(text), pre.end_id]
-    return _prefix(pre, g) + ids
+    return [*pre.source_tokenizer.prefix, *ids] if g["family"].startswith("bart") else ids
 
 
 def _prefix(pre, g) -> list[int]:
@@ -117,7 +119,10 @@ def test_greedy_is_transformers_greedy(loaded):
 def test_beam_search_is_ctranslate2_s(loaded):
     pre, g, _ = loaded
     ours = _generate(pre, g, dec.BeamSearch(4))
-    theirs = g["ct2"]["beam4"]["ids"]
+    if g["ct2"] is not None:
+        theirs = g["ct2"]["beam4"]["ids"]
+    else:  # CTranslate2 cannot convert it (separate Marian vocabularies): transformers', lp 0
+        theirs = [ids[:-1] for ids in g["beam_hf_lp0"]["ids"]]  # without the EOS
     same = sum(hyp == ref for hyp, ref in zip(ours, theirs, strict=True))
     assert same >= 0.95 * len(theirs), (same, len(theirs))
 

@@ -193,6 +193,13 @@ def _t5_config(config: dict, path: str, max_len: int | None) -> TransformerConfi
         base = "gelu_new"  # transformers' rule for "gated-gelu" (T5 v1.1, mT5)
     activation = _activation(base, path, "feed_forward_proj")
     tied = config.get("tie_word_embeddings", True)
+    # transformers 5 saves ``scale_decoder_outputs`` (the d_model**-0.5 before a tied output);
+    # older configs imply it by ``tie_word_embeddings``.
+    scale = config.get("scale_decoder_outputs", tied)
+    if scale and not tied:
+        raise CheckpointError(
+            f"{path}: scale_decoder_outputs without tie_word_embeddings is not supported"
+        )
     return TransformerConfig(
         vocab_size=get("vocab_size"),
         d_model=get("d_model"),
@@ -214,7 +221,7 @@ def _t5_config(config: dict, path: str, max_len: int | None) -> TransformerConfi
         positions="none",
         embedding_scale=1.0,
         output_bias=False,
-        tied_output_scale=tied,
+        tied_output_scale=bool(scale),
         attention_head_dim=get("d_kv"),
         query_scaling=False,
         attention_bias=False,
