@@ -16,8 +16,10 @@ with one process. ``batches`` / ``source`` / ``MODEL`` / ``CONFIG`` are shared w
 """
 
 import json
+import os
 import pathlib
 import sys
+import threading
 import time
 import warnings
 
@@ -150,6 +152,11 @@ def main(phase: str, out: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
+    # Gone after 10 minutes whatever happens (a killed test, a peer that never came): os._exit skips
+    # the atexit handlers, among them jax.distributed's shutdown, which waits for the other process.
+    watchdog = threading.Timer(600, os._exit, (4,))
+    watchdog.daemon = True
+    watchdog.start()
     jax.config.update("jax_numpy_rank_promotion", "raise")
     jax.config.update("jax_default_matmul_precision", "highest")
     warnings.simplefilter("error")
