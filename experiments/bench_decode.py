@@ -32,7 +32,9 @@ separately as ``first_call_s``, compile plus one run). Then ``--rounds`` rounds 
 every workload runs once on every engine, the engine order rotating from round to round, so that a
 change in the machine's load hits every engine alike. Reported: the median and the spread (min, max) of
 the rounds. CTranslate2 runs with ``intra_threads`` = ``--threads`` (default: the CPU count) and one
-translator; PyTorch with ``torch.set_num_threads(--threads)``; XLA with its default thread pool.
+translator; PyTorch with ``torch.set_num_threads(--threads)``; XLA with its default thread pool
+(``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`` with ``--threads 1``: every engine on one thread;
+XLA_FLAGS is recorded).
 The machine's load average is recorded before and after: the CPU may be shared.
 
 Checks. The token ids of jaxformer and CTranslate2 float32 are compared (same weights, same search):
@@ -780,7 +782,12 @@ def markdown(result: dict) -> str:
         f"after {result['load_after']}. Source {result['settings']['source_length']} tokens, "
         f"{result['settings']['new_tokens']} new tokens forced, {result['settings']['rounds']} "
         "interleaved rounds; tokens/s = batch x new tokens / median seconds (range: slowest, "
-        "fastest round).",
+        "fastest round)."
+        + (
+            f" XLA_FLAGS={result['settings']['xla_flags']}."
+            if result["settings"].get("xla_flags")
+            else ""
+        ),
         "",
         *markdown_table(SPEED_HEADERS, "lllrlrrrrr", map(_speed_cells, result["rows"])),
     ]
@@ -845,6 +852,7 @@ def run(args) -> dict:
             source_length=args.source_length,
             new_tokens=args.new_tokens,
             smoke=args.smoke,
+            xla_flags=os.environ.get("XLA_FLAGS"),  # e.g. one XLA thread to match --threads 1
         ),
         machine=machine_info(args.threads, packages=("ctranslate2", "torch", "transformers")),
         load_before=load_average(),
