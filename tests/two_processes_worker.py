@@ -36,6 +36,7 @@ with install_import_hook("jaxformer", "beartype.beartype"):  # as the suite chec
     from jaxformer.training import sharding as shd
     from jaxformer.training.step import TrainConfig, create_train_state
 
+BEGAN = time.monotonic()
 DATA, MODEL_AXIS = 2, 2
 STEPS = 4
 # One layer each side keeps compilation short; dropout stays on (the masks must agree too).
@@ -44,6 +45,11 @@ MODEL = dict(num_encoder_layers=1, num_decoder_layers=1)
 # arithmetic would otherwise become updates of +-learning rate on either side).
 CONFIG = TrainConfig(warmup_steps=4, clip_norm=1.0, adam_epsilon=1e-3)
 SEARCHES = (("greedy", dec.GreedySearch()), ("beam", dec.BeamSearch(3, 0.6)))
+
+
+def log(what: str) -> None:
+    """Progress on stderr (the test keeps it in OUT/PHASE.process_I.log and shows it on failure)."""
+    print(f"[{time.monotonic() - BEGAN:6.1f} s] {what}", file=sys.stderr, flush=True)
 
 
 def model():
@@ -95,7 +101,9 @@ def layout(x: jax.Array) -> dict:
 
 
 def main(phase: str, out: pathlib.Path) -> None:
+    log(f"{phase}: imported")
     process, count = shd.initialize_distributed()
+    log(f"joined as process {process} of {count}")
     mesh = shd.make_mesh(DATA, MODEL_AXIS)
     net = model()
     state = shd.shard_params(create_train_state(net, jax.random.key(0), CONFIG), mesh)
@@ -119,10 +127,12 @@ def main(phase: str, out: pathlib.Path) -> None:
             )
             state, metrics = train_step(state, batch)
             losses[step] = float(metrics["loss"])  # replicated: every process has it
+            log(f"step {step}: loss {losses[step]}")
 
     if phase == "first":
         train(1, 2)
         ckpt.save(manager, 2, state)
+        log("saved step 2")
         train(3, 3)
         qkv = state.params["encoder"]["layer_0"]["self_attention"]["qkv"]["kernel"]
         info.update(losses=losses, qkv=layout(qkv), step=int(jax.device_get(state.step)))
@@ -136,13 +146,16 @@ def main(phase: str, out: pathlib.Path) -> None:
     if manager.latest_step() is not None:  # else from scratch: the README's example run
         state = ckpt.restore_latest(manager, ckpt.abstract_state(state))
     info["restored_step"] = int(jax.device_get(state.step))
+    log(f"restored step {info['restored_step']}")
     qkv = state.params["encoder"]["layer_0"]["self_attention"]["qkv"]["kernel"]
     info["restored_qkv"] = layout(qkv)
     decoded = decode(net, state.params, shd.shard_batch(own_rows(source()), mesh))
     info["ids_spec"] = str(decoded["greedy/ids"].sharding.spec)
     arrays = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in decoded.items()}
+    log("decoded")
     train(info["restored_step"] + 1, STEPS)
     ckpt.save(manager, STEPS, state)
+    log(f"saved step {STEPS}")
     info["losses"] = losses
     info["checksums"] = ckpt.checksums(state)  # every process computes the same
     manager.close()
