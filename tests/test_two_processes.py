@@ -16,8 +16,9 @@ every step at rtol 1e-5 (float32 sums in another order, see ``tests/test_shardin
 resumed step 3 equal bit for bit to the killed run's step 3, and the checkpoints the two processes
 wrote restore here, on one process and one device, verified: the step-4 parameters match the
 one-device run, and decoding with the step-2 parameters gives the same ids (exactly) and scores
-(rtol 1e-5) as the two processes did. About 60-90 s of wall time on 2 CPU cores (JAX start-up and
-compilation dominate; the compilation cache of the suite is shared with the workers).
+(rtol 1e-5) as the two processes did. Measured on 2 CPU cores: 55 s for the two pairs of processes
+(JAX start-up and compilation dominate; the suite's compilation cache is shared with them), 85 s for
+the module with ``-n 2 --dist loadgroup``.
 
 Every subprocess runs in its own session (process group), killed with SIGKILL in a ``finally``;
 the coordinator's port dies with process 0.
