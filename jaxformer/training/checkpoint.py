@@ -26,17 +26,18 @@ rename) and every restore checks the arrays it read against them. A step saved w
 (another tool, or its ``_CHECKPOINT_METADATA`` deleted) is refused unless ``verify=False``.
 
 Several processes (``jaxformer.training.sharding.initialize_distributed``). Every process calls
-``save`` / ``restore`` with the same arguments; orbax writes each array's shards from the process that
-holds them (``default/ocdbt.process_N``) and process 0 writes the metadata, so no array is gathered
+``save`` / ``restore`` with the same arguments; orbax writes each array's shards from the processes that
+hold them (``default/ocdbt.process_N``) and process 0 writes the metadata, so no array is gathered
 onto one host. The checksum is built for that: an array's checksum is a sum over its elements,
 modulo 2**64, of a 64-bit mix (splitmix64) of the element's bits and of its position in the whole
-array. A sum splits over any sharding: each process adds up the shards
-it holds (one copy of each: ``replica_id == 0``), the processes exchange these partial sums (a few
+array. A sum splits over any sharding: each process adds up the shards it holds (one copy of each: ``replica_id == 0``), the processes exchange these partial sums (a few
 bytes per array, ``multihost_utils.process_allgather``) and add them. So the same checksum comes out
 whatever the mesh or the number of processes that saved or restores the step: a checkpoint saved on
 N processes restores, verified, on one (``restore`` into a one-process ``abstract``, or
-``restore_params``), and the other way round. It detects accidental damage (any changed element
-changes it with probability 1 - 2**-64); it is not a cryptographic hash.
+``restore_params``), and the other way round. It detects accidental damage (the mix is a bijection, so
+one changed element always changes the sum; several cancel out with a chance of about 2**-64); it is
+not a cryptographic hash. (orbax-checkpoint 0.12.8
+has no checksum of its own.)
 
 Checkpoints written before these checksums hold a SHA-256 of every whole array
 (``custom_metadata["jaxformer_checksums"]``): they still restore, verified against those (an array
