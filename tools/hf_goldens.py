@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import io
 import json
-import math
+import operator
 import os
 import platform
 import random
 import shutil
-import sys
 import tempfile
 import time
 
@@ -56,7 +56,7 @@ def make_lexicon(rng: random.Random, n_words: int = 28):
 
     src = words(SRC_SYL, n_words, 1, 3)
     tgt = words(TGT_SYL, n_words, 1, 2)
-    return dict(zip(src, tgt))
+    return dict(zip(src, tgt, strict=False))
 
 
 def make_sentence(rng: random.Random, lexicon: dict[str, str]):
@@ -66,7 +66,7 @@ def make_sentence(rng: random.Random, lexicon: dict[str, str]):
     return " ".join(src), " ".join(lexicon[w] for w in src)
 
 
-def make_corpus(seed: int, n_train: int = None):
+def make_corpus(seed: int, n_train: int | None = None):
     n_train = n_train or N_TRAIN
     rng = random.Random(seed)
     lexicon = make_lexicon(rng)
@@ -133,7 +133,9 @@ def build_marian(work, train, spec):
     def marian_vocab(*spms):
         # as in OPUS-MT: </s> 0, <unk> 1, the pieces, <pad> last
         vocab = {"</s>": 0, "<unk>": 1}
-        for p in sum((spm_pieces(os.path.join(work, m)) for m in spms), []):
+        for p in functools.reduce(
+            operator.iadd, (spm_pieces(os.path.join(work, m)) for m in spms), []
+        ):
             if p not in vocab and p not in specials:
                 vocab[p] = len(vocab)
         vocab["<pad>"] = len(vocab)
@@ -159,7 +161,11 @@ def build_marian(work, train, spec):
         vocab=os.path.join(work, "vocab.json"),
         source_lang="src",
         target_lang="tgt",
-        **(dict(target_vocab_file=os.path.join(work, "target_vocab.json"), separate_vocabs=True) if separate else {}),
+        **(
+            dict(target_vocab_file=os.path.join(work, "target_vocab.json"), separate_vocabs=True)
+            if separate
+            else {}
+        ),
     )
     pad = vocab["<pad>"]
     assert tgt_vocab["<pad>"] == pad
@@ -226,13 +232,20 @@ def build_marian(work, train, spec):
         zero_rows=[pad],
         gen_kwargs={},
         # CTranslate2's Marian loader registers the source vocabulary for both sides
-        ct2_skip="CTranslate2 4.8 converts separate Marian vocabularies wrongly (one vocabulary)" if separate else None,
+        ct2_skip="CTranslate2 4.8 converts separate Marian vocabularies wrongly (one vocabulary)"
+        if separate
+        else None,
     )
     return model, tok, gen, info
 
 
 def build_nllb(work, train, spec):
-    from transformers import GenerationConfig, M2M100Config, M2M100ForConditionalGeneration, NllbTokenizer
+    from transformers import (
+        GenerationConfig,
+        M2M100Config,
+        M2M100ForConditionalGeneration,
+        NllbTokenizer,
+    )
     from transformers.models.nllb.tokenization_nllb import FAIRSEQ_LANGUAGE_CODES
 
     texts = [s for s, _ in train] + [t for _, t in train]
@@ -250,8 +263,14 @@ def build_nllb(work, train, spec):
     for code in FAIRSEQ_LANGUAGE_CODES:
         vocab[code] = len(vocab)
     vocab["<mask>"] = len(vocab)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in conv["model"]["merges"]]
-    (charsmap,) = [n["precompiled_charsmap"] for n in conv["normalizer"]["normalizers"] if n["type"] == "Precompiled"]
+    merges = [
+        tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in conv["model"]["merges"]
+    ]
+    (charsmap,) = [
+        n["precompiled_charsmap"]
+        for n in conv["normalizer"]["normalizers"]
+        if n["type"] == "Precompiled"
+    ]
     tok = NllbTokenizer(
         vocab=vocab,
         merges=merges,
@@ -292,7 +311,9 @@ def build_nllb(work, train, spec):
         tokenizer_class="NllbTokenizer",
     )
     model = M2M100ForConditionalGeneration(cfg)
-    gen = GenerationConfig(bos_token_id=0, decoder_start_token_id=2, eos_token_id=2, max_length=200, pad_token_id=1)
+    gen = GenerationConfig(
+        bos_token_id=0, decoder_start_token_id=2, eos_token_id=2, max_length=200, pad_token_id=1
+    )
     tgt_id = tok.convert_tokens_to_ids(tgt_lang)
     info = dict(
         family="nllb",
@@ -337,7 +358,9 @@ def _t5_common(work, train, prefix, extra_ids, spm_size):
     pieces = spm_pieces(os.path.join(spm_dir, "spiece.model"))
     for i, p in enumerate(pieces[3:], start=3):
         assert tok.convert_tokens_to_ids(p) == i, (p, i)
-    tok._hf_extra_files = [os.path.join(spm_dir, "spiece.model")]  # as in t5-small / google/mt5-small
+    tok._hf_extra_files = [
+        os.path.join(spm_dir, "spiece.model")
+    ]  # as in t5-small / google/mt5-small
     return tok
 
 
@@ -410,7 +433,9 @@ def build_mt5(work, train, spec):
     # Real mT5 checkpoints have an lm_head of their own (tie_word_embeddings false in config.json);
     # transformers 5 builds the model tied, so untie it here.
     with torch.no_grad():
-        model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone().normal_(0.0, 1.0))
+        model.lm_head.weight = torch.nn.Parameter(
+            model.shared.weight.detach().clone().normal_(0.0, 1.0)
+        )
     model.config.tie_word_embeddings = False
     gen = GenerationConfig(decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
     info = dict(
@@ -439,7 +464,11 @@ def _bpe_tokenizer(work, train, add_prefix_space):
     texts = [s for s, _ in train] + [t for _, t in train]
     bpe = ByteLevelBPETokenizer(add_prefix_space=add_prefix_space)
     bpe.train_from_iterator(
-        texts, vocab_size=330, min_frequency=2, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False
+        texts,
+        vocab_size=330,
+        min_frequency=2,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        show_progress=False,
     )
     bdir = os.path.join(work, "bpe")
     os.makedirs(bdir)
@@ -494,13 +523,24 @@ def build_bart(work, train, spec):
     if variant == "base":
         kw.update(activation_function="gelu", scale_embedding=False, forced_bos_token_id=0)
     else:
-        kw.update(activation_function="relu", scale_embedding=True, forced_bos_token_id=None, max_position_embeddings=40)
+        kw.update(
+            activation_function="relu",
+            scale_embedding=True,
+            forced_bos_token_id=None,
+            max_position_embeddings=40,
+        )
     cfg = BartConfig(**kw)
     model = BartForConditionalGeneration(cfg)
     g = torch.Generator().manual_seed(SEED + 2)
     with torch.no_grad():
         model.final_logits_bias.copy_(torch.randn(1, V, generator=g) * 0.1)
-    gkw = dict(bos_token_id=0, decoder_start_token_id=2, eos_token_id=2, forced_eos_token_id=2, pad_token_id=1)
+    gkw = dict(
+        bos_token_id=0,
+        decoder_start_token_id=2,
+        eos_token_id=2,
+        forced_eos_token_id=2,
+        pad_token_id=1,
+    )
     if variant == "base":
         gkw["forced_bos_token_id"] = 0
     gen = GenerationConfig(**gkw)
@@ -556,7 +596,7 @@ def pad_rows(rows, pad):
 
 
 def decoder_inputs(labels, start, pad):
-    return pad_rows([[start] + r[:-1] for r in labels], pad)
+    return pad_rows([[start, *r[:-1]] for r in labels], pad)
 
 
 def train_model(model, tok, info, train, spec, log):
@@ -567,7 +607,9 @@ def train_model(model, tok, info, train, spec, log):
     pad, start = info["pad_id"], info["decoder_start_id"]
     opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
     steps, batch = spec["steps"], 48
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps)
+    )
     model.train()
     idx = list(range(len(src)))
     losses = []
@@ -586,14 +628,22 @@ def train_model(model, tok, info, train, spec, log):
         sched.step()
         if info["zero_rows"]:
             with torch.no_grad():
-                for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_decoder().embed_tokens)}.values():
+                for emb in {
+                    id(e): e
+                    for e in (model.get_input_embeddings(), model.get_decoder().embed_tokens)
+                }.values():
                     emb.weight[info["zero_rows"]] = 0.0
         losses.append(out.loss.item())
         if step % 100 == 0 or step == steps - 1:
             log(f"  step {step:4d} loss {np.mean(losses[-20:]):.4f}")
     model.eval()
-    return dict(steps=steps, batch_size=batch, lr=spec["lr"], final_loss=float(np.mean(losses[-20:])),
-                seconds=round(time.time() - t0, 1))
+    return dict(
+        steps=steps,
+        batch_size=batch,
+        lr=spec["lr"],
+        final_loss=float(np.mean(losses[-20:])),
+        seconds=round(time.time() - t0, 1),
+    )
 
 
 def cut_after_eos(row, eos):
@@ -622,7 +672,11 @@ def hf_generate(model, src_ids, info, **kw):
     for r in seqs:
         assert r[0] == info["decoder_start_id"], r
         rows.append(cut_after_eos(r[1:], info["eos_id"]))
-    scores = out.sequences_scores.tolist() if getattr(out, "sequences_scores", None) is not None else None
+    scores = (
+        out.sequences_scores.tolist()
+        if getattr(out, "sequences_scores", None) is not None
+        else None
+    )
     hit_limit = sum(1 for r in rows if r[-1] != info["eos_id"])
     return rows, scores, hit_limit
 
@@ -644,8 +698,12 @@ def margins(model, src_ids, outs, info):
         for t in range(first, len(r)):
             m.append((top2[i, t, 0] - top2[i, t, 1]).item())
     m = np.array(m)
-    return dict(mean=round(float(m.mean()), 3), min=round(float(m.min()), 3),
-                frac_below_1=round(float((m < 1.0).mean()), 4), n=int(m.size))
+    return dict(
+        mean=round(float(m.mean()), 3),
+        min=round(float(m.min()), 3),
+        frac_below_1=round(float((m < 1.0).mean()), 4),
+        n=int(m.size),
+    )
 
 
 def run_ct2(model_dir, tok, src_ids, info, log):
@@ -663,7 +721,9 @@ def run_ct2(model_dir, tok, src_ids, info, log):
                 tied = json.load(f).get("tie_word_embeddings", True)
             if tied is False and model.config.tie_word_embeddings:
                 model.config.tie_word_embeddings = False
-                patches.append("config.tie_word_embeddings = False (from config.json) before conversion")
+                patches.append(
+                    "config.tie_word_embeddings = False (from config.json) before conversion"
+                )
             return model
 
     patches = []
@@ -675,9 +735,16 @@ def run_ct2(model_dir, tok, src_ids, info, log):
     vocab = tok.get_vocab()
     res = {}
     for beam in (1, 4):
-        opts = dict(beam_size=beam, length_penalty=0.0, max_decoding_length=MAX_NEW_TOKENS, return_scores=True,
-                    max_batch_size=0)
-        prefix = [list(info["ct2_target_prefix"]) for _ in tokens] if info["ct2_target_prefix"] else None
+        opts = dict(
+            beam_size=beam,
+            length_penalty=0.0,
+            max_decoding_length=MAX_NEW_TOKENS,
+            return_scores=True,
+            max_batch_size=0,
+        )
+        prefix = (
+            [list(info["ct2_target_prefix"]) for _ in tokens] if info["ct2_target_prefix"] else None
+        )
         results = translator.translate_batch(tokens, target_prefix=prefix, **opts)
         toks = [r.hypotheses[0] for r in results]
         res[f"beam{beam}"] = dict(
@@ -698,9 +765,16 @@ def versions():
     import tokenizers
     import transformers
 
-    return dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
-                tokenizers=tokenizers.__version__, sentencepiece=sentencepiece.__version__,
-                safetensors=safetensors.__version__, ctranslate2=ctranslate2.__version__, numpy=np.__version__)
+    return dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        tokenizers=tokenizers.__version__,
+        sentencepiece=sentencepiece.__version__,
+        safetensors=safetensors.__version__,
+        ctranslate2=ctranslate2.__version__,
+        numpy=np.__version__,
+    )
 
 
 def make_one(name, out_root, log):
@@ -714,8 +788,10 @@ def make_one(name, out_root, log):
     work = tempfile.mkdtemp(prefix=f"hf_{name}_")
     try:
         model, tok, gen, info = spec["build"](work, train, spec)
-        log(f"[{name}] vocab: tokenizer {len(tok)}, model {model.config.vocab_size}; "
-            f"params {sum(p.numel() for p in model.parameters())}")
+        log(
+            f"[{name}] vocab: tokenizer {len(tok)}, model {model.config.vocab_size}; "
+            f"params {sum(p.numel() for p in model.parameters())}"
+        )
         train_stats = train_model(model, tok, info, train, spec, log)
         model.generation_config = gen
         model.save_pretrained(out_dir)
@@ -758,8 +834,11 @@ def finish(name, out_dir, trained, info, train_stats, stored, lexicon, log):
         ref = trained(input_ids=x, attention_mask=(x != pad).long(), decoder_input_ids=y)
     reload_diff = float((out.logits - ref.logits).abs().max())
     assert reload_diff < 1e-4, f"reloaded model differs from the trained one: {reload_diff}"
-    np.savez(os.path.join(out_dir, "arrays.npz"), logits=out.logits.float().numpy(),
-             encoder_output=out.encoder_last_hidden_state.float().numpy())
+    np.savez(
+        os.path.join(out_dir, "arrays.npz"),
+        logits=out.logits.float().numpy(),
+        encoder_output=out.encoder_last_hidden_state.float().numpy(),
+    )
 
     greedy, _, greedy_hit = hf_generate(model, source_ids, info, num_beams=1)
     beam_kw = dict(num_beams=4, length_penalty=1.0, early_stopping=False)
@@ -767,8 +846,8 @@ def finish(name, out_dir, trained, info, train_stats, stored, lexicon, log):
     beam0_kw = dict(num_beams=4, length_penalty=0.0, early_stopping=False)
     beam0, beam0_scores, beam0_hit = hf_generate(model, source_ids, info, **beam0_kw)
     texts = tok.batch_decode(greedy, skip_special_tokens=True)
-    exact = sum(a.strip() == b for a, b in zip(texts, targets))
-    seen_exact = sum(a.strip() == b for a, b in zip(texts[:N_SEEN], targets[:N_SEEN]))
+    exact = sum(a.strip() == b for a, b in zip(texts, targets, strict=False))
+    seen_exact = sum(a.strip() == b for a, b in zip(texts[:N_SEEN], targets[:N_SEEN], strict=False))
     marg = margins(model, source_ids, greedy, info)
 
     eos = info["eos_id"]
@@ -777,15 +856,25 @@ def finish(name, out_dir, trained, info, train_stats, stored, lexicon, log):
     def strip_eos(r):
         return r[:-1] if r and r[-1] == eos else r
 
-    agree = dict(greedy_vs_beam_hf=sum(a == b for a, b in zip(greedy, beam)), rows=len(sources))
+    agree = dict(
+        greedy_vs_beam_hf=sum(a == b for a, b in zip(greedy, beam, strict=False)), rows=len(sources)
+    )
     max_score_diff = None
     if ct2 is not None:
         agree.update(
-            greedy_hf_vs_ct2=sum(strip_eos(a) == b for a, b in zip(greedy, ct2["beam1"]["ids"])),
-            beam_hf_lp0_vs_ct2=sum(strip_eos(a) == b for a, b in zip(beam0, ct2["beam4"]["ids"])),
-            beam_hf_vs_ct2=sum(strip_eos(a) == b for a, b in zip(beam, ct2["beam4"]["ids"])),
+            greedy_hf_vs_ct2=sum(
+                strip_eos(a) == b for a, b in zip(greedy, ct2["beam1"]["ids"], strict=False)
+            ),
+            beam_hf_lp0_vs_ct2=sum(
+                strip_eos(a) == b for a, b in zip(beam0, ct2["beam4"]["ids"], strict=False)
+            ),
+            beam_hf_vs_ct2=sum(
+                strip_eos(a) == b for a, b in zip(beam, ct2["beam4"]["ids"], strict=False)
+            ),
         )
-        max_score_diff = round(max(abs(a - b) for a, b in zip(beam0_scores, ct2["beam4"]["scores"])), 6)
+        max_score_diff = round(
+            max(abs(a - b) for a, b in zip(beam0_scores, ct2["beam4"]["scores"], strict=False)), 6
+        )
 
     goldens = dict(
         name=name,
@@ -803,7 +892,11 @@ def finish(name, out_dir, trained, info, train_stats, stored, lexicon, log):
         tokenizer_class=type(tok).__name__,
         tokenizer_len=len(tok),
         model_vocab_size=model.config.vocab_size,
-        training=dict({k: v for k, v in train_stats.items() if k != "seconds"}, corpus_pairs=N_TRAIN, seed=MODELS[name]["seed"]),
+        training=dict(
+            {k: v for k, v in train_stats.items() if k != "seconds"},
+            corpus_pairs=N_TRAIN,
+            seed=MODELS[name]["seed"],
+        ),
         lexicon=lexicon,
         n_seen=N_SEEN,
         sources=sources,
@@ -812,32 +905,64 @@ def finish(name, out_dir, trained, info, train_stats, stored, lexicon, log):
         target_ids=target_ids,
         src_ids=src8.tolist(),
         tgt_in_ids=tgt8.tolist(),
-        arrays=dict(logits=list(out.logits.shape), encoder_output=list(out.encoder_last_hidden_state.shape)),
-        greedy=dict(kwargs=dict(num_beams=1, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, **info["gen_kwargs"]),
-                    ids=greedy, rows_hitting_limit=greedy_hit),
+        arrays=dict(
+            logits=list(out.logits.shape), encoder_output=list(out.encoder_last_hidden_state.shape)
+        ),
+        greedy=dict(
+            kwargs=dict(
+                num_beams=1, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, **info["gen_kwargs"]
+            ),
+            ids=greedy,
+            rows_hitting_limit=greedy_hit,
+        ),
         texts=texts,
-        beam_hf=dict(kwargs=dict(do_sample=False, max_new_tokens=MAX_NEW_TOKENS, **beam_kw, **info["gen_kwargs"]),
-                     ids=beam, sequence_scores=beam_scores, rows_hitting_limit=beam_hit),
-        beam_hf_lp0=dict(kwargs=dict(do_sample=False, max_new_tokens=MAX_NEW_TOKENS, **beam0_kw, **info["gen_kwargs"]),
-                         ids=beam0, sequence_scores=beam0_scores, rows_hitting_limit=beam0_hit),
+        beam_hf=dict(
+            kwargs=dict(
+                do_sample=False, max_new_tokens=MAX_NEW_TOKENS, **beam_kw, **info["gen_kwargs"]
+            ),
+            ids=beam,
+            sequence_scores=beam_scores,
+            rows_hitting_limit=beam_hit,
+        ),
+        beam_hf_lp0=dict(
+            kwargs=dict(
+                do_sample=False, max_new_tokens=MAX_NEW_TOKENS, **beam0_kw, **info["gen_kwargs"]
+            ),
+            ids=beam0,
+            sequence_scores=beam0_scores,
+            rows_hitting_limit=beam0_hit,
+        ),
         ct2=ct2,
-        report=dict(agreement=agree, ct2_vs_hf_lp0_max_score_diff=max_score_diff, ct2_skipped=info.get("ct2_skip"),
-                    greedy_margin=marg, greedy_text_exact=exact, greedy_text_exact_seen=seen_exact),
+        report=dict(
+            agreement=agree,
+            ct2_vs_hf_lp0_max_score_diff=max_score_diff,
+            ct2_skipped=info.get("ct2_skip"),
+            greedy_margin=marg,
+            greedy_text_exact=exact,
+            greedy_text_exact_seen=seen_exact,
+        ),
     )
     with open(os.path.join(out_dir, "goldens.json"), "w") as f:
         json.dump(goldens, f, ensure_ascii=False, indent=1)
         f.write("\n")
     size = sum(os.path.getsize(os.path.join(out_dir, p)) for p in os.listdir(out_dir))
-    log(f"[{name}] loss {train_stats['final_loss']:.4f} in {train_stats['seconds']}s; exact {exact}/{len(sources)} "
+    log(
+        f"[{name}] loss {train_stats['final_loss']:.4f} in {train_stats['seconds']}s; exact {exact}/{len(sources)} "
         f"(seen {seen_exact}/{N_SEEN}); agreement {agree}; margin {marg}; ct2 score diff {max_score_diff}; "
-        f"hit limit {greedy_hit}/{beam_hit}/{beam0_hit}; {size / 1024:.0f} KiB")
+        f"hit limit {greedy_hit}/{beam_hit}/{beam0_hit}; {size / 1024:.0f} KiB"
+    )
     return goldens["report"]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=None, help="comma-separated model names: " + ",".join(MODELS))
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "hf"))
+    ap.add_argument(
+        "--out",
+        default=os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "hf"
+        ),
+    )
     args = ap.parse_args(argv)
     names = args.only.split(",") if args.only else list(MODELS)
     for n in names:

@@ -60,11 +60,20 @@ OOV_TOKEN = "zzz"  # appears in one test source, never in training
 # hypothesis that never emits </s> runs to the limit).
 DECODE_CASES = [
     ("greedy", {"beam_width": 1, "maximum_decoding_length": 32}),
-    ("beam2_lp02_cp02", {"beam_width": 2, "length_penalty": 0.2, "coverage_penalty": 0.2,
-                         "maximum_decoding_length": 32}),
+    (
+        "beam2_lp02_cp02",
+        {
+            "beam_width": 2,
+            "length_penalty": 0.2,
+            "coverage_penalty": 0.2,
+            "maximum_decoding_length": 32,
+        },
+    ),
     ("beam4_lp06", {"beam_width": 4, "length_penalty": 0.6, "maximum_decoding_length": 32}),
-    ("greedy_min5_max8", {"beam_width": 1, "minimum_decoding_length": 5,
-                          "maximum_decoding_length": 8}),
+    (
+        "greedy_min5_max8",
+        {"beam_width": 1, "minimum_decoding_length": 5, "maximum_decoding_length": 8},
+    ),
 ]
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -85,8 +94,15 @@ def _task(src_prefix, n_src, tgt_prefix, n_tgt, seed, order, shared=False):
         tgt = [f"{tgt_prefix}{i}" for i in range(n_tgt)]
         perm = _perm(n_tgt, seed)
         mapping = [perm[i % n_tgt] for i in range(n_src)]
-    return {"src_tokens": src, "tgt_tokens": tgt, "mapping": mapping, "order": order,
-            "shared": shared, "min_len": 3, "max_len": 12}
+    return {
+        "src_tokens": src,
+        "tgt_tokens": tgt,
+        "mapping": mapping,
+        "order": order,
+        "shared": shared,
+        "min_len": 3,
+        "max_len": 12,
+    }
 
 
 NO_DROPOUT = {"dropout": 0.0, "attention_dropout": 0.0, "ffn_dropout": 0.0}
@@ -95,33 +111,58 @@ MODELS = {
     # The OpenNMT-tf inference article's model (dropout 0 for training only: it is a no-op at
     # inference; without absolute positions the task is a sorted set, not a copy).
     "article": {
-        "kwargs": {"num_layers": 1, "num_units": 6, "num_heads": 2, "ffn_inner_dim": 12,
-                   "maximum_relative_position": 8, "position_encoder_class": None,
-                   **NO_DROPOUT},
+        "kwargs": {
+            "num_layers": 1,
+            "num_units": 6,
+            "num_heads": 2,
+            "ffn_inner_dim": 12,
+            "maximum_relative_position": 8,
+            "position_encoder_class": None,
+            **NO_DROPOUT,
+        },
         "task": _task("", 22, "", 22, 11, order="sorted_unique"),
         "steps": 2000,
         "learning_rate": 0.005,
     },
     "sinusoid_prenorm": {
         "model_only": True,
-        "kwargs": {"num_layers": 2, "num_units": 32, "num_heads": 4, "ffn_inner_dim": 64,
-                   **NO_DROPOUT},
+        "kwargs": {
+            "num_layers": 2,
+            "num_units": 32,
+            "num_heads": 4,
+            "ffn_inner_dim": 64,
+            **NO_DROPOUT,
+        },
         "task": _task("s", 30, "t", 20, 12, order="reversed"),
         "steps": 2000,
         "learning_rate": 0.003,
     },
     "postnorm_shared": {
         "model_only": True,
-        "kwargs": {"num_layers": 2, "num_units": 32, "num_heads": 4, "ffn_inner_dim": 64,
-                   "pre_norm": False, "share_embeddings": "ALL", **NO_DROPOUT},
+        "kwargs": {
+            "num_layers": 2,
+            "num_units": 32,
+            "num_heads": 4,
+            "ffn_inner_dim": 64,
+            "pre_norm": False,
+            "share_embeddings": "ALL",
+            **NO_DROPOUT,
+        },
         "task": _task("x", 30, None, None, 13, order="reversed", shared=True),
         "steps": 2000,
         "learning_rate": 0.0015,  # 0.003 left a loss spike at the last step
     },
     "relative_sinusoid": {
         "model_only": True,
-        "kwargs": {"num_layers": [2, 1], "num_units": 32, "num_heads": 8, "ffn_inner_dim": 64,
-                   "maximum_relative_position": 8, "pre_norm": False, **NO_DROPOUT},
+        "kwargs": {
+            "num_layers": [2, 1],
+            "num_units": 32,
+            "num_heads": 8,
+            "ffn_inner_dim": 64,
+            "maximum_relative_position": 8,
+            "pre_norm": False,
+            **NO_DROPOUT,
+        },
         "task": _task("s", 26, "t", 26, 14, order="as_is"),
         "steps": 2000,
         "learning_rate": 0.003,
@@ -132,8 +173,14 @@ MODELS["article"]["task"]["src_tokens"] = [chr(ord("a") + i) for i in range(22)]
 MODELS["article"]["task"]["tgt_tokens"] = [chr(ord("A") + i) for i in range(22)]
 AVERAGED_FROM = "sinusoid_prenorm"
 AVERAGE_COUNT = 3
-ALL_NAMES = ["bundle_dtypes", "article", "sinusoid_prenorm", "postnorm_shared",
-             "relative_sinusoid", "averaged"]
+ALL_NAMES = [
+    "bundle_dtypes",
+    "article",
+    "sinusoid_prenorm",
+    "postnorm_shared",
+    "relative_sinusoid",
+    "averaged",
+]
 
 
 def versions():
@@ -185,8 +232,10 @@ def copy_checkpoint(src_prefix, dst_dir):
 def variables_listing(prefix):
     reader = tf.train.load_checkpoint(str(prefix))
     dtypes = reader.get_variable_to_dtype_map()
-    return [{"key": k, "dtype": dtypes[k].name, "shape": list(s)}
-            for k, s in tf.train.list_variables(str(prefix))]
+    return [
+        {"key": k, "dtype": dtypes[k].name, "shape": list(s)}
+        for k, s in tf.train.list_variables(str(prefix))
+    ]
 
 
 # ---------------------------------------------------------------------------------- bundle_dtypes
@@ -198,13 +247,19 @@ def _hex(arr):
 
 def bundle_dtypes(out):
     rng = np.random.default_rng(MASTER_SEED)
-    f32 = np.array([[0.0, -0.0, 1.0, -2.5, 3.4028235e38, 1e-40],
-                    [np.pi, -np.e, 1.1754944e-38, 0.1, -7.0, 65504.0]], np.float32)
+    f32 = np.array(
+        [
+            [0.0, -0.0, 1.0, -2.5, 3.4028235e38, 1e-40],
+            [np.pi, -np.e, 1.1754944e-38, 0.1, -7.0, 65504.0],
+        ],
+        np.float32,
+    )
     values = {
         "f32": tf.constant(f32),
         "f16": tf.constant(np.array([0.0, 1.0, -2.5, 65504.0, 6.1e-5, 0.333], np.float16)),
-        "bf16": tf.constant([[1.0, -2.25, 0.1, 3.0e38], [7.5, -0.0, 1e-3, 256.0]],
-                            dtype=tf.bfloat16),
+        "bf16": tf.constant(
+            [[1.0, -2.25, 0.1, 3.0e38], [7.5, -0.0, 1e-3, 256.0]], dtype=tf.bfloat16
+        ),
         "f64": tf.constant(np.array([np.pi, -1e300, 5e-324, 0.1], np.float64)),
         "i32": tf.constant(np.array([0, 1, -1, 2**31 - 1, -(2**31), 123456], np.int32)),
         "i64": tf.constant(np.array([[0, -1, 2**62 + 3], [-(2**63), 2**63 - 1, 7]], np.int64)),
@@ -305,17 +360,19 @@ def make_data(task, seed):
     oov_src = tests[-1][0].split()
     oov_src.insert(2, OOV_TOKEN)
     tests.append((" ".join(oov_src), None))
-    tests = tests[:N_SOURCES - 1] + [tests[-1]]
+    tests = [*tests[: N_SOURCES - 1], tests[-1]]
     # Interleave so that the forward batch (first N_FORWARD) mixes seen/unseen and lengths.
-    order = [0, 6, 1, 7, 2, 8, 3, 9] + [i for i in range(N_SOURCES) if i not in
-                                        (0, 6, 1, 7, 2, 8, 3, 9)]
+    order = [0, 6, 1, 7, 2, 8, 3, 9] + [
+        i for i in range(N_SOURCES) if i not in (0, 6, 1, 7, 2, 8, 3, 9)
+    ]
     tests = [tests[i] for i in order]
     return train, tests, seen
 
 
 def build_vocab(files, out_path):
     cmd = [str(VENV_BIN / "onmt-build-vocab"), "--save_vocab", str(out_path)] + [
-        str(f) for f in files]
+        str(f) for f in files
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     return out_path.read_text().splitlines()
 
@@ -326,8 +383,9 @@ def build_vocab(files, out_path):
 def make_model(kwargs):
     kw = dict(kwargs)
     if "share_embeddings" in kw:
-        kw["share_embeddings"] = getattr(opennmt.models.EmbeddingsSharingLevel,
-                                         kw["share_embeddings"])
+        kw["share_embeddings"] = getattr(
+            opennmt.models.EmbeddingsSharingLevel, kw["share_embeddings"]
+        )
     if isinstance(kw.get("num_layers"), list):
         kw["num_layers"] = tuple(kw["num_layers"])
     return opennmt.models.Transformer(**kw)
@@ -335,10 +393,14 @@ def make_model(kwargs):
 
 def data_config(directory, spec):
     if spec["task"]["shared"]:
-        return {"source_vocabulary": str(directory / "vocab.txt"),
-                "target_vocabulary": str(directory / "vocab.txt")}
-    return {"source_vocabulary": str(directory / "src_vocab.txt"),
-            "target_vocabulary": str(directory / "tgt_vocab.txt")}
+        return {
+            "source_vocabulary": str(directory / "vocab.txt"),
+            "target_vocabulary": str(directory / "vocab.txt"),
+        }
+    return {
+        "source_vocabulary": str(directory / "src_vocab.txt"),
+        "target_vocabulary": str(directory / "tgt_vocab.txt"),
+    }
 
 
 def fresh_session(seed):
@@ -351,7 +413,7 @@ def fresh_session(seed):
 
 def seed_everything(seed):
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (TensorFlow and Keras read the global NumPy seed)
     tf.random.set_seed(seed)
 
 
@@ -370,9 +432,11 @@ def train_model(name, spec, work, out):
         build_vocab([work / "train.tgt"], out / "tgt_vocab.txt")
     config = {
         "model_dir": str(work / "run"),
-        "data": {"train_features_file": str(work / "train.src"),
-                 "train_labels_file": str(work / "train.tgt"),
-                 **data_config(out, spec)},
+        "data": {
+            "train_features_file": str(work / "train.src"),
+            "train_labels_file": str(work / "train.tgt"),
+            **data_config(out, spec),
+        },
         "params": {
             "optimizer": "Adam",
             "optimizer_params": {"beta_1": 0.9, "beta_2": 0.998},
@@ -399,15 +463,22 @@ def train_model(name, spec, work, out):
     t0 = time.time()
     _, summary = runner.train(return_summary=True)
     elapsed = time.time() - t0
-    print(f"{name}: trained {spec['steps']} steps in {elapsed:.1f} s, "
-          f"last loss {float(summary['last_loss']):.4f}")
+    print(
+        f"{name}: trained {spec['steps']} steps in {elapsed:.1f} s, "
+        f"last loss {float(summary['last_loss']):.4f}"
+    )
     state = tf.train.get_checkpoint_state(str(work / "run"))
     prefixes = list(state.all_model_checkpoint_paths)
-    info = {"seed": seed, "train_examples": len(train), "optimizer": config["params"],
-            "train_config": config["train"],
-            "last_step": int(summary["last_step"]), "last_loss": float(summary["last_loss"]),
-            "last_learning_rate": float(summary["last_learning_rate"]),
-            "checkpoints_written": [Path(p).name for p in prefixes]}
+    info = {
+        "seed": seed,
+        "train_examples": len(train),
+        "optimizer": config["params"],
+        "train_config": config["train"],
+        "last_step": int(summary["last_step"]),
+        "last_loss": float(summary["last_loss"]),
+        "last_learning_rate": float(summary["last_learning_rate"]),
+        "checkpoints_written": [Path(p).name for p in prefixes],
+    }
     return info, prefixes, tests, seen, runner
 
 
@@ -426,8 +497,11 @@ def load_model(spec, directory, prefix, params=None):
     # The mapping also lists aliases (examples_inputter/inputters/0 = features_inputter, ...);
     # the checkpoint stores each variable once, under its first path.
     aliases = misc.get_variables_name_mapping(model, "model")
-    ckpt_model_keys = {k for k, _ in tf.train.list_variables(str(prefix))
-                       if k.startswith("model/") and ".OPTIMIZER_SLOT" not in k}
+    ckpt_model_keys = {
+        k
+        for k, _ in tf.train.list_variables(str(prefix))
+        if k.startswith("model/") and ".OPTIMIZER_SLOT" not in k
+    }
     assert ckpt_model_keys <= set(aliases), ckpt_model_keys - set(aliases)
     mapping = {k: aliases[k] for k in sorted(ckpt_model_keys)}
     for key, var in mapping.items():
@@ -440,8 +514,7 @@ def tokens_batch(lines):
     toks = [line.split() for line in lines]
     width = max(len(t) for t in toks)
     padded = [t + ["<blank>"] * (width - len(t)) for t in toks]  # what make_features pads with
-    return {"tokens": tf.constant(padded), "length": tf.constant([len(t) for t in toks],
-                                                                 tf.int32)}
+    return {"tokens": tf.constant(padded), "length": tf.constant([len(t) for t in toks], tf.int32)}
 
 
 def vocab_lookup(vocab_lines):
@@ -453,16 +526,23 @@ def vocab_lookup(vocab_lines):
 def forward(model, src_lines, tgt_lines):
     feats = model.features_inputter.make_features(features=tokens_batch(src_lines))
     src_inputs = model.features_inputter(feats, training=False)
-    enc_out, enc_state, enc_len = model.encoder(src_inputs, sequence_length=feats["length"],
-                                                training=False)
+    enc_out, enc_state, enc_len = model.encoder(
+        src_inputs, sequence_length=feats["length"], training=False
+    )
     labels = model.labels_inputter.make_features(features=tokens_batch(tgt_lines))
     outputs = model._decode_target(labels, enc_out, enc_state, enc_len, training=False)
     return feats, enc_out, labels, outputs
 
 
 def decode(model, src_lines, params):
-    for key in ("beam_width", "length_penalty", "coverage_penalty", "maximum_decoding_length",
-                "minimum_decoding_length", "num_hypotheses"):
+    for key in (
+        "beam_width",
+        "length_penalty",
+        "coverage_penalty",
+        "maximum_decoding_length",
+        "minimum_decoding_length",
+        "num_hypotheses",
+    ):
         model.params.pop(key, None)
     model.params.update(params)
     model.params["num_hypotheses"] = params.get("beam_width", 1)
@@ -472,8 +552,10 @@ def decode(model, src_lines, params):
 
 
 def tokens_to_ids(tokens, table, unk_id):
-    flat = [table.get(t.decode("utf-8"), unk_id) if t.decode("utf-8") != "<unk>" else unk_id
-            for t in tokens.reshape(-1)]
+    flat = [
+        table.get(t.decode("utf-8"), unk_id) if t.decode("utf-8") != "<unk>" else unk_id
+        for t in tokens.reshape(-1)
+    ]
     return np.array(flat, np.int32).reshape(tokens.shape)
 
 
@@ -481,8 +563,9 @@ def greedy_margins(model, src_lines, ids, lengths, end_id=2):
     """Teacher-force the greedy outputs; smallest top1-top2 logit gap over decided steps."""
     feats = model.features_inputter.make_features(features=tokens_batch(src_lines))
     src_inputs = model.features_inputter(feats, training=False)
-    enc_out, enc_state, enc_len = model.encoder(src_inputs, sequence_length=feats["length"],
-                                                training=False)
+    enc_out, enc_state, enc_len = model.encoder(
+        src_inputs, sequence_length=feats["length"], training=False
+    )
     b, _, t = ids.shape
     tgt_in = np.zeros((b, t), np.int32)
     tgt_in[:, 0] = 1
@@ -512,8 +595,7 @@ class _Weights:
         self.reader = tf.train.load_checkpoint(str(prefix))
 
     def __call__(self, key):
-        return self.reader.get_tensor(f"model/{key}/.ATTRIBUTES/VARIABLE_VALUE").astype(
-            np.float64)
+        return self.reader.get_tensor(f"model/{key}/.ATTRIBUTES/VARIABLE_VALUE").astype(np.float64)
 
 
 def np_layer_norm(w, key, x):
@@ -535,6 +617,7 @@ def np_dense(w, key, x):
 
 def np_attention(w, key, x, memory, mask, heads, max_rel):
     """mask: bool [B, Tq, Tk]."""
+
     def split(t):
         b, n, d = t.shape
         return t.reshape(b, n, heads, d // heads).transpose(0, 2, 1, 3)
@@ -584,17 +667,31 @@ def np_stack(w, part, x, lengths, kw, memory=None, mem_lengths=None):
     self_mask = np.repeat(key_mask[:, None, :], t, axis=1)
     if part == "decoder":
         self_mask = self_mask & np.tril(np.ones((t, t), bool))[None]
-        mem_mask = np.repeat((np.arange(memory.shape[1])[None, :] < mem_lengths[:, None])
-                             [:, None, :], t, axis=1)
+        mem_mask = np.repeat(
+            (np.arange(memory.shape[1])[None, :] < mem_lengths[:, None])[:, None, :], t, axis=1
+        )
     for i in range(n):
         base = f"{part}/layers/{i}"
-        x = np_sublayer(w, f"{base}/self_attention", x, lambda y, b=base: np_attention(
-            w, f"{b}/self_attention/layer", y, None, self_mask, heads, max_rel), pre_norm)
+        x = np_sublayer(
+            w,
+            f"{base}/self_attention",
+            x,
+            lambda y, b=base: np_attention(
+                w, f"{b}/self_attention/layer", y, None, self_mask, heads, max_rel
+            ),
+            pre_norm,
+        )
         if part == "decoder":
-            x = np_sublayer(w, f"{base}/attention/0", x, lambda y, b=base: np_attention(
-                w, f"{b}/attention/0/layer", y, memory, mem_mask, heads, None), pre_norm)
-        x = np_sublayer(w, f"{base}/ffn", x, lambda y, b=base: np_ffn(w, f"{b}/ffn", y),
-                        pre_norm)
+            x = np_sublayer(
+                w,
+                f"{base}/attention/0",
+                x,
+                lambda y, b=base: np_attention(
+                    w, f"{b}/attention/0/layer", y, memory, mem_mask, heads, None
+                ),
+                pre_norm,
+            )
+        x = np_sublayer(w, f"{base}/ffn", x, lambda y, b=base: np_ffn(w, f"{b}/ffn", y), pre_norm)
     if pre_norm:
         x = np_layer_norm(w, f"{part}/layer_norm", x)
     return x
@@ -609,8 +706,15 @@ def numpy_reference(spec, prefix, arrays, n):
     src_ids, src_len = arrays["src_ids"][:n], arrays["src_lengths"][:n]
     s = int(src_len.max())
     enc = np_stack(w, "encoder", src_emb[src_ids[:, :s]], src_len, kw)
-    dec = np_stack(w, "decoder", tgt_emb[arrays["tgt_in_ids"]], arrays["tgt_lengths"], kw,
-                   memory=enc, mem_lengths=src_len)
+    dec = np_stack(
+        w,
+        "decoder",
+        tgt_emb[arrays["tgt_in_ids"]],
+        arrays["tgt_lengths"],
+        kw,
+        memory=enc,
+        mem_lengths=src_len,
+    )
     kernel = tgt_emb.T if shared else w("decoder/output_layer/kernel")
     logits = dec @ kernel + w("decoder/output_layer/bias")
     return {
@@ -637,7 +741,7 @@ def collect_goldens(name, spec, directory, prefix, tests, seen, extra):
     for i, line in enumerate(src_lines):
         expect = [src_table.get(t, src_unk) for t in line.split()]
         assert src_ids[i, : src_len[i]].tolist() == expect
-        assert (src_ids[i, src_len[i]:] == 0).all()
+        assert (src_ids[i, src_len[i] :] == 0).all()
     arrays["src_ids"] = src_ids
     arrays["src_lengths"] = src_len
 
@@ -645,7 +749,7 @@ def collect_goldens(name, spec, directory, prefix, tests, seen, extra):
     fwd_src = src_lines[:N_FORWARD]
     fwd_tgt = [t for _, t in tests[:N_FORWARD]]
     assert all(t is not None for t in fwd_tgt)
-    feats8, enc_out, labels, outputs = forward(model, fwd_src, fwd_tgt)
+    _feats8, enc_out, labels, outputs = forward(model, fwd_src, fwd_tgt)
     arrays["encoder_output"] = enc_out.numpy().astype(np.float32)
     arrays["tgt_in_ids"] = labels["ids"].numpy().astype(np.int32)
     arrays["tgt_out_ids"] = labels["ids_out"].numpy().astype(np.int32)
@@ -668,8 +772,10 @@ def collect_goldens(name, spec, directory, prefix, tests, seen, extra):
         arrays[f"{case_name}/log_probs"] = preds["log_probs"].astype(np.float32)
         if "alignment" in preds:
             arrays[f"{case_name}/alignment"] = preds["alignment"].astype(np.float32)
-        tokens = [[[t.decode("utf-8") for t in hyp[: preds["length"][b, w]]]
-                   for w, hyp in enumerate(row)] for b, row in enumerate(preds["tokens"])]
+        tokens = [
+            [[t.decode("utf-8") for t in hyp[: preds["length"][b, w]]] for w, hyp in enumerate(row)]
+            for b, row in enumerate(preds["tokens"])
+        ]
         case = {
             "name": case_name,
             "params": dict(params, num_hypotheses=params.get("beam_width", 1)),
@@ -687,11 +793,13 @@ def collect_goldens(name, spec, directory, prefix, tests, seen, extra):
             "tokens": tokens,
             "exact_match_with_reference": sum(
                 ref is not None and " ".join(tokens[b][0]) == ref
-                for b, (_, ref) in enumerate(tests)),
+                for b, (_, ref) in enumerate(tests)
+            ),
         }
         if case_name == "greedy":
-            case["min_top1_top2_logit_gap"], case["median_top1_top2_logit_gap"] = (
-                greedy_margins(model, src_lines, ids, preds["length"]))
+            case["min_top1_top2_logit_gap"], case["median_top1_top2_logit_gap"] = greedy_margins(
+                model, src_lines, ids, preds["length"]
+            )
         cases.append(case)
 
     listing = variables_listing(prefix)
@@ -700,8 +808,10 @@ def collect_goldens(name, spec, directory, prefix, tests, seen, extra):
         var = mapping.get(entry["key"])
         entry["keras_name"] = var.name if var is not None else None
     sample_keys = [k for k in extra["sample_keys"] if k in {e["key"] for e in listing}]
-    samples = {k: np.asarray(reader.get_tensor(k)).reshape(-1)[:8].astype(np.float64).tolist()
-               for k in sample_keys}
+    samples = {
+        k: np.asarray(reader.get_tensor(k)).reshape(-1)[:8].astype(np.float64).tolist()
+        for k in sample_keys
+    }
 
     goldens = {
         **versions(),
@@ -712,12 +822,22 @@ def collect_goldens(name, spec, directory, prefix, tests, seen, extra):
         "target_vocabulary": Path(model.labels_inputter.vocabulary_file).name,
         "source_vocabulary_size": model.features_inputter.vocabulary_size,
         "target_vocabulary_size": model.labels_inputter.vocabulary_size,
-        "special_ids": {"<blank>": 0, "<s>": 1, "</s>": 2, "<unk>_source": src_unk,
-                        "<unk>_target": tgt_unk, "padding": 0},
+        "special_ids": {
+            "<blank>": 0,
+            "<s>": 1,
+            "</s>": 2,
+            "<unk>_source": src_unk,
+            "<unk>_target": tgt_unk,
+            "padding": 0,
+        },
         "training": extra.get("training"),
         "sources": [
-            {"text": s, "reference": t, "seen_in_training": s in seen,
-             "ids": src_ids[i, : src_len[i]].tolist()}
+            {
+                "text": s,
+                "reference": t,
+                "seen_in_training": s in seen,
+                "ids": src_ids[i, : src_len[i]].tolist(),
+            }
             for i, (s, t) in enumerate(tests)
         ],
         "src_ids": src_ids.tolist(),
@@ -742,9 +862,11 @@ def collect_goldens(name, spec, directory, prefix, tests, seen, extra):
     write_json(directory / "goldens.json", goldens)
     np.savez_compressed(directory / "arrays.npz", **arrays)
     greedy = cases[0]
-    print(f"{name}: greedy exact {greedy['exact_match_with_reference']}/{N_SOURCES - 1}, "
-          f"min gap {greedy['min_top1_top2_logit_gap']:.3f}; "
-          + ", ".join(f"{c['name']} exact {c['exact_match_with_reference']}" for c in cases[1:]))
+    print(
+        f"{name}: greedy exact {greedy['exact_match_with_reference']}/{N_SOURCES - 1}, "
+        f"min gap {greedy['min_top1_top2_logit_gap']:.3f}; "
+        + ", ".join(f"{c['name']} exact {c['exact_match_with_reference']}" for c in cases[1:])
+    )
 
 
 NOTES = (
@@ -764,10 +886,14 @@ NOTES = (
 
 
 def sample_keys_for(model_json):
-    keys = ["model/examples_inputter/features_inputter/embedding/.ATTRIBUTES/VARIABLE_VALUE",
-            "model/decoder/output_layer/bias/.ATTRIBUTES/VARIABLE_VALUE"]
-    keys.append("model/encoder/layers/0/self_attention/layer/linear_queries/kernel/"
-                ".ATTRIBUTES/VARIABLE_VALUE")
+    keys = [
+        "model/examples_inputter/features_inputter/embedding/.ATTRIBUTES/VARIABLE_VALUE",
+        "model/decoder/output_layer/bias/.ATTRIBUTES/VARIABLE_VALUE",
+    ]
+    keys.append(
+        "model/encoder/layers/0/self_attention/layer/linear_queries/kernel/"
+        ".ATTRIBUTES/VARIABLE_VALUE"
+    )
     return keys
 
 
@@ -778,9 +904,11 @@ def model_json(name, spec, vocab_files):
         "constructor_kwargs": kw,
         "pre_norm": kw.get("pre_norm", True),
         "sinusoidal_positions": kw.get("position_encoder_class", "default") is not None,
-        "position_encoder_class": ("SinusoidalPositionEncoder"
-                                   if kw.get("position_encoder_class", "default") is not None
-                                   else None),
+        "position_encoder_class": (
+            "SinusoidalPositionEncoder"
+            if kw.get("position_encoder_class", "default") is not None
+            else None
+        ),
         "maximum_relative_position": kw.get("maximum_relative_position"),
         "share_embeddings": kw.get("share_embeddings", "NONE"),
         "ffn_activation": "relu",
@@ -788,12 +916,12 @@ def model_json(name, spec, vocab_files):
         "output_layer_bias": True,
         "attention_reduction": "FIRST_HEAD_LAST_LAYER",
         "vocabulary_files": vocab_files,
-        "task": {k: spec["task"][k] for k in ("order", "shared", "min_len", "max_len",
-                                              "mapping")},
+        "task": {k: spec["task"][k] for k in ("order", "shared", "min_len", "max_len", "mapping")},
         "task_description": (
             "source: random sequences of min_len..max_len source tokens; target token = "
             "tgt_tokens[mapping[source token index]]; order as_is keeps the source order, "
-            "reversed reverses it, sorted_unique sorts the distinct mapped indices ascending."),
+            "reversed reverses it, sorted_unique sorts the distinct mapped indices ascending."
+        ),
     }
 
 
@@ -841,20 +969,27 @@ def run_model(name, work_root, reuse=False):
         last = export_model_only(spec, out, prefixes[-1])
         info["fixture_checkpoint"] = (
             "model-only: the last training checkpoint restored into a fresh model and saved "
-            "with opennmt.utils.checkpoint.Checkpoint(model, optimizer=None).save(step)")
+            "with opennmt.utils.checkpoint.Checkpoint(model, optimizer=None).save(step)"
+        )
     else:
         last = copy_checkpoint(prefixes[-1], out)
         info["fixture_checkpoint"] = "the last training checkpoint, as Runner.train wrote it"
     write_checkpoint_state(out, [last])
-    vocab_files = (["vocab.txt"] if spec["task"]["shared"] else
-                   ["src_vocab.txt", "tgt_vocab.txt"])
+    vocab_files = ["vocab.txt"] if spec["task"]["shared"] else ["src_vocab.txt", "tgt_vocab.txt"]
     mj = model_json(name, spec, vocab_files)
     mj["checkpoint"] = last
     mj["checkpoint_has_optimizer"] = not spec.get("model_only", False)
     mj["training"] = info
     write_json(out / "model.json", mj)
-    collect_goldens(name, spec, out, out / last, tests, seen,
-                    {"model_json": mj, "training": info, "sample_keys": sample_keys_for(mj)})
+    collect_goldens(
+        name,
+        spec,
+        out,
+        out / last,
+        tests,
+        seen,
+        {"model_json": mj, "training": info, "sample_keys": sample_keys_for(mj)},
+    )
     return info, prefixes
 
 
@@ -881,8 +1016,9 @@ def run_averaged(work_root):
     if avg_dir.exists():
         shutil.rmtree(avg_dir)
     model, _ = load_model(spec, out, prefixes[-1])
-    checkpoint_util.average_checkpoints(prefixes, str(avg_dir), {"model": model},
-                                        max_count=AVERAGE_COUNT)
+    checkpoint_util.average_checkpoints(
+        prefixes, str(avg_dir), {"model": model}, max_count=AVERAGE_COUNT
+    )
     avg_prefix = tf.train.latest_checkpoint(str(avg_dir))
     last = copy_checkpoint(avg_prefix, out)
     write_checkpoint_state(out, [last])
@@ -893,31 +1029,44 @@ def run_averaged(work_root):
     for key, _ in tf.train.list_variables(str(out / last)):
         if key.startswith("model/") and ".OPTIMIZER_SLOT" not in key:
             mean = np.mean([r.get_tensor(key).astype(np.float64) for r in readers], axis=0)
-            max_err = max(max_err, float(np.max(np.abs(avg_reader.get_tensor(key) - mean),
-                                                initial=0.0)))
+            max_err = max(
+                max_err, float(np.max(np.abs(avg_reader.get_tensor(key) - mean), initial=0.0))
+            )
     assert max_err < 1e-5, max_err
     mj = model_json(name, spec, vocab_files)
     mj["checkpoint"] = last
     mj["checkpoint_has_optimizer"] = False
-    avg_info = {"averaged_from": AVERAGED_FROM,
-                "averaged_checkpoints": [Path(p).name for p in prefixes],
-                "method": "opennmt.utils.checkpoint.average_checkpoints(paths, output_dir, "
-                          "{'model': model}, max_count=3): each model variable = sum of "
-                          "value / 3 accumulated in float32 (assign_add); model-only checkpoint",
-                "max_abs_diff_vs_float64_mean": max_err}
+    avg_info = {
+        "averaged_from": AVERAGED_FROM,
+        "averaged_checkpoints": [Path(p).name for p in prefixes],
+        "method": "opennmt.utils.checkpoint.average_checkpoints(paths, output_dir, "
+        "{'model': model}, max_count=3): each model variable = sum of "
+        "value / 3 accumulated in float32 (assign_add); model-only checkpoint",
+        "max_abs_diff_vs_float64_mean": max_err,
+    }
     mj["training"] = avg_info
     write_json(out / "model.json", mj)
     _, tests, seen = make_data(spec["task"], MASTER_SEED + ALL_NAMES.index(AVERAGED_FROM))
-    collect_goldens(name, spec, out, out / last, tests, seen,
-                    {"model_json": mj, "training": avg_info, "sample_keys": sample_keys_for(mj)})
+    collect_goldens(
+        name,
+        spec,
+        out,
+        out / last,
+        tests,
+        seen,
+        {"model_json": mj, "training": avg_info, "sample_keys": sample_keys_for(mj)},
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=ALL_NAMES, default=None)
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
-    parser.add_argument("--reuse", action="store_true",
-                        help="reuse the training runs left in --work (debugging only)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse the training runs left in --work (debugging only)",
+    )
     args = parser.parse_args(argv)
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
