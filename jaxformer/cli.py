@@ -487,14 +487,16 @@ def _add_train(command) -> None:
 def _add_translate(command) -> None:
     translate = command("translate", "translate lines from stdin or --input")
     which = translate.add_mutually_exclusive_group(required=True)
-    which.add_argument("--workdir", help="a directory `jaxformer train` wrote")
+    which.add_argument("--workdir", help="a directory `jaxformer train` wrote (or --model)")
     which.add_argument(
         "--model",
         help="a Hugging Face model directory (config.json + *.safetensors: Marian, NLLB/M2M100, "
-        "BART, mBART, T5, mT5) or an OpenNMT-tf checkpoint (directory or prefix)",
+        "BART, mBART, T5, mT5) or an OpenNMT-tf checkpoint (directory or prefix) (or --workdir)",
     )
     translate.add_argument(
-        "--checkpoint", default="best", help="with --workdir: 'best', 'latest' or a step"
+        "--checkpoint",
+        default="best",
+        help="with --workdir: 'best', 'latest' or a step (default: best)",
     )
     _add_pretrained_options(translate)
     translate.add_argument(
@@ -519,20 +521,42 @@ def _add_translate(command) -> None:
 
 def _add_pretrained_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("--model (imported checkpoints)")
-    group.add_argument("--source-lang", help="NLLB / M2M100 source language, e.g. eng_Latn")
-    group.add_argument("--target-lang", help="NLLB / M2M100 target language, e.g. fra_Latn")
-    group.add_argument("--source-vocabulary", help="OpenNMT-tf: the source vocabulary file")
-    group.add_argument("--target-vocabulary", help="OpenNMT-tf: the target vocabulary file")
-    group.add_argument("--num-heads", type=int, help="OpenNMT-tf: heads (not in checkpoints)")
     group.add_argument(
-        "--model-type", help="OpenNMT-tf: the catalog model, e.g. TransformerBase (sets heads)"
+        "--source-lang", help="NLLB / M2M100 source language, e.g. eng_Latn (default: none)"
+    )
+    group.add_argument(
+        "--target-lang",
+        help="NLLB / M2M100 target language, e.g. fra_Latn (default: the checkpoint's forced "
+        "first token, if any)",
+    )
+    group.add_argument(
+        "--source-vocabulary", help="OpenNMT-tf: the source vocabulary file (default: none)"
+    )
+    group.add_argument(
+        "--target-vocabulary", help="OpenNMT-tf: the target vocabulary file (default: none)"
+    )
+    group.add_argument(
+        "--num-heads",
+        type=int,
+        help="OpenNMT-tf: heads, not stored in checkpoints (default: from --model-type or the "
+        "relative position tables)",
+    )
+    group.add_argument(
+        "--model-type",
+        help="OpenNMT-tf: the catalog model, e.g. TransformerBase, which sets the heads "
+        "(default: none)",
     )
     group.add_argument(
         "--positions",
         choices=("sinusoidal", "none"),
-        help="OpenNMT-tf with relative positions: whether sinusoids are on too",
+        help="OpenNMT-tf with relative positions: whether sinusoids are on too (default: "
+        "sinusoidal without relative positions, required with them)",
     )
-    group.add_argument("--dtype", choices=("float32", "bfloat16"), help="activations' dtype")
+    group.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="activations' dtype; parameters stay float32 (default: float32)",
+    )
 
 
 def _add_generate(command) -> None:

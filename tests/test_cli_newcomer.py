@@ -87,10 +87,13 @@ def test_help_shows_every_default(capsys):
     parser = cli.build_parser()
     for name, sub in _subparsers(parser).items():
         help_text = sub.format_help()
+        required_groups = [g for g in sub._mutually_exclusive_groups if g.required]
         for action in sub._actions:
             takes_value = action.nargs != 0 and action.option_strings
             if not takes_value or action.required or action.default == argparse.SUPPRESS:
                 continue
+            if any(action in g._group_actions for g in required_groups):
+                continue  # one of the group is required (translate: --workdir or --model)
             # The option's own entry in the help, up to the next option.
             flag = action.option_strings[-1]
             entry = re.search(rf"\n  {re.escape(flag)} .*?(?=\n  -|\n\n|\Z)", help_text, re.S)
