@@ -263,7 +263,9 @@ def unknown_summary(outputs: Sequence[Output], what: str = "lines") -> str | Non
     )
 
 
-def _decode_batch(model, params, ids, options: DecodeOptions, key, special: SpecialIds):
+def _decode_batch(
+    model, params, ids, options: DecodeOptions, key, special: SpecialIds = SpecialIds()
+):
     prefix = {}
     if options.target_prefix:  # the same tokens for every row
         prefix["target_prefix"] = np.tile(np.asarray([options.target_prefix]), (len(ids), 1))
