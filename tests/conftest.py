@@ -7,6 +7,7 @@ for every run (its directory is named after the run) and is removed when the run
 depends on an earlier run.
 """
 
+import gc
 import os
 import shutil
 import tempfile
@@ -40,6 +41,20 @@ jax.config.update(
 @pytest.fixture(scope="session")
 def key():
     return jax.random.key(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop JAX's in-memory compiled programs after each test module.
+
+    Every CPU executable keeps its own memory mappings (about 200 per compiled search); an xdist
+    worker that runs half the suite without freeing them passes the kernel's limit of 65,530
+    mappings per process (``vm.max_map_count``) and XLA's next compilation segfaults. Programs
+    compiled again later come from the persistent compilation cache above.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_unconfigure(config):
