@@ -102,8 +102,10 @@ def expected_parameter_count(c) -> int:
     relative = 2 * (2 * c.maximum_relative_position + 1) * c.head_dim if c.relative else 0
     encoder = c.num_encoder_layers * (attention + relative + ffn + 2 * norm) + norm
     decoder = c.num_decoder_layers * (2 * attention + relative + ffn + 3 * norm) + norm
-    embeddings = c.vocab_size * d + c.source_vocab_size * d + d * c.vocab_size + c.vocab_size
-    return encoder + decoder + embeddings
+    source = 0 if c.share_embeddings else c.source_vocab_size * d  # one table when shared
+    output = 0 if c.share_output_embeddings else d * c.vocab_size  # tied: the target table
+    bias = c.vocab_size if c.has_output_bias else 0  # OpenNMT-tf keeps it when tied
+    return encoder + decoder + c.vocab_size * d + source + output + bias
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
