@@ -32,6 +32,11 @@ HF = ROOT / "tests" / "data" / "hf"
 ONMT = ROOT / "tests" / "data" / "opennmt_tf"
 
 
+def _arrays(directory: Path) -> dict[str, np.ndarray]:
+    with np.load(directory / "arrays.npz") as arrays:  # closed: the file is not left open
+        return dict(arrays)
+
+
 def _rows(pre, sources, strategy, prefix, max_length=48):
     extra = {"target_prefix": [prefix] * len(sources)} if prefix else {}
     result = jaxformer.generate(
@@ -45,7 +50,7 @@ def _rows(pre, sources, strategy, prefix, max_length=48):
 
 def huggingface(directory: Path) -> dict:
     g = json.loads((directory / "goldens.json").read_text())
-    arrays = np.load(directory / "arrays.npz")
+    arrays = _arrays(directory)
     pre = jaxformer.load_pretrained(directory)
     src, tgt_in = jnp.asarray(g["src_ids"]), jnp.asarray(g["tgt_in_ids"])
     lengths = np.asarray([len(ids) for ids in g["target_ids"][: len(tgt_in)]])
@@ -86,7 +91,7 @@ def _hints(directory: Path, g: dict) -> dict:
 
 def opennmt_tf(directory: Path) -> dict:
     g = json.loads((directory / "goldens.json").read_text())
-    a = np.load(directory / "arrays.npz")
+    a = _arrays(directory)
     pre = jaxformer.load_pretrained(directory, **_hints(directory, g))
     variables = {"params": pre.params}
     src8 = jnp.asarray(a["src_ids"][: len(a["tgt_in_ids"])])

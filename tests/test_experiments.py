@@ -39,7 +39,8 @@ def test_beam_walkthrough_reads_the_article_s_opennmt_tf_checkpoint():
     walkthrough = load("beam_walkthrough")
     directory = Path(__file__).parent / "data" / "opennmt_tf" / "article"
     goldens = json.loads((directory / "goldens.json").read_text())
-    logits = np.load(directory / "arrays.npz")["logits"][0, 0]  # source 0, the start token
+    with np.load(directory / "arrays.npz") as arrays:
+        logits = arrays["logits"][0, 0]  # source 0, the start token
     pretrained = walkthrough.load_checkpoint(directory)
     out = walkthrough.run(2, pretrained=pretrained, source=goldens["sources"][0]["text"])
     theirs = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()

@@ -34,7 +34,8 @@ MAX_LENGTH = 48
 def loaded(request):
     directory = DATA / request.param
     goldens = json.loads((directory / "goldens.json").read_text())
-    return jaxformer.load_pretrained(directory), goldens, np.load(directory / "arrays.npz")
+    with np.load(directory / "arrays.npz") as arrays:  # closed (ResourceWarning is an error)
+        return jaxformer.load_pretrained(directory), goldens, dict(arrays)
 
 
 def test_every_family_has_a_fixture():

@@ -33,7 +33,8 @@ MODELS = sorted(p.name for p in DATA.iterdir() if (p / "goldens.json").exists())
 def _fixture(name: str):
     directory = DATA / name
     goldens = json.loads((directory / "goldens.json").read_text())
-    return directory, goldens, np.load(directory / "arrays.npz")
+    with np.load(directory / "arrays.npz") as arrays:  # closed (ResourceWarning is an error)
+        return directory, goldens, dict(arrays)
 
 
 def _hints(directory: Path, goldens: dict) -> dict:

@@ -206,10 +206,7 @@ def _fast(directory: Path, model_type: str, settings: dict, ids: dict[str, int])
         if p.name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
     )
     end = (ids["end"],)
-    if model_type in ("bart", "mbart") and bos is not None and model_type == "bart":
-        source_prefix: tuple[int, ...] = (bos,)
-    else:
-        source_prefix = ()
+    source_prefix = (bos,) if model_type == "bart" and bos is not None else ()  # <s> tokens </s>
     source = FastTokenizer(tokenizer, source_prefix, end, unk, files, ids)
     target = FastTokenizer(tokenizer, (), (), unk, files, ids)
     if model_type == "m2m100" and settings.get("src_lang"):  # NLLB: [src_lang] tokens </s>

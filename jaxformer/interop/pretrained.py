@@ -33,14 +33,13 @@ class GenerationDefaults:
 
     ``suppress_ids``: tokens never generated (Hugging Face ``bad_words_ids`` of single tokens:
     Marian's ``<pad>``). ``forced_first_id``: a token forced right after the start token (BART's
-    ``forced_bos_token_id``); NLLB's target language is chosen per call instead. ``beam_size`` and
-    ``max_length``: the checkpoint's defaults, for text-level callers. ``ignored``: settings that
+    ``forced_bos_token_id``); NLLB's target language is chosen per call instead. ``max_length``:
+    the checkpoint's default, for text-level callers. ``ignored``: settings that
     jaxformer does not reproduce, each with the reason (callers show them).
     """
 
     suppress_ids: tuple[int, ...] = ()
     forced_first_id: int | None = None
-    beam_size: int = 1
     max_length: int | None = None
     ignored: tuple[str, ...] = ()
 
@@ -245,7 +244,6 @@ def _generation_defaults(config: dict, generation: dict, ids: dict) -> Generatio
     return GenerationDefaults(
         suppress_ids=tuple(sorted(set(suppress))),
         forced_first_id=None if forced is None else int(forced),
-        beam_size=int(merged.get("num_beams") or 1),
         max_length=merged.get("max_length"),
         ignored=tuple(ignored),
     )
