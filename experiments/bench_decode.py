@@ -279,12 +279,15 @@ def hf_model(config):
     return MarianMTModel(hf_config).eval()
 
 
-def hf_runner(model, src: np.ndarray, beam: int, new_tokens: int, pad: int | None = None):
+def hf_runner(
+    model, src: np.ndarray, beam: int, new_tokens: int, pad: int | None = None, device: str = "cpu"
+):
     """``pad``: sources are right-padded with it (masked), and the model's own generation config
-    (Marian's ``bad_words_ids=[[pad]]``) applies; None: no padding, no banned words."""
+    (Marian's ``bad_words_ids=[[pad]]``) applies; None: no padding, no banned words. ``device``:
+    where the model is (the sources are moved there; the ids come back to the host)."""
     import torch
 
-    input_ids = torch.from_numpy(src.astype(np.int64))
+    input_ids = torch.from_numpy(src.astype(np.int64)).to(device)
     mask = torch.ones_like(input_ids) if pad is None else (input_ids != pad).long()
     extra = dict(bad_words_ids=None) if pad is None else {}
 
@@ -302,7 +305,7 @@ def hf_runner(model, src: np.ndarray, beam: int, new_tokens: int, pad: int | Non
                 forced_eos_token_id=None,
                 **extra,
             )
-        return out[:, 1:].numpy()  # drop the start token
+        return out[:, 1:].cpu().numpy()  # drop the start token
 
     return run
 
