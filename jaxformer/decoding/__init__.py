@@ -16,7 +16,7 @@ from jaxformer.decoding.adapters import (
     register_adapter,
 )
 from jaxformer.decoding.gather_tree import gather_tree, gather_tree_from_array
-from jaxformer.decoding.generation import generate
+from jaxformer.decoding.generation import CPU_COMPILER_OPTIONS, cpu_compiler_options, generate
 from jaxformer.decoding.loop import dynamic_decode
 from jaxformer.decoding.result import DecodingResult
 from jaxformer.decoding.samplers import BestSampler, RandomSampler
@@ -24,6 +24,7 @@ from jaxformer.decoding.state import BeamState, reorder, tile_batch
 from jaxformer.decoding.strategies import BeamSearch, GreedySearch
 
 __all__ = [
+    "CPU_COMPILER_OPTIONS",
     "Adapter",
     "BeamSearch",
     "BeamState",
@@ -34,6 +35,7 @@ __all__ = [
     "Prepared",
     "RandomSampler",
     "adapter_for",
+    "cpu_compiler_options",
     "dynamic_decode",
     "gather_tree",
     "gather_tree_from_array",

@@ -127,10 +127,10 @@ class MultiHeadAttention(nn.Module):
         write its K/V into slot ``step``, attend to slots 0..step (``bias``: ``[1 or R, N, 1, S]``)."""
         qkv = self.qkv(x)  # [R, 1, 3, N, H]  the projections see one token
         q, k, v = self._unscaled(qkv[:, :, 0]), qkv[:, :, 1], qkv[:, :, 2]
-        cache = cache.write(k, v, step)
         query = jnp.reshape(step, (-1,))  # [1] or [R]
         relative = self._relative(query, jnp.arange(cache.length))  # [1 or R, S, H] each
-        return self.out(cache.attend(q, step, relative, bias)), cache
+        out = cache.attend_new(q, k, v, step, relative, bias)  # reads the cache before the write
+        return self.out(out), cache.write(k, v, step)
 
     def self_attend_prefill(
         self,

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxformer.models.dot_product import attend_heads_major, attend_through_origin
+from jaxformer.models.dot_product import attend_heads_major, attend_step, attend_through_origin
 from jaxformer.typing import Array, Float, Int
 
 
@@ -111,6 +111,24 @@ class KVCache:
         out, _ = attend_heads_major(q, self.k, self.v, mask, rel_k, rel_v, bias=bias)
         return out
 
+    def attend_new(self, q, k, v, last, relative=(None, None), bias=None):
+        """``write(k, v, last).attend(q, last, ...)`` without the write: read before writing.
+
+        The decoders' step: the query attends to slots ``0 .. last-1`` of this cache and to its own
+        ``k`` / ``v`` ``[R, 1, N, H]`` as slot ``last``; the caller then writes them (see
+        ``dot_product.attend_step`` for why the order matters).
+        """
+        slots = jnp.arange(self.length)
+        if jnp.ndim(last) == 0:
+            at = (slots == last)[None]  # [1, S]
+            mask = (slots <= last)[None, None, None, :]  # [1, 1, 1, S]
+            rel_k, rel_v = relative  # [1, S, H]
+        else:
+            at = slots[None, :] == last[:, None]  # [R, S]
+            mask = (slots[None, :] <= last[:, None])[:, None, None, :]  # [R, 1, 1, S]
+            rel_k, rel_v = (None if t is None else t[:, None] for t in relative)  # [R, 1, S, H]
+        return attend_step(q, self.k, self.v, k, v, at, mask, rel_k, rel_v, bias)
+
     # The search-state protocol (``jaxformer.decoding.state``).
     def tile_beams(self, width: int) -> KVCache | BeamKVCache:
         if not self.indirect:
@@ -185,6 +203,26 @@ class BeamKVCache:
         if bias is not None:
             bias = jnp.broadcast_to(bias, (rows, *bias.shape[1:]))  # [R, N, 1, S]
         return attend_through_origin(q, self.k, self.v, self.origin, mask, rel_k, rel_v, bias)
+
+    def attend_new(self, q, k, v, last, relative=(None, None), bias=None):
+        """``KVCache.attend_new`` through the origin table (slot ``last`` is the row's own ``k``/``v``).
+
+        Equal to writing first when the W rows of an entry are at the same position, as a search's
+        are (each row then writes a slot that no other row reads at this step).
+        """
+        rows, length = q.shape[0], self.length
+        last = jnp.broadcast_to(last, (rows,))
+        slots = jnp.arange(length)[None, :]  # [1, S]
+        mask = slots <= last[:, None]  # [R, S]
+        rel_k, rel_v = (
+            None if t is None else jnp.broadcast_to(t, (rows, *t.shape[1:])) for t in relative
+        )  # [R, S, H]
+        if bias is not None:
+            bias = jnp.broadcast_to(bias, (rows, *bias.shape[1:]))  # [R, N, 1, S]
+        new = (k, v, slots == last[:, None])  # at: [R, S]
+        return attend_through_origin(
+            q, self.k, self.v, self.origin, mask, rel_k, rel_v, bias, new=new
+        )
 
     def tile_beams(self, width: int):
         raise ValueError("this KVCache is tiled already (a BeamKVCache has an origin table)")

@@ -38,6 +38,16 @@ def _relative_values(weights, relative_values):
     return jnp.einsum("BNTS,BTSH->BTNH", weights, relative_values)
 
 
+def _scores(q: Float[Array, "B N T H"], k: Float[Array, "B N S H"]) -> Float[Array, "B N T S"]:
+    """``q . k`` in float32, both heads-major: a decode step's scores against a cache.
+
+    With the queries in the projections' ``[B, T, N, H]`` order instead (as ``attend_heads_major``
+    has them, for full passes), XLA:CPU transposed every layer's keys to meet them at every decode
+    step (an ``[N, H, S]`` copy of the whole cache).
+    """
+    return jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32)
+
+
 def dot_product_attention(
     q: Float[Array, "B T N H"],
     k: Float[Array, "B S N H"],
@@ -88,6 +98,52 @@ def attend_heads_major(
     return out, probs
 
 
+def attend_step(
+    q: Float[Array, "B 1 N H"],
+    k: Float[Array, "B N S H"],
+    v: Float[Array, "B N S H"],
+    k_new: Float[Array, "B 1 N H"],
+    v_new: Float[Array, "B 1 N H"],
+    at: Bool[Array, "_B S"],
+    mask: Bool[Array, ...],
+    relative_keys: Float[Array, ...] | None = None,
+    relative_values: Float[Array, ...] | None = None,
+    bias: Float[Array, "_ N 1 S"] | None = None,
+) -> Float[Array, "B 1 N H"]:
+    """One query per row against a cache's slots and the row's own new key and value.
+
+    ``attend_heads_major`` on the cache with ``k_new`` / ``v_new`` written at slot ``at`` (one-hot
+    over S, per row or for all), computed without that write: slot ``at``'s score and value come
+    from ``k_new`` / ``v_new`` and the cache's content there is ignored. The caller writes the cache
+    *after* the step reads it. Written the other way round (write, then read the written cache),
+    XLA:CPU copied every layer's whole preallocated cache several times a step, so that a one-token
+    step cost in proportion to the cache length; read first, and compiled with region-based copy
+    insertion (``jaxformer.decoding.CPU_COMPILER_OPTIONS``, which ``generate`` uses), the write
+    stays in place. The same arithmetic as writing first, up to the order of one sum.
+    """
+    k_new, v_new = k_new.astype(k.dtype), v_new.astype(v.dtype)
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    heads = jnp.swapaxes(q, 1, 2)  # [B, N, 1, H]
+    scores = _scores(heads, k)  # [B, N, 1, S]
+    own = jnp.einsum("BTNH,BTNH->BNT", q, k_new, preferred_element_type=jnp.float32)  # [B, N, 1]
+    at = at[:, None, None, :]  # [1 or B, 1, 1, S]
+    scores = jnp.where(at, own[..., None], scores)
+    if relative_keys is not None:
+        scores += _relative_scores(q, relative_keys)
+    if bias is not None:
+        scores += bias.astype(jnp.float32)  # [1 or B, N, 1, S]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)  # [B, N, 1, S] float32
+    weights = probs.astype(v.dtype)
+    zero = jnp.zeros((), weights.dtype)
+    out = jnp.einsum("BNTS,BNSH->BTNH", jnp.where(at, zero, weights), v)  # slot at: from v_new
+    own_weight = jnp.sum(jnp.where(at, weights, zero), axis=-1)  # [B, N, 1]
+    out += jnp.swapaxes(own_weight, 1, 2)[..., None] * v_new  # [B, 1, N, H]
+    if relative_values is not None:
+        out += _relative_values(weights, relative_values)
+    return out
+
+
 def attend_through_origin(
     q: Float[Array, "R 1 N H"],
     k: Float[Array, "B N W S H"],
@@ -97,8 +153,12 @@ def attend_through_origin(
     relative_keys: Float[Array, "R S H"] | None,
     relative_values: Float[Array, "R S H"] | None,
     bias: Float[Array, "R N 1 S"] | None = None,
+    new: tuple[Array, Array, Array] | None = None,
 ) -> Float[Array, "R 1 N H"]:
     """One query per search row against slots read through ``origin`` (see ``cache.BeamKVCache``).
+
+    ``new``: ``(k_new [R, 1, N, H], v_new, at [1 or R, S])``, the row's own key and value for the
+    slot ``at`` that the cache is written at after this read (as in ``attend_step``).
 
     For each entry and head the cache holds the slots of its U = W beams side by side. Each of the W
     queries of an entry is scored against all ``U * S`` of them in one batched matrix product over
@@ -115,10 +175,17 @@ def attend_through_origin(
     v = v.reshape(batch, heads, width * length, head_dim)  # [B, N, U*S, H]
     pick = jax.nn.one_hot(origin.reshape(batch, width, length), width, dtype=jnp.float32)
     pick = jnp.swapaxes(pick, -1, -2)[:, None]  # [B, 1, W, U, S]: 1 where origin[b, w, s] == u
-    every = jnp.einsum("BNWH,BNKH->BNWK", q, k, preferred_element_type=jnp.float32)
+    every = _scores(q, k)  # [B, N, W, U*S]
     every = every.reshape(batch, heads, width, width, length)  # [B, N, W, U, S]
     scores = jnp.sum(every * pick, axis=3)  # [B, N, W, S]
     per_entry = lambda x: x.reshape(batch, width, *x.shape[1:])  # [R, ...] --> [B, W, ...]
+    if new is not None:
+        k_new, v_new, at = new
+        k_new = jnp.swapaxes(per_entry(k_new[:, 0].astype(k.dtype)), 1, 2)  # [B, N, W, H]
+        v_new = jnp.swapaxes(per_entry(v_new[:, 0].astype(v.dtype)), 1, 2)  # [B, N, W, H]
+        own = jnp.einsum("BNWH,BNWH->BNW", q, k_new, preferred_element_type=jnp.float32)
+        at = jnp.broadcast_to(at, (rows, length)).reshape(batch, 1, width, length)  # [B, 1, W, S]
+        scores = jnp.where(at, own[..., None], scores)
     if relative_keys is not None:
         scores += jnp.einsum(
             "BNWH,BWSH->BNWS", q, per_entry(relative_keys), preferred_element_type=jnp.float32
@@ -128,9 +195,13 @@ def attend_through_origin(
     mask = per_entry(mask)[:, None]  # [B, 1, W, S]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)  # [B, N, W, S] float32
-    weights = (probs[:, :, :, None, :] * pick).astype(v.dtype)  # [B, N, W, U, S]
+    mixed = probs if new is None else jnp.where(at, 0.0, probs)  # the new slot: from v_new
+    weights = (mixed[:, :, :, None, :] * pick).astype(v.dtype)  # [B, N, W, U, S]
     weights = weights.reshape(batch, heads, width, width * length)  # [B, N, W, U*S]
     out = jnp.einsum("BNWK,BNKH->BNWH", weights, v)  # [B, N, W, H]
+    if new is not None:
+        own_weight = jnp.sum(jnp.where(at, probs, 0.0), axis=-1)  # [B, N, W]
+        out += own_weight[..., None].astype(v.dtype) * v_new
     if relative_values is not None:
         out += jnp.einsum("BNWS,BWSH->BNWH", probs.astype(v.dtype), per_entry(relative_values))
     return jnp.swapaxes(out, 1, 2).reshape(rows, 1, heads, head_dim)  # --> [R, 1, N, H]
