@@ -14,7 +14,9 @@ Needs:    pip install '.[bench]'  (CTranslate2; HF transformers + PyTorch are us
 
 Models. For each preset (``small``: 3+3 layers, D 256, N 4, F 1024, V 8000; ``base``: 6+6, D 512, N 8,
 F 2048, V 32000) one set of random jaxformer parameters (key 0, output layer scaled by 4 so that the
-random model's distributions are peaked) is decoded by jaxformer and, through
+random model's distributions are peaked) is decoded by jaxformer (``jaxformer``: float32;
+``jaxformer_bf16``: the same parameters cast to bfloat16 and ``config.dtype="bfloat16"``: products,
+activations and KV cache in bfloat16, softmax, logits and scores in float32) and, through
 ``jaxformer.interop.to_ctranslate2``, by CTranslate2 with float32 and with int8 weights: the same
 weights. HuggingFace ``MarianMTModel.generate`` runs a Marian model of the same shape (relu, sinusoidal
 positions, scaled embeddings) with its own random weights: same size and work per token, not the same
@@ -70,6 +72,7 @@ Writes ``experiments/results/bench_decode.md`` and ``.json`` (``--tag`` adds a s
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -173,7 +176,7 @@ def parse_args(argv=None):
 
 
 def available_engines(pretrained: bool = False) -> list[str]:
-    engines = ["jaxformer"]
+    engines = ["jaxformer", "jaxformer_bf16"]
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
@@ -192,6 +195,15 @@ def available_engines(pretrained: bool = False) -> list[str]:
     if have_hf:
         engines.append("hf_torch")
     return engines
+
+
+# jaxformer's engines: the parameters and the computation (activations, KV cache) in this dtype;
+# softmax, logits and search scores are float32 in both.
+JAXFORMER_DTYPES = {"jaxformer": "float32", "jaxformer_bf16": "bfloat16"}
+
+
+def cast(params, dtype: str):
+    return jax.block_until_ready(jax.tree.map(lambda x: x.astype(dtype), params))
 
 
 def random_model(preset_name: str, seed: int = 0):
@@ -482,12 +494,14 @@ def marian_sources(batch: int, length: int, vocab_size: int, seed: int = 1) -> n
 def pretrained_runner_factory(engine: str, threads: int, model_dir: str | None, hf_dir: str):
     """Inside a worker, ``--pretrained``: factory(src, beam, new_tokens) -> run."""
     pad = json.loads((pathlib.Path(hf_dir) / "config.json").read_text())["pad_token_id"]
-    if engine == "jaxformer":
-        pre = jaxformer.load_pretrained(hf_dir)
+    if engine in JAXFORMER_DTYPES:
+        dtype = JAXFORMER_DTYPES[engine]
+        pre = jaxformer.load_pretrained(hf_dir, dtype=dtype)
+        params = cast(pre.params, dtype)
         ids = dict(
             start_id=pre.start_id, end_id=pre.end_id, suppress_ids=pre.generation.suppress_ids
         )
-        return lambda src, beam, n: jaxformer_runner(pre.model, pre.params, src, beam, n, **ids)
+        return lambda src, beam, n: jaxformer_runner(pre.model, params, src, beam, n, **ids)
     if engine.startswith("ct2_"):
         import ctranslate2
 
@@ -556,8 +570,10 @@ def make_runner_factory(
     """Inside a worker: factory(src, beam, new_tokens) -> run."""
     if hf_dir is not None:
         return pretrained_runner_factory(engine, threads, model_dir, hf_dir)
-    if engine == "jaxformer":
-        _, model, params = random_model(preset_name)
+    if engine in JAXFORMER_DTYPES:
+        config, model, params = random_model(preset_name)
+        dtype = JAXFORMER_DTYPES[engine]
+        model, params = Transformer(config.replace(dtype=dtype)), cast(params, dtype)
         return lambda src, beam, n: jaxformer_runner(model, params, src, beam, n)
     if engine.startswith("ct2_"):
         import ctranslate2
@@ -688,10 +704,10 @@ def bench_preset(
                 )  # fmt: skip
             # Same weights (the preset's for CTranslate2; with --pretrained, HF's too): same ids?
             references = ["ct2_float32"] + (["hf_torch"] if hf_dir is not None else [])
-            for ref in references:
-                if "jaxformer" in outputs and ref in outputs:
-                    same = (outputs["jaxformer"] == outputs[ref]).all(axis=1)
-                    rows[(w.name, "jaxformer")][f"rows_equal_to_{ref}"] = float(same.mean())
+            for ref, mine in itertools.product(references, JAXFORMER_DTYPES):
+                if mine in outputs and ref in outputs:
+                    same = (outputs[mine] == outputs[ref]).all(axis=1)
+                    rows[(w.name, mine)][f"rows_equal_to_{ref}"] = float(same.mean())
             print(f"  {preset_name} {w.name}: warmed up", flush=True)
         names = list(workers)
         for r in range(args.rounds):
@@ -796,7 +812,7 @@ def markdown(result: dict) -> str:
     ]
     for ref, label in (("ct2_float32", "CTranslate2 float32's"), ("hf_torch", "HF PyTorch's")):
         agreement = [
-            f"{r['preset']} {r['workload']}: {r[f'rows_equal_to_{ref}']:.0%}"
+            f"{r['preset']} {r['workload']} {r['engine']}: {r[f'rows_equal_to_{ref}']:.0%}"
             for r in result["rows"]
             if f"rows_equal_to_{ref}" in r
         ]
