@@ -30,12 +30,11 @@ def relative_tables(rows):
     return random(10, (rows, S, H)), random(11, (rows, S, H))
 
 
-@pytest.mark.parametrize("per_row", [False, True])
-@pytest.mark.parametrize("extras", ["plain", "relative", "bias"])
-def test_attend_new_equals_writing_first(per_row, extras):
-    cache = KVCache(k=random(0, (R, N, S, H)), v=random(1, (R, N, S, H)))  # every slot holds junk
+def assert_attend_new_equals_writing_first(cache, positions, extras):
+    """``positions``: one per row, or None (a scalar position for every row)."""
     q, k, v = random(2, (R, 1, N, H)), random(3, (R, 1, N, H)), random(4, (R, 1, N, H))
-    last = jnp.asarray([0, 2, 6, 3, 5, 1]) if per_row else jnp.int32(4)
+    per_row = positions is not None
+    last = jnp.asarray(positions) if per_row else jnp.int32(4)
     relative = relative_tables(R if per_row else 1) if extras == "relative" else (None, None)
     bias = random(12, (R, N, 1, S)) if extras == "bias" else None
     expected = cache.write(k, v, last).attend(q, last, relative, bias)
@@ -45,19 +44,20 @@ def test_attend_new_equals_writing_first(per_row, extras):
 
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("extras", ["plain", "relative", "bias"])
+def test_attend_new_equals_writing_first(per_row, extras):
+    cache = KVCache(k=random(0, (R, N, S, H)), v=random(1, (R, N, S, H)))  # every slot holds junk
+    assert_attend_new_equals_writing_first(cache, [0, 2, 6, 3, 5, 1] if per_row else None, extras)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("extras", ["plain", "relative", "bias"])
 def test_attend_new_through_the_origin_table_equals_writing_first(per_row, extras):
     base = BeamKVCache.tile(random(0, (R // W, N, S, H)), random(1, (R // W, N, S, H)), W)
     rows = jnp.arange(R) // W * W
     for seed in range(3):  # reorders leave origin pointing at other beams' slots
         base = base.reorder_beams(rows + jax.random.randint(jax.random.key(seed), (R,), 0, W))
-    q, k, v = random(2, (R, 1, N, H)), random(3, (R, 1, N, H)), random(4, (R, 1, N, H))
     # The W beams of an entry are at one position (ragged prompts: per entry, not per beam).
-    last = jnp.asarray([2, 2, 2, 5, 5, 5]) if per_row else jnp.int32(4)
-    relative = relative_tables(R if per_row else 1) if extras == "relative" else (None, None)
-    bias = random(12, (R, N, 1, S)) if extras == "bias" else None
-    expected = base.write(k, v, last).attend(q, last, relative, bias)
-    got = base.attend_new(q, k, v, last, relative, bias)
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    assert_attend_new_equals_writing_first(base, [2, 2, 2, 5, 5, 5] if per_row else None, extras)
 
 
 def loop_copies(hlo: str, shapes: set[str]) -> list[str]:
