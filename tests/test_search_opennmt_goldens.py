@@ -8,6 +8,7 @@ log-likelihood of its ids, which OpenNMT-tf's own output fails in the cases that
 import json
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -61,10 +62,16 @@ def pad_steps(x, length, value):
     return np.pad(x, pad, constant_values=value)
 
 
+def decode(step_fn, start, end_id, state, **kwargs):
+    """``dynamic_decode`` as one jit-compiled program (eagerly, its set-up ran op by op: slower)."""
+    run = lambda start, state: dec.dynamic_decode(step_fn, start, end_id, state, **kwargs)
+    return jax.jit(run)(start, state)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_compat_mode_reproduces_opennmt_tf(case):
     step_fn, start, end_id, state, kwargs = build(case)
-    got = dec.dynamic_decode(step_fn, start, end_id, state, compat="opennmt-tf", **kwargs)
+    got = decode(step_fn, start, end_id, state, compat="opennmt-tf", **kwargs)
     want = case["outputs"]
     max_length = kwargs["max_length"]
     assert int(got.steps) == want["steps_run"]
@@ -81,7 +88,7 @@ def test_compat_mode_reproduces_opennmt_tf(case):
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_default_mode_log_probs_are_the_likelihood_of_the_returned_ids(case):
     step_fn, start, end_id, state, kwargs = build(case)
-    got = dec.dynamic_decode(step_fn, start, end_id, state, **kwargs)
+    got = decode(step_fn, start, end_id, state, **kwargs)
     rescored = rescore(step_fn, start, end_id, state, got.ids, kwargs["min_length"])
     np.testing.assert_allclose(got.log_probs, rescored, atol=2e-5, rtol=1e-6)
 

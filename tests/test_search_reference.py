@@ -4,6 +4,7 @@ The reference (tests/reference_search.py) was written apart from jaxformer.decod
 checked against real OpenNMT-tf 2.32 (tensorflow-cpu 2.13.1) on 2,960 random configurations.
 """
 
+import jax
 import numpy as np
 import pytest
 
@@ -82,19 +83,24 @@ def run_both(case, compat):
         if beam
         else dec.GreedySearch()
     )
-    got = dec.dynamic_decode(
-        jax_toy_step_fn(params),
-        case["start_ids"],
-        case["end_id"],
-        initial_state(params, case["batch"]),
-        strategy=strategy,
-        max_length=case["max_length"],
-        min_length=case["min_length"],
-        attention_size=case["source"],
-        return_attention=True,
-        compat=compat,
-    )
-    return expected, got
+
+    def decode(
+        params, start_ids
+    ):  # one program (eager, the loop's set-up ran op by op: 2.4x slower)
+        return dec.dynamic_decode(
+            jax_toy_step_fn(params),
+            start_ids,
+            case["end_id"],
+            initial_state(params, case["batch"]),
+            strategy=strategy,
+            max_length=case["max_length"],
+            min_length=case["min_length"],
+            attention_size=case["source"],
+            return_attention=True,
+            compat=compat,
+        )
+
+    return expected, jax.jit(decode)(params, case["start_ids"])
 
 
 @pytest.mark.parametrize("compat", [None, "opennmt-tf"])
