@@ -267,15 +267,16 @@ def test_a_damaged_shard_of_a_two_process_checkpoint_is_refused(run, one_process
     model, _, _ = one_process
     directory = tmp_path / "checkpoints"
     shutil.copytree(out / "checkpoints", directory)
-    data = max(
-        (directory / "4" / "default" / "ocdbt.process_1" / "d").iterdir(),
-        key=lambda p: p.stat().st_size,
-    )
-    with data.open("r+b") as f:  # bytes written by process 1, overwritten in the middle
-        f.seek(data.stat().st_size // 2)
-        chunk = f.read(16)
-        f.seek(data.stat().st_size // 2)
-        f.write(bytes(b ^ 0xFF for b in chunk))
+    # Bytes written by process 1, flipped at a quarter, half and three quarters of every data file
+    # (one spot in the largest file alone could fall outside every array read back: seen once).
+    for data in (directory / "4" / "default" / "ocdbt.process_1" / "d").iterdir():
+        size = data.stat().st_size
+        with data.open("r+b") as f:
+            for offset in (size // 4, size // 2, 3 * size // 4):
+                f.seek(offset)
+                chunk = f.read(16)
+                f.seek(offset)
+                f.write(bytes(b ^ 0xFF for b in chunk))
     abstract = ckpt.abstract_state(create_train_state(model, jax.random.key(0), worker.CONFIG))
     manager = ckpt.make_manager(directory, best_metric=None, read_only=True)
     with pytest.raises(ValueError, match=r"step 4 (is corrupted: \d+ of \d+ arrays|: cannot read)"):
