@@ -1,6 +1,6 @@
 """A decode step reads its KV cache before writing it, and the compiled loop updates it in place.
 
-``KVCache.attend_new`` / ``BeamKVCache.attend_new`` give what writing the new key and value and then
+``KVCache.attend`` / ``BeamKVCache.attend`` with ``new=(k, v)`` give what writing the new key and value and then
 attending gives, whatever the cache held at the new slot; compiled by ``generate`` (XLA:CPU with
 ``CPU_COMPILER_OPTIONS``), the decode loop has no copy of a whole cache left in it (the copies made
 a step's cost grow with the preallocated length).
@@ -38,7 +38,7 @@ def assert_attend_new_equals_writing_first(cache, positions, extras):
     relative = relative_tables(R if per_row else 1) if extras == "relative" else (None, None)
     bias = random(12, (R, N, 1, S)) if extras == "bias" else None
     expected = cache.write(k, v, last).attend(q, last, relative, bias)
-    got = cache.attend_new(q, k, v, last, relative, bias)
+    got = cache.attend(q, last, relative, bias, new=(k, v))
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 

@@ -129,7 +129,7 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self._unscaled(qkv[:, :, 0]), qkv[:, :, 1], qkv[:, :, 2]
         query = jnp.reshape(step, (-1,))  # [1] or [R]
         relative = self._relative(query, jnp.arange(cache.length))  # [1 or R, S, H] each
-        out = cache.attend_new(q, k, v, step, relative, bias)  # reads the cache before the write
+        out = cache.attend(q, step, relative, bias, new=(k, v))  # read before the write
         return self.out(out), cache.write(k, v, step)
 
     def self_attend_prefill(

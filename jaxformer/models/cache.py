@@ -95,39 +95,28 @@ class KVCache:
         rows = jnp.arange(slots.shape[0])[:, None]  # [R, 1]
         return self.k[rows, :, slots], self.v[rows, :, slots]
 
-    def attend(self, q: Float[Array, "R 1 N H"], last, relative=(None, None), bias=None):
+    def attend(self, q: Float[Array, "R 1 N H"], last, relative=(None, None), bias=None, new=None):
         """One query per row against slots ``0 .. last`` (``last``: scalar or ``[R]``).
 
         ``relative``: Shaw tables ``[1 or R, S, H]`` for keys and values, or ``(None, None)``;
         ``bias``: an additive per-head score bias ``[1 or R, N, 1, S]`` (T5), or None.
-        """
-        slots = jnp.arange(self.length)
-        if jnp.ndim(last) == 0:
-            mask = (slots <= last)[None, None, None, :]  # [1, 1, 1, S]
-            rel_k, rel_v = relative  # [1, S, H]: the same query position for every row
-        else:
-            mask = (slots[None, :] <= last[:, None])[:, None, None, :]  # [R, 1, 1, S]
-            rel_k, rel_v = (None if t is None else t[:, None] for t in relative)  # [R, 1, S, H]
-        out, _ = attend_heads_major(q, self.k, self.v, mask, rel_k, rel_v, bias=bias)
-        return out
-
-    def attend_new(self, q, k, v, last, relative=(None, None), bias=None):
-        """``write(k, v, last).attend(q, last, ...)`` without the write: read before writing.
-
-        The decoders' step: the query attends to slots ``0 .. last-1`` of this cache and to its own
-        ``k`` / ``v`` ``[R, 1, N, H]`` as slot ``last``; the caller then writes them (see
-        ``dot_product.attend_step`` for why the order matters).
+        ``new``: ``(k, v)`` ``[R, 1, N, H]``, the row's own key and value as slot ``last``, which
+        the caller writes *after* this read: ``write(k, v, last).attend(q, last)`` without the
+        write (the decoders' step; ``dot_product.attend_step`` says why the order matters).
         """
         slots = jnp.arange(self.length)
         if jnp.ndim(last) == 0:
             at = (slots == last)[None]  # [1, S]
             mask = (slots <= last)[None, None, None, :]  # [1, 1, 1, S]
-            rel_k, rel_v = relative  # [1, S, H]
+            rel_k, rel_v = relative  # [1, S, H]: the same query position for every row
         else:
             at = slots[None, :] == last[:, None]  # [R, S]
             mask = (slots[None, :] <= last[:, None])[:, None, None, :]  # [R, 1, 1, S]
             rel_k, rel_v = (None if t is None else t[:, None] for t in relative)  # [R, 1, S, H]
-        return attend_step(q, self.k, self.v, k, v, at, mask, rel_k, rel_v, bias)
+        if new is not None:
+            return attend_step(q, self.k, self.v, *new, at, mask, rel_k, rel_v, bias)
+        out, _ = attend_heads_major(q, self.k, self.v, mask, rel_k, rel_v, bias=bias)
+        return out
 
     # The search-state protocol (``jaxformer.decoding.state``).
     def tile_beams(self, width: int) -> KVCache | BeamKVCache:
@@ -192,23 +181,11 @@ class BeamKVCache:
         beam = jnp.take_along_axis(self.origin, slots, axis=1)  # [R, M]
         return self.k[entry, :, beam, slots], self.v[entry, :, beam, slots]
 
-    def attend(self, q: Float[Array, "R 1 N H"], last, relative=(None, None), bias=None):
-        """``KVCache.attend`` through the origin table."""
-        rows, length = q.shape[0], self.length
-        last = jnp.broadcast_to(last, (rows,))
-        mask = jnp.arange(length)[None, :] <= last[:, None]  # [R, S]
-        rel_k, rel_v = (
-            None if t is None else jnp.broadcast_to(t, (rows, *t.shape[1:])) for t in relative
-        )  # [R, S, H]
-        if bias is not None:
-            bias = jnp.broadcast_to(bias, (rows, *bias.shape[1:]))  # [R, N, 1, S]
-        return attend_through_origin(q, self.k, self.v, self.origin, mask, rel_k, rel_v, bias)
+    def attend(self, q: Float[Array, "R 1 N H"], last, relative=(None, None), bias=None, new=None):
+        """``KVCache.attend`` through the origin table (``new``: slot ``last`` is the row's own).
 
-    def attend_new(self, q, k, v, last, relative=(None, None), bias=None):
-        """``KVCache.attend_new`` through the origin table (slot ``last`` is the row's own ``k``/``v``).
-
-        Equal to writing first when the W rows of an entry are at the same position, as a search's
-        are (each row then writes a slot that no other row reads at this step).
+        With ``new``, equal to writing first when the W rows of an entry are at the same position,
+        as a search's are (each row then writes a slot that no other row reads at this step).
         """
         rows, length = q.shape[0], self.length
         last = jnp.broadcast_to(last, (rows,))
@@ -219,7 +196,8 @@ class BeamKVCache:
         )  # [R, S, H]
         if bias is not None:
             bias = jnp.broadcast_to(bias, (rows, *bias.shape[1:]))  # [R, N, 1, S]
-        new = (k, v, slots == last[:, None])  # at: [R, S]
+        if new is not None:
+            new = (*new, slots == last[:, None])  # + at: [R, S]
         return attend_through_origin(
             q, self.k, self.v, self.origin, mask, rel_k, rel_v, bias, new=new
         )
