@@ -93,17 +93,29 @@ def test_default_mode_log_probs_are_the_likelihood_of_the_returned_ids(case):
     np.testing.assert_allclose(got.log_probs, rescored, atol=2e-5, rtol=1e-6)
 
 
+def teacher_forced_logits(step_fn, start, state, rows):
+    """The step function's logits ``[T, R, V]`` fed ``rows [R, T]`` (one jit-compiled scan)."""
+
+    def body(carry, t):
+        inputs, state = carry
+        logits, state = step_fn(inputs, t, state)[:2]
+        return (rows[:, t], state), logits
+
+    run = lambda start, state: jax.lax.scan(body, (start, state), jnp.arange(rows.shape[1]))[1]
+    return jax.jit(run)(start, state)
+
+
 def rescore(step_fn, start, end_id, state, ids, min_length):
     """Teacher-forced log-likelihood of ``ids [B, W, T]`` up to and including the first EOS."""
     batch, width, steps = ids.shape
     rows = ids.reshape(batch * width, steps)
     state = dec.tile_batch(state, width)
     inputs = jnp.repeat(start, width)
+    every = np.asarray(teacher_forced_logits(step_fn, inputs, state, rows), np.float64)
     total = np.zeros(batch * width)
     alive = np.ones(batch * width, bool)
     for t in range(steps):
-        logits = np.asarray(step_fn(inputs, jnp.int32(t), state)[0], np.float64)
-        _, state = step_fn(inputs, jnp.int32(t), state)[:2]
+        logits = every[t].copy()  # [R, V]
         if t < min_length:
             logits[:, end_id] += -1e7
         logits -= logits.max(-1, keepdims=True)
@@ -111,7 +123,6 @@ def rescore(step_fn, start, end_id, state, ids, min_length):
         token = np.asarray(rows[:, t])
         total += np.where(alive, log_probs[np.arange(len(token)), token], 0.0)
         alive &= token != end_id
-        inputs = rows[:, t]
     return total.reshape(batch, width)
 
 

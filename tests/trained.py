@@ -19,6 +19,7 @@ from jaxformer.training.step import TrainConfig, create_train_state, make_train_
 
 STEPS = 600
 BATCH = 32
+OPTIMISED = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
 
 
 @functools.cache
@@ -51,7 +52,13 @@ def trained_number_model():
         batch_size=BATCH, buckets=Buckets.multiples(16, 64), drop_remainder=True
     )
     state = create_train_state(model, jax.random.key(0), train_config)
-    train_step = make_train_step(model, train_config)
+    # 600 steps: LLVM's optimisations pay here (tests/conftest.py turns them off for the suite's many
+    # small compilations; this program runs 2-2.7x faster with them: 53 -> 36 s for the fixture).
+    train_step = jax.jit(
+        make_train_step(model, train_config, jit=False),
+        donate_argnums=0,
+        compiler_options=OPTIMISED,
+    )
     step, epoch = 0, 0
     while step < STEPS:
         batches, _ = bucket_batches(token_pairs, batch_config, seed=epoch)
