@@ -16,7 +16,9 @@ Models. For each preset (``small``: 3+3 layers, D 256, N 4, F 1024, V 8000; ``ba
 F 2048, V 32000) one set of random jaxformer parameters (key 0, output layer scaled by 4 so that the
 random model's distributions are peaked) is decoded by jaxformer (``jaxformer``: float32;
 ``jaxformer_bf16``: the same parameters cast to bfloat16 and ``config.dtype="bfloat16"``: products,
-activations and KV cache in bfloat16, softmax, logits and scores in float32) and, through
+activations and KV cache in bfloat16, softmax, logits and scores in float32; ``jaxformer_int8``: the
+float32 parameters with ``config.quantization="int8"``, every projection int8 x int8 with per-channel
+weight and per-row activation scales, as CTranslate2's int8) and, through
 ``jaxformer.interop.to_ctranslate2``, by CTranslate2 with float32 and with int8 weights: the same
 weights. HuggingFace ``MarianMTModel.generate`` runs a Marian model of the same shape (relu, sinusoidal
 positions, scaled embeddings) with its own random weights: same size and work per token, not the same
@@ -176,7 +178,7 @@ def parse_args(argv=None):
 
 
 def available_engines(pretrained: bool = False) -> list[str]:
-    engines = ["jaxformer", "jaxformer_bf16"]
+    engines = list(JAXFORMER_ENGINES)
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
@@ -197,9 +199,21 @@ def available_engines(pretrained: bool = False) -> list[str]:
     return engines
 
 
-# jaxformer's engines: the parameters and the computation (activations, KV cache) in this dtype;
-# softmax, logits and search scores are float32 in both.
-JAXFORMER_DTYPES = {"jaxformer": "float32", "jaxformer_bf16": "bfloat16"}
+# jaxformer's engines: (dtype, quantization). The parameters and the computation (activations, KV
+# cache) in dtype, the projections' products in int8 with "int8"; softmax, logits and search scores
+# are float32 in all.
+JAXFORMER_ENGINES = {
+    "jaxformer": ("float32", None),
+    "jaxformer_bf16": ("bfloat16", None),
+    "jaxformer_int8": ("float32", "int8"),
+}
+
+
+def jaxformer_engine(engine: str, model: Transformer, params):
+    """The model and parameters that jaxformer engine ``engine`` decodes with."""
+    dtype, quantization = JAXFORMER_ENGINES[engine]
+    config = model.config.replace(dtype=dtype, quantization=quantization)
+    return Transformer(config), cast(params, dtype)
 
 
 def cast(params, dtype: str):
@@ -494,14 +508,13 @@ def marian_sources(batch: int, length: int, vocab_size: int, seed: int = 1) -> n
 def pretrained_runner_factory(engine: str, threads: int, model_dir: str | None, hf_dir: str):
     """Inside a worker, ``--pretrained``: factory(src, beam, new_tokens) -> run."""
     pad = json.loads((pathlib.Path(hf_dir) / "config.json").read_text())["pad_token_id"]
-    if engine in JAXFORMER_DTYPES:
-        dtype = JAXFORMER_DTYPES[engine]
-        pre = jaxformer.load_pretrained(hf_dir, dtype=dtype)
-        params = cast(pre.params, dtype)
+    if engine in JAXFORMER_ENGINES:
+        pre = jaxformer.load_pretrained(hf_dir, dtype=JAXFORMER_ENGINES[engine][0])
+        model, params = jaxformer_engine(engine, pre.model, pre.params)
         ids = dict(
             start_id=pre.start_id, end_id=pre.end_id, suppress_ids=pre.generation.suppress_ids
         )
-        return lambda src, beam, n: jaxformer_runner(pre.model, params, src, beam, n, **ids)
+        return lambda src, beam, n: jaxformer_runner(model, params, src, beam, n, **ids)
     if engine.startswith("ct2_"):
         import ctranslate2
 
@@ -570,10 +583,9 @@ def make_runner_factory(
     """Inside a worker: factory(src, beam, new_tokens) -> run."""
     if hf_dir is not None:
         return pretrained_runner_factory(engine, threads, model_dir, hf_dir)
-    if engine in JAXFORMER_DTYPES:
-        config, model, params = random_model(preset_name)
-        dtype = JAXFORMER_DTYPES[engine]
-        model, params = Transformer(config.replace(dtype=dtype)), cast(params, dtype)
+    if engine in JAXFORMER_ENGINES:
+        _, model, params = random_model(preset_name)
+        model, params = jaxformer_engine(engine, model, params)
         return lambda src, beam, n: jaxformer_runner(model, params, src, beam, n)
     if engine.startswith("ct2_"):
         import ctranslate2
@@ -703,8 +715,8 @@ def bench_preset(
                     first_call_s=first_s, times=[],
                 )  # fmt: skip
             # Same weights (the preset's for CTranslate2; with --pretrained, HF's too): same ids?
-            references = ["ct2_float32"] + (["hf_torch"] if hf_dir is not None else [])
-            for ref, mine in itertools.product(references, JAXFORMER_DTYPES):
+            references = ["ct2_float32", "ct2_int8"] + (["hf_torch"] if hf_dir is not None else [])
+            for ref, mine in itertools.product(references, JAXFORMER_ENGINES):
                 if mine in outputs and ref in outputs:
                     same = (outputs[mine] == outputs[ref]).all(axis=1)
                     rows[(w.name, mine)][f"rows_equal_to_{ref}"] = float(same.mean())
@@ -729,9 +741,10 @@ def bench_preset(
         row["ms_per_step"] = 1e3 * row["median_s"] / n
         results.append(row)
     for row in results:
-        ref = rows.get((row["workload"], "ct2_float32"))
-        if ref is not None:
-            row["vs_ct2_float32"] = row["tokens_per_s"] / ref["tokens_per_s"]
+        for ct2 in ("ct2_float32", "ct2_int8"):
+            ref = rows.get((row["workload"], ct2))
+            if ref is not None:
+                row[f"vs_{ct2}"] = row["tokens_per_s"] / ref["tokens_per_s"]
         hf = rows.get((row["workload"], "hf_torch"))
         if hf is not None:
             row["vs_hf_torch"] = row["tokens_per_s"] / hf["tokens_per_s"]
@@ -772,7 +785,8 @@ def _speed_cells(row: dict) -> list[str]:
     return [
         row["preset"], row["workload"], row["engine"], f"{row['tokens_per_s']:.0f}",
         f"{low:.0f}-{high:.0f}", f"{1e3 * row['median_s']:.1f}", f"{row['ms_per_step']:.2f}",
-        _ratio(row, "vs_ct2_float32"), _ratio(row, "vs_hf_torch"), f"{row['first_call_s']:.2f}",
+        _ratio(row, "vs_ct2_float32"), _ratio(row, "vs_ct2_int8"), _ratio(row, "vs_hf_torch"),
+        f"{row['first_call_s']:.2f}",
     ]  # fmt: skip
 
 
@@ -785,7 +799,7 @@ def _scaling_cells(row: dict) -> list[str]:
 
 SPEED_HEADERS = (
     "preset", "workload", "engine", "tokens/s", "range", "ms/call", "ms/step", "vs CT2 f32",
-    "vs HF", "first call s",
+    "vs CT2 int8", "vs HF", "first call s",
 )  # fmt: skip
 SCALING_HEADERS = (
     "sweep", "new tokens", "batch", "beam", "engine", "s/call", "ms/step", "tokens/s",
@@ -808,9 +822,13 @@ def markdown(result: dict) -> str:
             else ""
         ),
         "",
-        *markdown_table(SPEED_HEADERS, "lllrlrrrrr", map(_speed_cells, result["rows"])),
+        *markdown_table(SPEED_HEADERS, "lllrlrrrrrr", map(_speed_cells, result["rows"])),
     ]
-    for ref, label in (("ct2_float32", "CTranslate2 float32's"), ("hf_torch", "HF PyTorch's")):
+    for ref, label in (
+        ("ct2_float32", "CTranslate2 float32's"),
+        ("ct2_int8", "CTranslate2 int8's"),
+        ("hf_torch", "HF PyTorch's"),
+    ):
         agreement = [
             f"{r['preset']} {r['workload']} {r['engine']}: {r[f'rows_equal_to_{ref}']:.0%}"
             for r in result["rows"]

@@ -13,7 +13,7 @@ def test_bench_decode_smoke_writes_results(tmp_path):
         reason="CTranslate2 is not installed (pip install -e '.[ctranslate2]' from the repository root, or pip install ctranslate2)",
     )
     bench = load_experiment("bench_decode")
-    engines = ["--engines", "jaxformer", "ct2_float32"]
+    engines = ["--engines", "jaxformer", "jaxformer_int8", "ct2_float32", "ct2_int8"]
     workloads = ["--workloads", "b1_greedy", "b2_beam2"]
     args = bench.parse_args(["--smoke", "--out-dir", str(tmp_path), *engines, *workloads])
     result = bench.run(args)
@@ -22,18 +22,23 @@ def test_bench_decode_smoke_writes_results(tmp_path):
     assert "| tiny | b2_beam2 | jaxformer |" in (tmp_path / "bench_decode.md").read_text()
     rows = {(r["workload"], r["engine"]): r for r in saved["rows"]}
     assert set(rows) == {
-        (w, e) for w in ("b1_greedy", "b2_beam2") for e in ("jaxformer", "ct2_float32")
+        (w, e)
+        for w in ("b1_greedy", "b2_beam2")
+        for e in ("jaxformer", "jaxformer_int8", "ct2_float32", "ct2_int8")
     }
     for (workload, _), row in rows.items():
         batch = {"b1_greedy": 1, "b2_beam2": 2}[workload]
         assert row["tokens"] == batch * 8 and len(row["times_s"]) == 1
         assert row["tokens_per_s"] > 0 and row["first_call_s"] > 0
-        assert row["vs_ct2_float32"] == pytest.approx(
-            row["tokens_per_s"] / rows[(workload, "ct2_float32")]["tokens_per_s"]
-        )
+        for ct2 in ("ct2_float32", "ct2_int8"):
+            assert row[f"vs_{ct2}"] == pytest.approx(
+                row["tokens_per_s"] / rows[(workload, ct2)]["tokens_per_s"]
+            )
     # Same weights, same search: a peaked tiny model decodes to the same ids in both engines.
     assert rows[("b1_greedy", "jaxformer")]["rows_equal_to_ct2_float32"] == 1.0
     assert rows[("b2_beam2", "jaxformer")]["rows_equal_to_ct2_float32"] == 1.0
+    assert 0.0 <= rows[("b2_beam2", "jaxformer_int8")]["rows_equal_to_ct2_int8"] <= 1.0
+    assert "| vs CT2 int8 |" in (tmp_path / "bench_decode.md").read_text()
     assert saved["machine"]["cpu_count"] >= 1 and len(saved["load_before"]) == 3
 
 

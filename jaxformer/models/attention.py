@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jaxformer.models.cache import BeamKVCache, KVCache
 from jaxformer.models.dot_product import attend_heads_major, dot_product_attention
 from jaxformer.models.positions import relative_positions
+from jaxformer.models.quantization import dot_general_for
 from jaxformer.typing import Array, Bool, Float, Int
 
 
@@ -45,12 +46,19 @@ class MultiHeadAttention(nn.Module):
     head_dim: int | None = None  # H; None: d_model // num_heads
     query_scaling: bool = True  # False: no 1/sqrt(H) on the scores (T5)
     use_bias: bool = True
+    quantization: str | None = None  # the projections' products; "int8": see quantization.py
 
     def setup(self):
         n = self.num_heads
         h = self.d_model // n if self.head_dim is None else self.head_dim
+        dot_general = dot_general_for(self.quantization)
         dense = lambda features, axis, name: nn.DenseGeneral(
-            features, axis=axis, use_bias=self.use_bias, dtype=self.dtype, name=name
+            features,
+            axis=axis,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            dot_general=dot_general,
+            name=name,
         )
         if self.self_attention:
             self.qkv = dense((3, n, h), -1, "qkv")

@@ -39,6 +39,7 @@ def attention(c: TransformerConfig, self_attention: bool) -> MultiHeadAttention:
         head_dim=c.head_dim,
         query_scaling=c.query_scaling,
         use_bias=c.attention_bias,
+        quantization=c.quantization,
     )
 
 
@@ -53,7 +54,13 @@ def bias_table(module: nn.Module, c: TransformerConfig) -> Array | None:
 
 def feed_forward(c: TransformerConfig) -> FeedForward:
     return FeedForward(
-        c.d_model, c.ffn_dim, c.ffn_dropout, jnp.dtype(c.dtype), c.activation, c.ffn_bias
+        c.d_model,
+        c.ffn_dim,
+        c.ffn_dropout,
+        jnp.dtype(c.dtype),
+        c.activation,
+        c.ffn_bias,
+        quantization=c.quantization,
     )
 
 

@@ -7,6 +7,7 @@ import dataclasses
 from jaxformer.models.activations import ACTIVATIONS
 from jaxformer.models.norms import NORMS
 from jaxformer.models.positions import LAYOUTS, POSITIONS, RATE_DENOMINATORS
+from jaxformer.models.quantization import QUANTIZATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,7 +18,11 @@ class TransformerConfig:
     of Shaw et al. (2018), as OpenNMT-tf does, and (unless ``positions`` says otherwise) drops the
     sinusoidal absolute encodings; 0 keeps the sinusoidal encodings of Vaswani et al. (2017).
 
-    The fields after ``dtype`` describe other implementations' models; their defaults are jaxformer's
+    ``quantization="int8"`` (inference) multiplies every projection's int8 activations by int8
+    weights, as CTranslate2's int8 does (``models/quantization.py``); the parameters stay float32, so
+    a trained model decodes in int8 with ``dataclasses.replace(config, quantization="int8")``.
+
+    The fields after ``quantization`` describe other implementations' models; their defaults are jaxformer's
     own, so configs written before they existed load unchanged. Each is resolved when a module is
     built (``models/norms.py``, ``activations.py``, ``positions.py`` explain them):
 
@@ -63,6 +68,7 @@ class TransformerConfig:
     share_output_embeddings: bool = False  # the output projection reuses the target embedding
     pad_id: int = 0
     dtype: str = "float32"  # activation dtype; parameters stay float32
+    quantization: str | None = None  # "int8": the projections' products in int8 (quantization.py)
     # Other implementations' options (see the class docstring); defaults reproduce jaxformer's models.
     layer_norm_epsilon: float = 1e-6  # OpenNMT-tf: 1e-3
     norm: str = "layer"  # "layer" | "rms"
@@ -117,6 +123,10 @@ class TransformerConfig:
         )
         need(0 <= self.pad_id < self.vocab_size, f"pad_id must be in [0, {self.vocab_size})")
         need(self.dtype in ("float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}")
+        need(
+            self.quantization in QUANTIZATIONS,
+            f"quantization must be one of {list(QUANTIZATIONS)}, got {self.quantization!r}",
+        )
         need(
             self.absolute_positions != "sinusoidal" or self.d_model % 2 == 0,
             "sinusoidal positions need an even d_model",

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jaxformer.models.config import TransformerConfig
 from jaxformer.models.layers import LearnedPositions, TokenEmbedding, config_norm
+from jaxformer.models.quantization import dot_general_for
 from jaxformer.typing import Array, Float, Int
 
 
@@ -34,6 +35,7 @@ def token_embedding(c: TransformerConfig, vocab_size: int, name: str) -> TokenEm
         position_layout=c.position_layout,
         position_rate_denominator=c.position_rate_denominator,
         position_offset=c.position_offset,
+        quantization=c.quantization,
         name=name,
     )
 
@@ -70,7 +72,11 @@ def output_parameters(module: nn.Module, c: TransformerConfig):
     zeros = nn.initializers.zeros_init()
     if not c.share_output_embeddings:
         dense = nn.Dense(
-            c.vocab_size, use_bias=c.has_output_bias, dtype=jnp.dtype(c.dtype), name="output"
+            c.vocab_size,
+            use_bias=c.has_output_bias,
+            dtype=jnp.dtype(c.dtype),
+            dot_general=dot_general_for(c.quantization),
+            name="output",
         )
     elif c.has_output_bias:
         tied_bias = module.param("output_bias", zeros, (c.vocab_size,))

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jaxformer.models.activations import resolve_activation
 from jaxformer.models.norms import DEFAULT_EPSILON, make_norm
 from jaxformer.models.positions import sinusoidal_table
+from jaxformer.models.quantization import dot_general_for, int8_dot_general
 from jaxformer.typing import Array, Float, Int
 
 
@@ -40,12 +41,14 @@ class FeedForward(nn.Module):
     dtype: Any = jnp.float32
     activation: str = "relu"
     use_bias: bool = True
+    quantization: str | None = None  # "int8": see quantization.py
 
     @nn.compact
     def __call__(self, x: Float[Array, "B T D"], deterministic: bool = True):
         act, gated = resolve_activation(self.activation)  # resolved while tracing, not per step
+        dot_general = dot_general_for(self.quantization)
         dense = lambda features, name: nn.Dense(
-            features, use_bias=self.use_bias, dtype=self.dtype, name=name
+            features, use_bias=self.use_bias, dtype=self.dtype, dot_general=dot_general, name=name
         )
         h = act(dense(self.ffn_dim, "inner")(x))  # [B, T, F]
         if gated:
@@ -70,6 +73,7 @@ class TokenEmbedding(nn.Module):
     position_layout: str = "interleaved"
     position_rate_denominator: str = "D/2"
     position_offset: int = 0
+    quantization: str | None = None  # of ``attend``: "int8", see quantization.py
 
     def setup(self):
         self.table = self.param(
@@ -101,7 +105,10 @@ class TokenEmbedding(nn.Module):
         return x.astype(self.dtype)
 
     def attend(self, x: Float[Array, "... D"]) -> Float[Array, "... V"]:
-        return jnp.einsum("...D,VD->...V", x, self.table.astype(self.dtype))
+        table = self.table.astype(self.dtype)  # [V, D]
+        if dot_general_for(self.quantization) is int8_dot_general:
+            return int8_dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
+        return jnp.einsum("...D,VD->...V", x, table)
 
 
 class LearnedPositions(nn.Module):
