@@ -8,6 +8,7 @@ float32's; the figures print with ``pytest -s``. Bounds on the tokens as for bfl
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from trained import trained_number_model
@@ -28,7 +29,7 @@ def test_int8_moves_the_logits_but_not_their_argmax():
     logits = {
         q: np.asarray(
             Transformer(dataclasses.replace(model.config, quantization=q)).apply(
-                {"params": params}, src, tgt_in
+                {"params": params}, jnp.asarray(src), jnp.asarray(tgt_in)
             )
         )
         for q in (None, "int8")
