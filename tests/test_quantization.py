@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxformer import Transformer, TransformerConfig
+from jaxformer import DecoderOnlyLM, Transformer, TransformerConfig
 from jaxformer.models import quantization as quant
 
 DENSE = (((2,), (0,)), ((), ()))  # [B, T, D] x [D, F]
@@ -104,4 +104,19 @@ def test_an_int8_model_has_the_float32_parameters_and_close_logits(key, tied):
     want = np.asarray(model.apply({"params": params}, src, tgt))  # [B, T, V]
     got = np.asarray(int8.apply({"params": params}, src, tgt))
     assert not np.array_equal(got, want)  # the int8 path ran
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_an_int8_language_model_has_close_logits(key):
+    config = TransformerConfig(vocab_size=40, d_model=32, ffn_dim=64, dropout=0.0)
+    ids = jax.random.randint(key, (4, 9), 3, 40)
+    model = DecoderOnlyLM(config)
+    params = model.init(key, ids)["params"]
+    want = np.asarray(model.apply({"params": params}, ids))  # [B, T, V]
+    got = np.asarray(
+        DecoderOnlyLM(dataclasses.replace(config, quantization="int8")).apply(
+            {"params": params}, ids
+        )
+    )
+    assert not np.array_equal(got, want)
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
