@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxformer import DecoderOnlyLM, Transformer, TransformerConfig
+from jaxformer import DecoderOnlyLM, Transformer, TransformerConfig, generate
 from jaxformer.models import quantization as quant
 
 DENSE = (((2,), (0,)), ((), ()))  # [B, T, D] x [D, F]
@@ -120,3 +120,58 @@ def test_an_int8_language_model_has_close_logits(key):
     )
     assert not np.array_equal(got, want)
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+def tiny_translation(key):
+    config = TransformerConfig(vocab_size=40, d_model=32, ffn_dim=64, dropout=0.0)
+    src = jax.random.randint(key, (8, 9), 3, 40)
+    tgt = jax.random.randint(jax.random.fold_in(key, 1), (8, 7), 3, 40)
+    params = Transformer(config).init(key, src, tgt)["params"]
+    return config, params, src, tgt
+
+
+def test_quantize_params_gives_int8_kernels_with_scales_and_the_same_products(key):
+    config, params, src, tgt = tiny_translation(key)
+    int8 = Transformer(dataclasses.replace(config, quantization="int8"))
+    quantized = quant.quantize_params(params)
+    qkv = quantized["decoder"]["layer_0"]["self_attention"]["qkv"]
+    out = quantized["decoder"]["layer_0"]["self_attention"]["out"]
+    assert qkv["kernel"].dtype == jnp.int8 and qkv["int8"]["scale"].shape == (1, 3, 4, 8)
+    assert out["kernel"].shape == (4, 8, 32) and out["int8"]["scale"].shape == (1, 1, 32)
+    assert quantized["decoder"]["layer_0"]["ffn"]["outer"]["kernel"].dtype == jnp.int8
+    assert quantized["output"]["kernel"].dtype == jnp.int8
+    assert quantized["target_embedding"] == params["target_embedding"]  # not a projection
+    assert qkv["bias"] is params["decoder"]["layer_0"]["self_attention"]["qkv"]["bias"]
+    # The same int8 arithmetic as quantizing inside each product: equal logits.
+    on_the_fly = np.asarray(int8.apply({"params": params}, src, tgt))  # [B, T, V], 56 rows
+    stored = np.asarray(int8.apply({"params": quantized}, src, tgt))
+    np.testing.assert_allclose(stored, on_the_fly, rtol=1e-5, atol=1e-5)
+    # Under 16 rows the kernel is dequantized: close to float32.
+    one = Transformer(config).apply({"params": params}, src[:1], tgt[:1])
+    np.testing.assert_allclose(
+        int8.apply({"params": quantized}, src[:1], tgt[:1]), one, atol=0.05 * np.abs(one).max()
+    )
+
+
+def test_int8_parameters_decode_as_quantizing_on_the_fly(key):
+    config, params, src, _ = tiny_translation(key)
+    model = Transformer(dataclasses.replace(config, quantization="int8"))
+    src = jnp.tile(src, (2, 1))  # 16 rows: int8 products in every decode step
+    run = lambda p: generate(model, p, src, start_id=1, end_id=2, max_length=6)
+    np.testing.assert_array_equal(run(quant.quantize_params(params)).ids, run(params).ids)
+
+
+def test_int8_parameters_are_refused_where_they_would_compute_wrong(key):
+    config, params, src, tgt = tiny_translation(key)
+    quantized = quant.quantize_params(params)
+    with pytest.raises(ValueError, match=r"hold int8 kernels .*TransformerConfig\(quantization='int8'\)"):
+        Transformer(config).apply({"params": quantized}, src, tgt)  # a float32 model
+    int8 = Transformer(dataclasses.replace(config, quantization="int8"))
+    lost = jax.tree.map(lambda x: x, quantized)
+    del lost["output"]["int8"]
+    with pytest.raises(ValueError, match=r"output/int8: an int8 kernel without its scale"):
+        int8.apply({"params": lost}, src, tgt)
+    wrong = jax.tree.map(lambda x: x, quantized)
+    wrong["output"]["int8"]["scale"] = wrong["output"]["int8"]["scale"].T
+    with pytest.raises(ValueError, match=r"has a scale of shape \(40, 1\), expected \(1, 40\)"):
+        int8.apply({"params": wrong}, src, tgt)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jaxformer.models.cache import BeamKVCache, KVCache
 from jaxformer.models.dot_product import attend_heads_major, dot_product_attention
 from jaxformer.models.positions import relative_positions
-from jaxformer.models.quantization import dot_general_for
+from jaxformer.models.quantization import dense_options
 from jaxformer.typing import Array, Bool, Float, Int
 
 
@@ -51,14 +51,9 @@ class MultiHeadAttention(nn.Module):
     def setup(self):
         n = self.num_heads
         h = self.d_model // n if self.head_dim is None else self.head_dim
-        dot_general = dot_general_for(self.quantization)
+        options = dense_options(self.quantization)
         dense = lambda features, axis, name: nn.DenseGeneral(
-            features,
-            axis=axis,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            dot_general=dot_general,
-            name=name,
+            features, axis=axis, use_bias=self.use_bias, dtype=self.dtype, name=name, **options
         )
         if self.self_attention:
             self.qkv = dense((3, n, h), -1, "qkv")

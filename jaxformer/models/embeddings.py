@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxformer.models.config import TransformerConfig
 from jaxformer.models.layers import LearnedPositions, TokenEmbedding, config_norm
-from jaxformer.models.quantization import dot_general_for
+from jaxformer.models.quantization import dense_options
 from jaxformer.typing import Array, Float, Int
 
 
@@ -75,8 +75,8 @@ def output_parameters(module: nn.Module, c: TransformerConfig):
             c.vocab_size,
             use_bias=c.has_output_bias,
             dtype=jnp.dtype(c.dtype),
-            dot_general=dot_general_for(c.quantization),
             name="output",
+            **dense_options(c.quantization),
         )
     elif c.has_output_bias:
         tied_bias = module.param("output_bias", zeros, (c.vocab_size,))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxformer.models.activations import resolve_activation
 from jaxformer.models.norms import DEFAULT_EPSILON, make_norm
 from jaxformer.models.positions import sinusoidal_table
-from jaxformer.models.quantization import dot_general_for, int8_dot_general
+from jaxformer.models.quantization import dense_options, dot_general_for, int8_dot_general
 from jaxformer.typing import Array, Float, Int
 
 
@@ -46,9 +46,9 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: Float[Array, "B T D"], deterministic: bool = True):
         act, gated = resolve_activation(self.activation)  # resolved while tracing, not per step
-        dot_general = dot_general_for(self.quantization)
+        options = dense_options(self.quantization)
         dense = lambda features, name: nn.Dense(
-            features, use_bias=self.use_bias, dtype=self.dtype, dot_general=dot_general, name=name
+            features, use_bias=self.use_bias, dtype=self.dtype, name=name, **options
         )
         h = act(dense(self.ffn_dim, "inner")(x))  # [B, T, F]
         if gated:
