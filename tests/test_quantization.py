@@ -164,7 +164,9 @@ def test_int8_parameters_decode_as_quantizing_on_the_fly(key):
 def test_int8_parameters_are_refused_where_they_would_compute_wrong(key):
     config, params, src, tgt = tiny_translation(key)
     quantized = quant.quantize_params(params)
-    with pytest.raises(ValueError, match=r"hold int8 kernels .*TransformerConfig\(quantization='int8'\)"):
+    with pytest.raises(
+        ValueError, match=r"hold int8 kernels .*TransformerConfig\(quantization='int8'\)"
+    ):
         Transformer(config).apply({"params": quantized}, src, tgt)  # a float32 model
     int8 = Transformer(dataclasses.replace(config, quantization="int8"))
     lost = jax.tree.map(lambda x: x, quantized)
