@@ -24,6 +24,7 @@ symbols outside the vocabulary are translated as <unk>, with a warning on stderr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -250,6 +251,7 @@ def cmd_translate(args) -> int:
     _check_output(args.output)
     if args.model is not None:
         pre = _load_pretrained(args)
+        pre = dataclasses.replace(pre, model=_quantized(pre.model, args.quantization))
         for setting in pre.generation.ignored:  # generation_config.json settings not reproduced
             print(f"jaxformer: note: {pre.path.name}: not applied: {setting}", file=sys.stderr)
         options = _decode_options(args, None, pre)
@@ -267,7 +269,7 @@ def cmd_translate(args) -> int:
         options = _decode_options(args, _default_max_length(run))
         lines = _read_lines(args.input)
         outputs = translate_texts(
-            run.model,
+            _quantized(run.model, args.quantization),
             run.params,
             run.source_tokenizer,
             run.target_tokenizer,
@@ -286,6 +288,19 @@ def cmd_translate(args) -> int:
         if out is not sys.stdout:
             out.close()
     return 0
+
+
+def _quantized(model, quantization: str | None):
+    """``model`` built with ``TransformerConfig.quantization`` (``--quantization``)."""
+    if quantization is None:
+        return model
+    config = model.config
+    if not hasattr(config, "quantization"):
+        raise UsageError(
+            f"--quantization {quantization}: applies to Transformer models, not to a "
+            f"{type(model).__name__}"
+        )
+    return type(model)(dataclasses.replace(config, quantization=quantization))
 
 
 def cmd_generate(args) -> int:
@@ -514,6 +529,13 @@ def _add_translate(command) -> None:
         help="keep the first tokens of lines longer than the model's maximum (default: error)",
     )
     translate.add_argument("--with-scores", action="store_true", help="print 'score ||| text'")
+    translate.add_argument(
+        "--quantization",
+        choices=["int8"],
+        default=None,
+        help="int8: the projections' products in int8 (as CTranslate2's int8; products of batches "
+        "under 16 rows stay float32)",
+    )
     _add_unk_option(translate)
     _add_decode_options(translate)
     translate.set_defaults(func=cmd_translate)

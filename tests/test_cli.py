@@ -202,3 +202,18 @@ def test_export_to_ctranslate2_translates_like_jaxformer(workdir, capsys, monkey
     assert all(c in index for line in lines for c in line)
     theirs = ["".join(r.hypotheses[0]) for r in results]
     assert any(theirs) and theirs == ours.splitlines()
+
+
+def test_translate_in_int8_gives_the_float32_translations(workdir, capsys, monkeypatch):
+    lines = [str(n) for n in range(100, 2100, 100)]  # 20 lines: int8 products in every step
+    argv = ["translate", "--workdir", str(workdir), "--max-length", "12"]
+    status, want, _ = run(capsys, monkeypatch, argv, "\n".join(lines) + "\n")
+    status8, got, _ = run(
+        capsys, monkeypatch, [*argv, "--quantization", "int8"], "\n".join(lines) + "\n"
+    )
+    assert status == status8 == 0
+    want, got = want.split("\n")[:-1], got.split("\n")[:-1]
+    assert len(got) == len(lines)
+    assert sum(a == b for a, b in zip(want, got, strict=True)) >= 18  # a peaked model: int8 agrees
+    assert main([*argv, "--quantization", "int4"]) == 2
+    assert "--quantization" in capsys.readouterr().err
