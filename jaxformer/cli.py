@@ -533,8 +533,8 @@ def _add_translate(command) -> None:
         "--quantization",
         choices=["int8"],
         default=None,
-        help="int8: the projections' products in int8 (as CTranslate2's int8; products of batches "
-        "under 16 rows stay float32)",
+        help="int8: the projections' products in int8, as CTranslate2's int8 (products of "
+        "batches under 16 rows stay float32; default: float32 products)",
     )
     _add_unk_option(translate)
     _add_decode_options(translate)
