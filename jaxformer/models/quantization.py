@@ -9,9 +9,7 @@ or not) multiplies int8 by int8 into int32 and rescales in float32:
 
 This is the scheme of CTranslate2's int8 compute type (per-channel weight scales, per-row dynamic
 activation scales; https://opennmt.net/CTranslate2/quantization.html), so the two are compared on the
-same footing. The parameters stay float32: the weights are quantized inside the compiled program, and
-in a decode loop XLA hoists that out of the loop (the weights are loop-invariant), so each step reads
-int8 weights.
+same footing.
 
 A product with fewer than ``MIN_ROWS`` rows stays float32: XLA:CPU has no int8 matrix-vector
 product and converts both operands to int32 (slower than float32 at one row), while from 16 rows its
@@ -24,8 +22,8 @@ Two ways to hold the weights:
 
 - float32 parameters (any trained or loaded model): each product quantizes its weight inside the
   compiled program. In a decode loop XLA hoists that out of a chunk's scan but not out of the loop
-  over chunks, so the weights are quantized again every 8 steps (``base``: 51 ms for its 41.5 M
-  decoder and output weights on a 2-core CPU, about 6 ms a step).
+  over chunks, so the weights are quantized again every 8 steps (``base`` batch 64 / beam 4 on a
+  2-core CPU: 3-6% of a step, ``experiments/README.md``).
 - ``quantize_params(params)`` once: every projection's ``kernel`` becomes int8 and gets its
   per-column ``scale`` beside it (``{"kernel": int8, "bias": ..., "int8": {"scale": float32}}``);
   the products then read them as they are. Meant for batched decoding: a product of fewer than
