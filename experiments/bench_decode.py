@@ -16,9 +16,10 @@ Models. For each preset (``small``: 3+3 layers, D 256, N 4, F 1024, V 8000; ``ba
 F 2048, V 32000) one set of random jaxformer parameters (key 0, output layer scaled by 4 so that the
 random model's distributions are peaked) is decoded by jaxformer (``jaxformer``: float32;
 ``jaxformer_bf16``: the same parameters cast to bfloat16 and ``config.dtype="bfloat16"``: products,
-activations and KV cache in bfloat16, softmax, logits and scores in float32; ``jaxformer_int8``: the
-float32 parameters with ``config.quantization="int8"``, every projection int8 x int8 with per-channel
-weight and per-row activation scales, as CTranslate2's int8) and, through
+activations and KV cache in bfloat16, softmax, logits and scores in float32; ``jaxformer_int8``:
+``config.quantization="int8"``, every projection int8 x int8 with per-channel weight and per-row
+activation scales, as CTranslate2's int8; calls of 16 rows or more read int8 kernels stored once by
+``quantize_params``, smaller ones the float32 parameters, whose products stay float32) and, through
 ``jaxformer.interop.to_ctranslate2``, by CTranslate2 with float32 and with int8 weights: the same
 weights. HuggingFace ``MarianMTModel.generate`` runs a Marian model of the same shape (relu, sinusoidal
 positions, scaled embeddings) with its own random weights: same size and work per token, not the same
@@ -92,6 +93,7 @@ import jaxformer
 from jaxformer import Transformer, generate, init_params
 from jaxformer.decoding import BeamSearch, GreedySearch
 from jaxformer.interop import ids_vocab, to_ctranslate2
+from jaxformer.models.quantization import MIN_ROWS, quantize_params
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # experiments/common.py
 from common import load_average, machine_info, markdown_table, output_dir, timed, write_json
@@ -210,10 +212,20 @@ JAXFORMER_ENGINES = {
 
 
 def jaxformer_engine(engine: str, model: Transformer, params):
-    """The model and parameters that jaxformer engine ``engine`` decodes with."""
+    """The model that jaxformer engine ``engine`` decodes with, and ``params_for(rows)``: its
+    parameters for a call of ``rows`` search rows (batch x beam).
+
+    ``jaxformer_int8`` stores its projection kernels in int8 (``quantize_params``, once) for calls
+    of at least ``MIN_ROWS`` rows, where the products run in int8; smaller calls keep the float32
+    parameters (their products stay float32, and int8 kernels would be dequantized in the loop).
+    """
     dtype, quantization = JAXFORMER_ENGINES[engine]
     config = model.config.replace(dtype=dtype, quantization=quantization)
-    return Transformer(config), cast(params, dtype)
+    params = cast(params, dtype)
+    if quantization != "int8":
+        return Transformer(config), lambda rows: params
+    stored = jax.block_until_ready(quantize_params(params))
+    return Transformer(config), lambda rows: stored if rows >= MIN_ROWS else params
 
 
 def cast(params, dtype: str):
@@ -510,11 +522,13 @@ def pretrained_runner_factory(engine: str, threads: int, model_dir: str | None, 
     pad = json.loads((pathlib.Path(hf_dir) / "config.json").read_text())["pad_token_id"]
     if engine in JAXFORMER_ENGINES:
         pre = jaxformer.load_pretrained(hf_dir, dtype=JAXFORMER_ENGINES[engine][0])
-        model, params = jaxformer_engine(engine, pre.model, pre.params)
+        model, params_for = jaxformer_engine(engine, pre.model, pre.params)
         ids = dict(
             start_id=pre.start_id, end_id=pre.end_id, suppress_ids=pre.generation.suppress_ids
         )
-        return lambda src, beam, n: jaxformer_runner(model, params, src, beam, n, **ids)
+        return lambda src, beam, n: jaxformer_runner(
+            model, params_for(len(src) * beam), src, beam, n, **ids
+        )
     if engine.startswith("ct2_"):
         import ctranslate2
 
@@ -585,8 +599,10 @@ def make_runner_factory(
         return pretrained_runner_factory(engine, threads, model_dir, hf_dir)
     if engine in JAXFORMER_ENGINES:
         _, model, params = random_model(preset_name)
-        model, params = jaxformer_engine(engine, model, params)
-        return lambda src, beam, n: jaxformer_runner(model, params, src, beam, n)
+        model, params_for = jaxformer_engine(engine, model, params)
+        return lambda src, beam, n: jaxformer_runner(
+            model, params_for(len(src) * beam), src, beam, n
+        )
     if engine.startswith("ct2_"):
         import ctranslate2
 

@@ -251,10 +251,12 @@ def cmd_translate(args) -> int:
     _check_output(args.output)
     if args.model is not None:
         pre = _load_pretrained(args)
-        pre = dataclasses.replace(pre, model=_quantized(pre.model, args.quantization))
         for setting in pre.generation.ignored:  # generation_config.json settings not reproduced
             print(f"jaxformer: note: {pre.path.name}: not applied: {setting}", file=sys.stderr)
         options = _decode_options(args, None, pre)
+        rows = args.batch_size * options.beam_size
+        model, params = _quantized(pre.model, pre.params, args.quantization, rows)
+        pre = dataclasses.replace(pre, model=model, params=params)
         lines = _read_lines(args.input)
         outputs = pre.translate(
             lines,
@@ -267,10 +269,12 @@ def cmd_translate(args) -> int:
     else:
         run = _load(args, "translate")
         options = _decode_options(args, _default_max_length(run))
+        rows = args.batch_size * options.beam_size
+        model, params = _quantized(run.model, run.params, args.quantization, rows)
         lines = _read_lines(args.input)
         outputs = translate_texts(
-            _quantized(run.model, args.quantization),
-            run.params,
+            model,
+            params,
             run.source_tokenizer,
             run.target_tokenizer,
             lines,
@@ -290,17 +294,23 @@ def cmd_translate(args) -> int:
     return 0
 
 
-def _quantized(model, quantization: str | None):
-    """``model`` built with ``TransformerConfig.quantization`` (``--quantization``)."""
+def _quantized(model, params, quantization: str | None, rows: int):
+    """``(model, params)`` for ``--quantization``: the model built with its config's
+    ``quantization``; with int8 and calls of at least ``MIN_ROWS`` rows (batch size x beam), where
+    the products run in int8, the projection kernels stored in int8 once (``quantize_params``)
+    instead of quantized inside every decode loop. Fewer rows keep float32 products and kernels."""
+    from jaxformer.models.quantization import MIN_ROWS, quantize_params
+
     if quantization is None:
-        return model
+        return model, params
     config = model.config
     if not hasattr(config, "quantization"):
         raise UsageError(
-            f"--quantization {quantization}: applies to Transformer models, not to a "
-            f"{type(model).__name__}"
+            f"--quantization {quantization}: applies to Transformer and decoder-only models, "
+            f"not to a {type(model).__name__}"
         )
-    return type(model)(dataclasses.replace(config, quantization=quantization))
+    model = type(model)(dataclasses.replace(config, quantization=quantization))
+    return model, (quantize_params(params) if rows >= MIN_ROWS else params)
 
 
 def cmd_generate(args) -> int:
@@ -312,7 +322,9 @@ def cmd_generate(args) -> int:
         raise UsageError("no prompt: pass --prompt TEXT or lines on stdin / --input")
     longest = max(len(run.target_tokenizer.encode(p)) for p in prompts)
     options = _decode_options(args, _default_max_length(run, prompt_tokens=longest))
-    outputs = continue_texts(run.model, run.params, run.target_tokenizer, prompts, options)
+    rows = len(prompts) * options.beam_size
+    model, params = _quantized(run.model, run.params, args.quantization, rows)
+    outputs = continue_texts(model, params, run.target_tokenizer, prompts, options)
     _warn_unknown(args, outputs, "prompts")
     for prompt, output in zip(prompts, outputs, strict=True):
         for text in output.texts[: options.n_best]:
@@ -329,6 +341,9 @@ def cmd_eval(args) -> int:
         raise UsageError("--source and --reference go together (your own test set)")
     run = _load(args, task="translate" if args.source else None)
     options = _decode_options(args, _default_max_length(run))
+    rows = args.batch_size * options.beam_size  # the held-out loss's full passes have more
+    model, params = _quantized(run.model, run.params, args.quantization, rows)
+    run = dataclasses.replace(run, model=model, params=params)
     if args.source is not None:
         sources = _read_lines(args.source, "--source")
         references = _read_lines(args.reference, "--reference")
@@ -529,16 +544,20 @@ def _add_translate(command) -> None:
         help="keep the first tokens of lines longer than the model's maximum (default: error)",
     )
     translate.add_argument("--with-scores", action="store_true", help="print 'score ||| text'")
-    translate.add_argument(
+    _add_quantization_option(translate)
+    _add_unk_option(translate)
+    _add_decode_options(translate)
+    translate.set_defaults(func=cmd_translate)
+
+
+def _add_quantization_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--quantization",
         choices=["int8"],
         default=None,
         help="int8: the projections' products in int8, as CTranslate2's int8 (products of "
         "batches under 16 rows stay float32; default: float32 products)",
     )
-    _add_unk_option(translate)
-    _add_decode_options(translate)
-    translate.set_defaults(func=cmd_translate)
 
 
 def _add_pretrained_options(parser: argparse.ArgumentParser) -> None:
@@ -586,6 +605,7 @@ def _add_generate(command) -> None:
     _add_run(generate)
     generate.add_argument("--prompt", action="append", help="repeatable (default: stdin lines)")
     generate.add_argument("--input", help="prompts, one per line (default: stdin)")
+    _add_quantization_option(generate)
     _add_unk_option(generate)
     _add_decode_options(generate)
     generate.set_defaults(func=cmd_generate)
@@ -620,6 +640,7 @@ def _add_eval(command) -> None:
         "--batch-size", type=int, default=32, help="lines decoded together (>= 1)"
     )
     evaluate.add_argument("--truncate", action="store_true", help="as translate --truncate")
+    _add_quantization_option(evaluate)
     _add_unk_option(evaluate)
     _add_decode_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)

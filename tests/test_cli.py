@@ -80,6 +80,18 @@ def test_eval_reports_bleu_exact_match_and_perplexity(workdir, capsys, monkeypat
     assert metrics["split"] == "valid" and 0 <= metrics["exact_match"] <= 100
 
 
+def test_eval_in_int8_is_close_to_float32(workdir, capsys, monkeypatch):
+    argv = ["eval", "--workdir", str(workdir), "--split", "valid", "--max-length", "12"]
+    status, out, _ = run(capsys, monkeypatch, argv)
+    status8, out8, _ = run(capsys, monkeypatch, [*argv, "--quantization", "int8"])
+    assert status == status8 == 0
+    want, got = json.loads(out), json.loads(out8)
+    assert got["loss"] != want["loss"]  # the held-out loss ran through int8 products
+    assert got["loss"] == pytest.approx(want["loss"], rel=0.01)  # unscaled weights: far off
+    assert got["accuracy"] == pytest.approx(want["accuracy"], abs=0.02)
+    assert {"bleu", "exact_match"} <= set(got)
+
+
 def test_eval_on_your_own_test_set(workdir, capsys, monkeypatch, tmp_path):
     source, reference = tmp_path / "src.txt", tmp_path / "ref.txt"
     source.write_text("12\n345\n")
@@ -171,6 +183,8 @@ def test_generate_with_a_language_model(tmp_path, capsys, monkeypatch):
     rows = out.splitlines()
     assert len(rows) == 2 and rows[0].startswith("the ") and rows[1].startswith("a fox")
     assert run(capsys, monkeypatch, argv)[1] == out  # the same seed gives the same samples
+    # 2 prompts: fewer rows than int8 products need, so --quantization int8 keeps float32's samples
+    assert run(capsys, monkeypatch, [*argv, "--quantization", "int8"])[1] == out
     status, out, _ = run(
         capsys, monkeypatch, ["eval", "--workdir", str(workdir), "--split", "test"]
     )
