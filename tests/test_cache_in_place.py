@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxformer import generate
-from jaxformer.decoding import BeamSearch, GreedySearch, cpu_compiler_options
+from jaxformer.decoding import BeamSearch, GreedySearch, cpu_compiler_options, generation
 from jaxformer.models.cache import BeamKVCache, KVCache
 
 from helpers import Transformer, make, source_batch
@@ -103,3 +103,18 @@ def test_generate_inside_a_callers_jit_equals_generate():
     src = source_batch()
     run = lambda p, s: generate(model, p, s, start_id=1, end_id=2, max_length=9).ids
     np.testing.assert_array_equal(jax.jit(run)(params, src), run(params, src))
+
+
+def test_an_option_this_xla_does_not_know_is_left_out_with_a_warning(monkeypatch):
+    """A later jaxlib may drop an XLA option: decoding must then warn and run without it, not fail
+    with "No such compile option" at every call."""
+    unknown = "xla_cpu_an_option_no_xla_has"
+    options = {**generation.CPU_COMPILER_OPTIONS, unknown: True}
+    monkeypatch.setattr(generation, "CPU_COMPILER_OPTIONS", options)
+    generation._known_options.cache_clear()  # each set of options is tried once per process
+    with pytest.warns(RuntimeWarning, match=unknown):
+        kept = cpu_compiler_options("cpu")
+    assert kept == {k: v for k, v in options.items() if k != unknown} and kept
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"(?i)no such compile option"):
+        jax.jit(lambda: jnp.zeros(()), compiler_options=options).lower().compile()
+    assert cpu_compiler_options("gpu") is None

@@ -11,6 +11,7 @@ ids) and takes each step; ``dynamic_decode`` does the rest. Nothing here depends
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +49,34 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 def cpu_compiler_options(backend: str | None = None) -> dict | None:
-    """``CPU_COMPILER_OPTIONS`` when compiling for CPU (default: JAX's default backend), else None."""
-    return dict(CPU_COMPILER_OPTIONS) if (backend or jax.default_backend()) == "cpu" else None
+    """``CPU_COMPILER_OPTIONS`` when compiling for CPU (default: JAX's default backend), else None.
+
+    An option that the installed XLA does not know (a later jaxlib may drop one) is left out with a
+    warning naming it: decoding then runs without it (slower, same results) instead of failing."""
+    if (backend or jax.default_backend()) != "cpu":
+        return None
+    return dict(_known_options(tuple(CPU_COMPILER_OPTIONS.items())))
+
+
+@functools.cache
+def _known_options(options: tuple) -> tuple:
+    """The ``(name, value)`` pairs that XLA accepts (each tried once on a trivial program)."""
+    known = []
+    for name, value in options:
+        try:
+            jax.jit(lambda: jnp.zeros(()), compiler_options={name: value}).lower().compile()
+        except jax.errors.JaxRuntimeError as error:
+            if "no such compile option" not in str(error).lower():
+                raise
+            warnings.warn(
+                f"jaxformer: this XLA does not know the compile option {name!r}; decoding on CPU "
+                "runs without it (slower, the same results)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            continue
+        known.append((name, value))
+    return tuple(known)
 
 
 @functools.cache
