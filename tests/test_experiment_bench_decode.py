@@ -30,6 +30,7 @@ def test_bench_decode_smoke_writes_results(tmp_path):
         batch = {"b1_greedy": 1, "b2_beam2": 2}[workload]
         assert row["tokens"] == batch * 8 and len(row["times_s"]) == 1
         assert row["tokens_per_s"] > 0 and row["first_call_s"] > 0
+        assert row["compile_s"] == pytest.approx(row["first_call_s"] - row["median_s"])
         for ct2 in ("ct2_float32", "ct2_int8"):
             assert row[f"vs_{ct2}"] == pytest.approx(
                 row["tokens_per_s"] / rows[(workload, ct2)]["tokens_per_s"]

@@ -122,6 +122,27 @@ def test_generate_compiles_once_per_shape():
     assert _run._cache_size() == before + 1
 
 
+@pytest.mark.parametrize("strategy", [dec.GreedySearch(), dec.BeamSearch(2)])
+def test_generate_chunk_size_is_a_compile_option_with_the_same_results(strategy):
+    from jaxformer.decoding.generation import _run
+
+    model, params = make(Transformer)
+    run = lambda **kw: generate(
+        model, params, source_batch(), start_id=1, end_id=2, max_length=9, strategy=strategy, **kw
+    )
+    want = run()
+    for chunk_size in (None, 1, 4):
+        before = _run._cache_size()
+        got = run(chunk_size=chunk_size)
+        assert _run._cache_size() == before + 1  # a loop of its own
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_array_equal(got.lengths, want.lengths)
+        for field in ("scores", "log_probs"):  # another program: XLA may round the sums otherwise
+            np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        run(chunk_size=0)
+
+
 def test_greedy_log_probs_equal_teacher_forced_likelihood():
     model, params = make(Transformer)
     src = source_batch()

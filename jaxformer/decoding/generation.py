@@ -35,6 +35,7 @@ STATIC = (
     "return_attention",
     "compat",
     "suppress_ids",
+    "chunk_size",
 )
 
 
@@ -105,7 +106,7 @@ _run._cache_size = lambda: _jitted(jax.default_backend())._cache_size()  # compi
 
 def _decode(
     adapter, params, inputs, lengths, rng, sampler, target_prefix, *, start_id, end_id, max_length,
-    min_length, strategy, return_attention, compat, suppress_ids,
+    min_length, strategy, return_attention, compat, suppress_ids, chunk_size=8,
 ):  # fmt: skip
     prepared = adapter.prepare(params, inputs, lengths, start_id, max_length)
     return dynamic_decode(
@@ -124,6 +125,7 @@ def _decode(
         shared=prepared.shared,  # the memory is never tiled nor reordered
         target_prefix=target_prefix,
         suppress_ids=suppress_ids,
+        chunk_size=chunk_size,
     )
 
 
@@ -147,6 +149,7 @@ def generate(
     prompt_lengths: Int[Array | np.ndarray, " B"] | list | tuple | None = None,
     target_prefix: Int[Array | np.ndarray, "_B P"] | list | None = None,
     suppress_ids: tuple[int, ...] | list[int] = (),
+    chunk_size: int | None = 8,
 ) -> DecodingResult:
     """Translate sources with an encoder-decoder, or continue prompts with a decoder-only LM.
 
@@ -171,7 +174,9 @@ def generate(
     ``end_id``. Both work with every strategy, sampler and ``compat`` mode (``dynamic_decode``'s
     module docstring has the details); the prefix's ids are data: one trace per prefix length.
     The whole thing is one jit-compiled function per shape and option set; the sampler's temperature
-    is data, so changing it per call does not recompile.
+    is data, so changing it per call does not recompile. ``chunk_size``: decode steps between two
+    checks for the early exit once every row has finished (``dynamic_decode``'s; None: one scan of
+    ``max_length`` steps, no early exit); the results do not depend on it.
     """
     adapter = adapter_for(model)
     inputs, lengths = _as_batch(adapter, inputs, prompt_lengths)
@@ -192,6 +197,7 @@ def generate(
         adapter, params, inputs, lengths, rng, sampler, target_prefix, start_id=start_id,
         end_id=end_id, max_length=max_length, min_length=min_length, strategy=strategy,
         return_attention=return_attention, compat=compat, suppress_ids=suppress_ids,
+        chunk_size=chunk_size,
     )  # fmt: skip
 
 
@@ -266,6 +272,7 @@ def _check_options(adapter: Adapter, inputs, args: dict) -> None:
     if spec.needs_start_id and args["start_id"] is None:
         raise ValueError(f"a model with a {spec.name} needs start_id (the target's start token)")
     opt.check_types(strategy, sampler)
+    opt.check_chunk_size(args["chunk_size"])
     start_id = args["start_id"] if spec.needs_start_id else None
     opt.check_vocabulary(
         spec.target_vocab_size, strategy, sampler, end_id=args["end_id"], start_id=start_id
