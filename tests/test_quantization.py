@@ -84,7 +84,7 @@ def test_quantization_is_checked_by_name():
     ):
         TransformerConfig(quantization="int4")
     with pytest.raises(ValueError, match="quantization must be one of"):
-        quant.dot_general_for("fp8")
+        quant.dense_options("fp8")
     with pytest.raises(ValueError, match="batch dimensions are not supported"):
         x = jnp.ones((2, 16, 4))
         quant.int8_dot_general(x, x, (((2,), (2,)), ((0,), (0,))))

@@ -106,7 +106,7 @@ _run._cache_size = lambda: _jitted(jax.default_backend())._cache_size()  # compi
 
 def _decode(
     adapter, params, inputs, lengths, rng, sampler, target_prefix, *, start_id, end_id, max_length,
-    min_length, strategy, return_attention, compat, suppress_ids, chunk_size=8,
+    min_length, strategy, return_attention, compat, suppress_ids, chunk_size,
 ):  # fmt: skip
     prepared = adapter.prepare(params, inputs, lengths, start_id, max_length)
     return dynamic_decode(

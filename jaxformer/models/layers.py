@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxformer.models.activations import resolve_activation
 from jaxformer.models.norms import DEFAULT_EPSILON, make_norm
 from jaxformer.models.positions import sinusoidal_table
-from jaxformer.models.quantization import dense_options, dot_general_for, int8_dot_general
+from jaxformer.models.quantization import check_quantization, dense_options, int8_dot_general
 from jaxformer.typing import Array, Float, Int
 
 
@@ -76,6 +76,7 @@ class TokenEmbedding(nn.Module):
     quantization: str | None = None  # of ``attend``: "int8", see quantization.py
 
     def setup(self):
+        check_quantization(self.quantization)
         self.table = self.param(
             "embedding",
             nn.initializers.normal(stddev=self.d_model**-0.5),
@@ -106,7 +107,7 @@ class TokenEmbedding(nn.Module):
 
     def attend(self, x: Float[Array, "... D"]) -> Float[Array, "... V"]:
         table = self.table.astype(self.dtype)  # [V, D]
-        if dot_general_for(self.quantization) is int8_dot_general:
+        if self.quantization == "int8":
             return int8_dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
         return jnp.einsum("...D,VD->...V", x, table)
 

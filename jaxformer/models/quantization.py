@@ -128,10 +128,14 @@ def _promote(*args, dtype=None, inexact=True, int8: bool):
     return inputs, kernel, bias
 
 
-def dense_options(quantization: str | None) -> dict:
-    """Keyword arguments for a projection's ``nn.Dense`` / ``nn.DenseGeneral``."""
+def check_quantization(quantization: str | None) -> None:
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)}, got {quantization!r}")
+
+
+def dense_options(quantization: str | None) -> dict:
+    """Keyword arguments for a projection's ``nn.Dense`` / ``nn.DenseGeneral``."""
+    check_quantization(quantization)
     int8 = quantization == "int8"
     options = {"promote_dtype": functools.partial(_promote, int8=int8)}
     if int8:
@@ -160,11 +164,3 @@ def quantize_params(params):
         return {key: walk(value, key) for key, value in tree.items()}
 
     return walk(dict(params), "")
-
-
-def dot_general_for(quantization: str | None):
-    """The ``dot_general`` of a product outside a Dense layer (the tied output): None (flax's
-    default, ``lax.dot_general``) or ``int8_dot_general``."""
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)}, got {quantization!r}")
-    return None if quantization is None else int8_dot_general
