@@ -19,3 +19,18 @@ def trained_run(tmp_path_factory):
         assert main(["train", "--config", f"{NUM2WORDS}:smoke", "--workdir", str(path)]) == 0
         _RUNS["smoke"] = path
     return _RUNS["smoke"]
+
+
+SHAKESPEARE = str(EXPERIMENTS / "configs" / "shakespeare.py")
+
+
+def trained_lm(tmp_path_factory):
+    """A workdir holding the char-level LM ``smoke`` run, trained on a tiny repeated text."""
+    if "lm" not in _RUNS:
+        root = tmp_path_factory.mktemp("cli-lm")
+        text = root / "text.txt"
+        text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+        argv = ["train", "--config", f"{SHAKESPEARE}:smoke", "--workdir", str(root / "lm")]
+        assert main([*argv, "--set", f"data.text_file={text}"]) == 0
+        _RUNS["lm"] = root / "lm"
+    return _RUNS["lm"]

@@ -5,7 +5,7 @@ import json
 import re
 
 import pytest
-from cli_run import trained_run
+from cli_run import trained_lm, trained_run
 
 from jaxformer.cli import main
 
@@ -16,7 +16,6 @@ from helpers import EXPERIMENTS
 pytestmark = pytest.mark.xdist_group("cli_trained_run")
 
 NUM2WORDS = str(EXPERIMENTS / "configs" / "num2words.py")
-SHAKESPEARE = str(EXPERIMENTS / "configs" / "shakespeare.py")
 
 
 def run(capsys, monkeypatch, argv, stdin=""):
@@ -113,17 +112,20 @@ def test_eval_on_your_own_test_set(workdir, capsys, monkeypatch, tmp_path):
     "argv, message",
     [
         (["translate", "--workdir", "{missing}"], "--workdir .* does not exist"),
-        (["translate", "--beam-size", "0"], "beam_size must be an int >= 1, got 0"),
+        (["translate", "--beam-size", "0"], "--beam-size must be an int >= 1, got 0"),
         (
             ["translate", "--beam-size", "2", "--n-best", "3"],
-            r"n_best must be an int in \[1, beam_size=2\]",
+            r"--n-best must be an int in \[1, --beam-size 2\]",
         ),
-        (["translate", "--sampling-temperature", "0"], "sampling_temperature must be a number > 0"),
-        (["translate", "--sampling-topk", "-1"], "sampling_topk must be an int >= 0"),
-        (["translate", "--max-length", "0"], "max_length must be an int >= 1"),
+        (
+            ["translate", "--sampling-temperature", "0"],
+            "--sampling-temperature must be a finite number > 0",
+        ),
+        (["translate", "--sampling-topk", "-1"], "--sampling-topk must be an int >= 0"),
+        (["translate", "--max-length", "0"], "--max-length must be an int >= 1"),
         (
             ["translate", "--min-length", "9", "--max-length", "5"],
-            r"min_length must be in \[0, max_length=5\]",
+            r"--min-length must be in \[0, --max-length 5\]",
         ),
         (["translate", "--checkpoint", "soon"], "--checkpoint must be 'best', 'latest' or a step"),
         (["translate", "--checkpoint", "999"], r"no checkpoint for step 999"),
@@ -169,12 +171,8 @@ def test_too_long_line_is_an_error_unless_truncated(workdir, capsys, monkeypatch
     assert status == 0 and len(out.splitlines()) == 1
 
 
-def test_generate_with_a_language_model(tmp_path, capsys, monkeypatch):
-    text = tmp_path / "text.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    workdir = tmp_path / "lm"
-    argv = ["train", "--config", f"{SHAKESPEARE}:smoke", "--workdir", str(workdir)]
-    assert main([*argv, "--set", f"data.text_file={text}"]) == 0
+def test_generate_with_a_language_model(tmp_path_factory, capsys, monkeypatch):
+    workdir = trained_lm(tmp_path_factory)
     capsys.readouterr()
     argv = ["generate", "--workdir", str(workdir), "--prompt", "the ", "--prompt", "a fox"]
     argv += ["--sampling-topk", "5", "--max-length", "10", "--seed", "3"]

@@ -12,6 +12,7 @@ from cli_run import NUM2WORDS, trained_run
 
 from jaxformer import cli
 from jaxformer.cli import main
+from jaxformer.cli.common import default_max_length
 from jaxformer.data import datasets
 from jaxformer.data.tokenizers import ByteTokenizer, CharTokenizer, SentencePieceTokenizer
 from jaxformer.decoding import texts
@@ -70,12 +71,12 @@ def test_default_max_length_is_the_stored_decode_length_capped_by_the_model():
         )
         return types.SimpleNamespace(config=config)
 
-    assert cli._default_max_length(fake_run(40)) == 40
-    assert cli._default_max_length(fake_run(250)) == 128  # never more than the model allows
-    assert cli._default_max_length(fake_run(None)) == 128  # no stored length: the model's limit
-    assert cli._default_max_length(fake_run(250), prompt_tokens=28) == 101  # an LM's prompt
+    assert default_max_length(fake_run(40)) == 40
+    assert default_max_length(fake_run(250)) == 128  # never more than the model allows
+    assert default_max_length(fake_run(None)) == 128  # no stored length: the model's limit
+    assert default_max_length(fake_run(250), prompt_tokens=28) == 101  # an LM's prompt
     with pytest.raises(ValueError, match="prompt of 200 tokens leaves no room"):
-        cli._default_max_length(fake_run(40), prompt_tokens=200)
+        default_max_length(fake_run(40), prompt_tokens=200)
 
 
 def _subparsers(parser):
@@ -288,7 +289,7 @@ def test_output_into_a_missing_directory_is_refused_before_translating(
     def no_translation(*args, **kwargs):
         raise AssertionError("translated before checking --output")
 
-    monkeypatch.setattr(texts, "translate_texts", no_translation)
+    monkeypatch.setattr(texts, "iter_translations", no_translation)
     target = tmp_path / "missing" / "out.txt"
     argv = ["translate", "--workdir", str(workdir), "--output", str(target)]
     status, out, err = run(capsys, monkeypatch, argv, "12\n")

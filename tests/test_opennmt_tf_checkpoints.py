@@ -233,7 +233,8 @@ def test_translate_command_reads_an_opennmt_tf_checkpoint(capsys, monkeypatch):
     expected = [target.decode(ids[b, 0, : lengths[b, 0]]) for b in range(len(sources))]
     assert lines == expected
     assert main(["translate", "--model", str(directory)]) == 2
-    assert "positions='none' or positions='sinusoidal'" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the command line's flags, not load_pretrained's parameters
+    assert "pass --positions none or --positions sinusoidal" in err and "positions=" not in err
 
 
 def test_the_article_preset_is_the_article_s_opennmt_tf_model():

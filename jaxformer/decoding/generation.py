@@ -139,7 +139,7 @@ def generate(
     *,
     end_id: int,
     start_id: int | None = None,
-    max_length: int = 250,
+    max_length: int | None = None,
     min_length: int = 0,
     strategy=GreedySearch(),
     sampler=BestSampler(),
@@ -155,7 +155,8 @@ def generate(
 
     ``inputs``: ``int32[B, S]`` right-padded with the model's ``pad_id``, or a list of token-id lists
     of any lengths (padded here). Encoder-decoder: every hypothesis starts from ``start_id``;
-    ``max_length`` bounds the target. Decoder-only (``DecoderOnlyLM``, ``HourglassLM``): ``inputs``
+    ``max_length`` bounds the target (default: 250, or what the model's positions allow when
+    fewer: ``default_max_length``). Decoder-only (``DecoderOnlyLM``, ``HourglassLM``): ``inputs``
     are prompts (P >= 1 tokens); ``prompt_lengths`` ``[B]`` gives each padded prompt's real length
     (None: all P, or taken from a list); all but each prompt's last token go into the cache, the
     search starts from its last one and writes at most ``max_length`` new tokens. A row's result is
@@ -180,6 +181,8 @@ def generate(
     """
     adapter = adapter_for(model)
     inputs, lengths = _as_batch(adapter, inputs, prompt_lengths)
+    if max_length is None:
+        max_length = default_max_length(adapter, inputs.shape[1])
     _check_options(adapter, inputs, locals())
     spec = adapter.inputs
     if suppress_ids != ():
@@ -199,6 +202,21 @@ def generate(
         return_attention=return_attention, compat=compat, suppress_ids=suppress_ids,
         chunk_size=chunk_size,
     )  # fmt: skip
+
+
+DEFAULT_MAX_LENGTH = 250  # OpenNMT-tf's maximum_decoding_length
+
+
+def default_max_length(adapter: Adapter, input_length: int) -> int:
+    """``generate``'s ``max_length`` when none is given: OpenNMT-tf's 250, or fewer when the
+    model's positions end sooner (what is left after a decoder-only LM's prompt)."""
+    limit = adapter.inputs.max_len - adapter.positions(input_length, 0)
+    if limit < 1:
+        raise ValueError(
+            f"inputs: a {adapter.inputs.name} of length {input_length} leaves no position free in "
+            f"the model's max_len={adapter.inputs.max_len}"
+        )
+    return min(DEFAULT_MAX_LENGTH, limit)
 
 
 def _as_batch(adapter: Adapter, inputs, prompt_lengths) -> tuple[Array, Array | None]:

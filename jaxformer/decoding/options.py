@@ -39,12 +39,22 @@ def require_int(
 
 
 def require_number(name: str, value, *, positive: bool = False) -> float:
-    """A real number ``>= 0`` (``> 0`` with ``positive``), else a ``ValueError``."""
-    allowed = "a number > 0" if positive else "a number >= 0"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or np.isnan(value):
+    """A finite real number ``>= 0`` (``> 0`` with ``positive``), else a ``ValueError``.
+
+    ``inf`` is refused like ``nan``: an infinite length penalty or temperature does not raise in the
+    search, it quietly returns one-token or empty outputs."""
+    allowed = "a finite number > 0" if positive else "a finite number >= 0"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     if value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be {allowed}, got {value}")
+    return float(value)
+
+
+def require_probability(name: str, value) -> float:
+    """A number in ``(0, 1]`` (a nucleus mass), else a ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
     return float(value)
 
 

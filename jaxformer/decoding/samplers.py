@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxformer.decoding.options import require_number, require_probability
 from jaxformer.typing import Array, Float, Int, PRNGKey
 
 
@@ -99,10 +100,9 @@ class RandomSampler:
             raise ValueError(
                 f"RandomSampler: topk must be an int >= 0 (0 = all), got {self.topk!r}"
             )
-        if isinstance(self.temperature, int | float) and not self.temperature > 0:
-            raise ValueError(f"RandomSampler: temperature must be > 0, got {self.temperature!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"RandomSampler: top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.temperature, int | float):  # a traced temperature is data
+            require_number("RandomSampler: temperature", self.temperature, positive=True)
+        require_probability("RandomSampler: top_p", self.top_p)
 
     def __call__(
         self, scores: Float[Array, "R X"], num_samples: int, rng: PRNGKey

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.decoding.options import require_int
+from jaxformer.decoding.options import require_int, require_number
 from jaxformer.typing import Array, Bool, Float, Int, PRNGKey
 
 
@@ -76,12 +76,8 @@ class BeamSearch:
 
     def __post_init__(self):
         require_int("BeamSearch: beam_size", self.beam_size, 1)
-        if not self.length_penalty >= 0:  # NaN too
-            raise ValueError(f"BeamSearch: length_penalty must be >= 0, got {self.length_penalty}")
-        if not self.coverage_penalty >= 0:
-            raise ValueError(
-                f"BeamSearch: coverage_penalty must be >= 0, got {self.coverage_penalty}"
-            )
+        require_number("BeamSearch: length_penalty", self.length_penalty)  # NaN and inf refused
+        require_number("BeamSearch: coverage_penalty", self.coverage_penalty)
         n = self.num_hypotheses
         if n is not None and not 1 <= n <= self.beam_size:
             raise ValueError(f"BeamSearch: num_hypotheses must be in [1, beam_size], got {n}")

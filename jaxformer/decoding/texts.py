@@ -5,10 +5,14 @@
     outputs[i].texts[0]                         # the best hypothesis of line i; .scores alongside
     corpus_scores([o.texts[0] for o in outputs], references)   # {"bleu": ..., "exact_match": ...}
 
-Lines are sorted by length and cut into batches of ``batch_size`` whose source length is rounded up
-to a multiple of ``length_step``, and the last batch is filled with empty rows: a file of any size
-compiles only a handful of shapes (one per length bucket), and results come back in input order.
-Decoding a row does not depend on the other rows of its batch.
+    for output in iter_translations(model, params, src_tok, tgt_tok, lines, options):
+        write(output)                           # in input order, as soon as it is ready
+
+Lines are read in windows, sorted by length within each and cut into batches of ``batch_size``
+whose source length is rounded up to a multiple of 16 (``ordered.py``): a file of any size
+compiles only a handful of shapes (one per length bucket), results come back in input order, and
+each as soon as the lines before it are done. Decoding a row does not depend on the other rows of
+its batch.
 
 Sources are token ids without BOS or EOS, right-padded with ``PAD_ID`` (0), as ``encode_sources``
 and ``length_batches`` make them. A symbol the source tokenizer does not know becomes ``UNK_ID``:
@@ -19,7 +23,7 @@ can tell the user rather than return a translation of ``<unk>`` without a word.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -35,6 +39,7 @@ from jaxformer.data.tokenizers import (
 from jaxformer.decoding import BeamSearch, BestSampler, GreedySearch, RandomSampler
 from jaxformer.decoding import options as opt
 from jaxformer.decoding.generation import generate
+from jaxformer.decoding.ordered import in_order, sorted_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +47,12 @@ class DecodeOptions:
     """Search options, as OpenNMT-tf's ``params`` (``beam_width``, ``sampling_topk``, ...) name them.
 
     ``sampling_topk``: 1 is greedy / beam search (the default); 0 samples from the full
-    distribution; k > 1 from the k most likely tokens, with ``sampling_temperature``.
+    distribution; k > 1 from the k most likely tokens, with ``sampling_temperature`` and ``top_p``
+    (nucleus sampling: the smallest set of candidates holding that probability mass).
+    An option that cannot apply is refused rather than ignored: ``sampling_temperature`` and
+    ``top_p`` need sampling (``sampling_topk`` != 1; a temperature alone does not switch sampling
+    on, as in OpenNMT-tf and CTranslate2), ``length_penalty`` and ``coverage_penalty`` need beam
+    search (``beam_size`` > 1).
     ``max_length``: the most target tokens per hypothesis. A hypothesis that reaches it without EOS
     is returned as it is (``truncated`` tells how many did), as OpenNMT-tf does.
     ``target_prefix``: target token ids forced after the start token of every line (NLLB's
@@ -56,6 +66,7 @@ class DecodeOptions:
     coverage_penalty: float = 0.0
     sampling_topk: int = 1
     sampling_temperature: float = 1.0
+    top_p: float = 1.0
     min_length: int = 0
     max_length: int = 250
     n_best: int = 1
@@ -72,6 +83,8 @@ class DecodeOptions:
         opt.require_number("length_penalty", self.length_penalty)
         opt.require_number("coverage_penalty", self.coverage_penalty)
         opt.require_int("seed", self.seed)
+        opt.require_probability("top_p", self.top_p)
+        self._refuse_inapplicable()
         for name in ("target_prefix", "suppress_ids"):  # ids; checked against V by generate
             ids = getattr(self, name)
             if not isinstance(ids, tuple | list):
@@ -83,6 +96,23 @@ class DecodeOptions:
                 f"target_prefix has {len(self.target_prefix)} tokens; it must be shorter than "
                 f"max_length={self.max_length} (which counts it)"
             )
+
+    def _refuse_inapplicable(self) -> None:
+        if self.sampling_topk == 1:
+            for name, neutral in (("sampling_temperature", 1.0), ("top_p", 1.0)):
+                if getattr(self, name) != neutral:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)} applies to sampling only; set sampling_topk "
+                        "to 0 (the full distribution) or k > 1 (the k best), or leave it at "
+                        f"{neutral} (sampling_topk=1 is greedy or beam search)"
+                    )
+        if self.beam_size == 1:
+            for name in ("length_penalty", "coverage_penalty"):
+                if getattr(self, name) != 0:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)} applies to beam search only; set "
+                        "beam_size > 1, or leave it at 0"
+                    )
 
     @property
     def strategy(self) -> GreedySearch | BeamSearch:
@@ -99,7 +129,9 @@ class DecodeOptions:
     def sampler(self) -> BestSampler | RandomSampler:
         if self.sampling_topk == 1:
             return BestSampler()
-        return RandomSampler(topk=self.sampling_topk, temperature=self.sampling_temperature)
+        return RandomSampler(
+            topk=self.sampling_topk, temperature=self.sampling_temperature, top_p=self.top_p
+        )
 
     def search(self, rng) -> dict:
         """``generate``'s search arguments (EOS is the tokenizers' ``EOS_ID``)."""
@@ -135,10 +167,7 @@ class Output:
     scores: list[float]  # their search scores (log-probabilities, with penalties for beams)
     truncated: bool  # the best hypothesis stopped at max_length without EOS
     unknown: tuple[str, ...] = ()  # symbols of the input outside the vocabulary (encoded as UNK)
-
-
-def _round_up(n: int, step: int) -> int:
-    return max(step, -(-n // step) * step)
+    input_truncated: bool = False  # the input was longer than the model allows and was cut
 
 
 def encode_sources(
@@ -146,19 +175,25 @@ def encode_sources(
 ) -> list[list[int]]:
     """Token ids of each line; a line longer than ``max_source_length`` tokens raises (names it)
     unless ``truncate``, which keeps its first ``max_source_length`` tokens."""
-    out = []
+    return _encode(tokenizer, lines, max_source_length, truncate)[0]
+
+
+def _encode(tokenizer, lines, limit: int, truncate: bool) -> tuple[list[list[int]], list[bool]]:
+    """``encode_sources`` and, per line, whether it was cut."""
+    out, cut = [], []
     for number, line in enumerate(lines, 1):
         ids = tokenizer.encode(line)
-        if len(ids) > max_source_length:
+        cut.append(len(ids) > limit)
+        if cut[-1]:
             if not truncate:
                 raise ValueError(
                     f"input line {number} has {len(ids)} tokens, more than the model's maximum "
-                    f"source length {max_source_length} (pass truncate=True / --truncate to keep "
-                    "the first tokens)"
+                    f"source length {limit} (pass truncate=True / --truncate to keep the first "
+                    "tokens)"
                 )
-            ids = ids[:max_source_length]
+            ids = ids[:limit]
         out.append(ids)
-    return out
+    return out, cut
 
 
 def length_batches(
@@ -168,19 +203,70 @@ def length_batches(
     pad_id: int = PAD_ID,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """``[(index int32[B], ids int32[B, S])]``: sorted by length, padded with ``pad_id`` to
-    buckets; index -1 = filler."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    batches = []
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        length = _round_up(max(len(sequences[i]) for i in chunk), length_step)
-        ids = np.full((batch_size, length), pad_id, np.int32)
-        index = np.full((batch_size,), -1, np.int32)
-        for row, i in enumerate(chunk):
-            ids[row, : len(sequences[i])] = sequences[i]
-            index[row] = i
-        batches.append((index, ids))
-    return batches
+    buckets; index -1 = filler (``ordered.sorted_batches`` over all of ``sequences``)."""
+    batches = sorted_batches(
+        sequences, range(len(sequences)), batch_size, length_step=length_step, pad_id=pad_id
+    )
+    return [(index, ids) for index, ids, _ in batches]
+
+
+def check_lines(lines, name: str = "lines") -> list[str]:
+    """``lines`` as a list of strings; a single string is refused (it would be read as one
+    input per character)."""
+    if isinstance(lines, str | bytes):
+        raise ValueError(
+            f"{name} must be a list of strings, one input per item; got a single "
+            f"{type(lines).__name__} (wrap one text as [text], or split a text with .splitlines())"
+        )
+    lines = list(lines)
+    for number, line in enumerate(lines, 1):
+        if not isinstance(line, str):
+            raise ValueError(f"{name}[{number - 1}] must be a string, got {type(line).__name__}")
+    return lines
+
+
+def iter_translations(
+    model,
+    params,
+    src_tokenizer: Tokenizer,
+    tgt_tokenizer: Tokenizer,
+    lines: Sequence[str],
+    options: DecodeOptions = DecodeOptions(),
+    *,
+    batch_size: int = 32,
+    truncate: bool = False,
+    special_ids: SpecialIds = SpecialIds(),
+    source_prefix: str = "",
+    window: int | None = None,
+) -> Iterator[Output]:
+    """The translation of each line, in input order, each as soon as every earlier one is done.
+
+    Lines are sorted by length within windows of ``window`` lines (default: 16 batches), never
+    over the whole input (``ordered.py``), so a caller that writes outputs as they come loses at
+    most one window when interrupted. Empty lines translate to an empty output without decoding.
+    ``source_prefix``: text put before every line (T5's task prefixes, ``translate English to
+    German: ``). ``Output.unknown`` names the symbols of each line that the source vocabulary lacks
+    (they were translated as ``<unk>``); ``Output.input_truncated`` says ``truncate`` cut the line.
+    ``special_ids``: the start, end, padding and unknown ids of the tokenizers (jaxformer's by
+    default; ``Pretrained.translate`` passes a checkpoint's).
+    """
+    lines = check_lines(lines)
+    _check_batch_size(batch_size)
+    texts = [source_prefix + line if line else line for line in lines]
+    sources, cut = _encode(src_tokenizer, texts, model.config.max_len, truncate)
+    unknown = _unknown(src_tokenizer, texts, sources, special_ids.unk)
+    keys = _keys(options)
+
+    def decode(index, ids, lengths):
+        result = _decode_batch(model, params, ids, options, next(keys), special_ids)
+        return [
+            _output(result, row, tgt_tokenizer, options, unknown[i], cut[i])
+            for row, i in enumerate(index.tolist())
+        ]
+
+    empty = lambda i: Output([""] * options.n_best, [0.0] * options.n_best, False, unknown[i])
+    batching = dict(batch_size=batch_size, window=window, pad_id=special_ids.pad)
+    return (output for _, output in in_order(sources, decode, empty, **batching))
 
 
 def translate_texts(
@@ -195,37 +281,31 @@ def translate_texts(
     truncate: bool = False,
     progress: bool = False,
     special_ids: SpecialIds = SpecialIds(),
+    source_prefix: str = "",
+    window: int | None = None,
 ) -> list[Output]:
-    """Translates ``lines`` (in order). Empty lines translate to an empty output without decoding.
+    """``iter_translations`` as a list (with a progress bar if ``progress``)."""
+    outputs = iter_translations(
+        model, params, src_tokenizer, tgt_tokenizer, lines, options, batch_size=batch_size,
+        truncate=truncate, special_ids=special_ids, source_prefix=source_prefix, window=window,
+    )  # fmt: skip
+    done = []
+    with _progress(None if isinstance(lines, str) else len(lines), progress, "translating") as bar:
+        for output in outputs:
+            done.append(output)
+            bar.update(1)
+    return done
 
-    ``Output.unknown`` names the symbols of each line that the source vocabulary lacks (they were
-    translated as ``<unk>``). ``special_ids``: the start, end, padding and unknown ids of the
-    tokenizers (jaxformer's by default; ``Pretrained.translate`` passes a checkpoint's).
-    """
-    _check_batch_size(batch_size)
-    sources = encode_sources(src_tokenizer, lines, model.config.max_len, truncate)
-    unknown = _unknown(src_tokenizer, lines, sources, special_ids.unk)
-    todo = [i for i, ids in enumerate(sources) if ids]
-    outputs: list[Output | None] = [
-        None if ids else Output([""] * options.n_best, [0.0] * options.n_best, False)
-        for ids in sources
-    ]
-    batches = length_batches([sources[i] for i in todo], batch_size, pad_id=special_ids.pad)
-    bar = _progress(len(todo), progress, "translating")
+
+def _keys(options: DecodeOptions) -> Iterator:
+    """One random key per decoded batch (sampling), or None forever."""
     rng = options.rng
-    for index, ids in batches:
-        if rng is not None:
-            rng, key = jax.random.split(rng)
+    while True:
+        if rng is None:
+            yield None
         else:
-            key = None
-        result = _decode_batch(model, params, ids, options, key, special_ids)
-        for row, i in enumerate(index.tolist()):
-            if i >= 0:
-                line = todo[i]
-                outputs[line] = _output(result, row, tgt_tokenizer, options, unknown[line])
-                bar.update(1)
-    bar.close()
-    return [o for o in outputs if o is not None]
+            rng, key = jax.random.split(rng)
+            yield key
 
 
 def _check_batch_size(batch_size) -> None:
@@ -264,34 +344,45 @@ def unknown_summary(outputs: Sequence[Output], what: str = "lines") -> str | Non
 
 
 def _decode_batch(
-    model, params, ids, options: DecodeOptions, key, special: SpecialIds = SpecialIds()
+    model,
+    params,
+    ids,
+    options: DecodeOptions,
+    key,
+    special: SpecialIds = SpecialIds(),
+    lengths=None,
 ):
     prefix = {}
     if options.target_prefix:  # the same tokens for every row
         prefix["target_prefix"] = np.tile(np.asarray([options.target_prefix]), (len(ids), 1))
+    if lengths is not None:
+        prefix["prompt_lengths"] = lengths
     search = {**options.search(key), "end_id": special.end}
     result = generate(model, params, ids, start_id=special.start, **search, **prefix)
     return jax.device_get((result.ids, result.lengths, result.scores))
 
 
-def _output(result, row: int, tokenizer: Tokenizer, options: DecodeOptions, unknown) -> Output:
+def _output(
+    result, row: int, tokenizer: Tokenizer, options: DecodeOptions, unknown, cut: bool = False
+) -> Output:
     """Row ``row`` of a decoded batch as text: its n-best hypotheses and their scores."""
     hyp_ids, lengths, scores = result
     texts = [
         tokenizer.decode(hyp_ids[row, k, : lengths[row, k]].tolist()) for k in range(options.n_best)
     ]
     truncated = bool(lengths[row, 0] >= options.max_length)  # no EOS within the limit
-    return Output(texts, scores[row, : options.n_best].tolist(), truncated, unknown)
+    return Output(texts, scores[row, : options.n_best].tolist(), truncated, unknown, cut)
 
 
-def _progress(total: int, enabled: bool, desc: str):
+def _progress(total: int | None, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, disable=not enabled, desc=desc, unit="line", leave=False)
 
 
 def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Corpus BLEU (sacrebleu, its default 13a tokenisation) and exact match, both in percent."""
+    """Corpus BLEU and chrF (sacrebleu's defaults: 13a tokenisation; character 6-grams, beta 2)
+    and exact match, all in percent."""
     import sacrebleu
 
     if len(hypotheses) != len(references):
@@ -299,8 +390,51 @@ def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[
     if not hypotheses:
         raise ValueError("corpus_scores needs at least one hypothesis")
     bleu = sacrebleu.corpus_bleu(list(hypotheses), [list(references)])
+    chrf = sacrebleu.corpus_chrf(list(hypotheses), [list(references)])
     exact = np.mean([h.strip() == r.strip() for h, r in zip(hypotheses, references, strict=True)])
-    return {"bleu": float(bleu.score), "exact_match": 100.0 * float(exact)}
+    return {
+        "bleu": float(bleu.score),
+        "chrf": float(chrf.score),
+        "exact_match": 100.0 * float(exact),
+    }
+
+
+def iter_continuations(
+    model,
+    params,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    options: DecodeOptions,
+    *,
+    batch_size: int = 32,
+    window: int | None = None,
+    special_ids: SpecialIds = SpecialIds(),
+) -> Iterator[Output]:
+    """Language models: the continuation of each prompt (at least one token each), in input order,
+    each as soon as every earlier one is done (windows and batches as ``iter_translations``').
+
+    Prompts of different lengths share a batch (right-padded; each row continues at its own
+    positions, so its result does not depend on the others).
+    """
+    prompts = check_lines(prompts, "prompts")
+    _check_batch_size(batch_size)
+    encoded = [tokenizer.encode(p) for p in prompts]
+    unknown = _unknown(tokenizer, prompts, encoded, special_ids.unk)
+    for number, ids in enumerate(encoded, 1):
+        if not ids:
+            raise ValueError(f"prompt {number} is empty: a language model needs >= 1 token")
+    widest = model.config.max_len - options.max_length + 1  # the prompt width the positions allow
+    keys = _keys(options)
+
+    def decode(index, ids, lengths):
+        ragged = None if (lengths == ids.shape[1]).all() else lengths
+        result = _decode_batch(model, params, ids, options, next(keys), special_ids, ragged)
+        rows = enumerate(index.tolist())
+        return [_output(result, row, tokenizer, options, unknown[i]) for row, i in rows]
+
+    batching = dict(batch_size=batch_size, window=window, pad_id=special_ids.pad)
+    batching |= dict(max_width=widest, filler=(special_ids.pad,))
+    return (output for _, output in in_order(encoded, decode, None, **batching))
 
 
 def continue_texts(
@@ -309,16 +443,14 @@ def continue_texts(
     tokenizer: Tokenizer,
     prompts: Sequence[str],
     options: DecodeOptions,
+    *,
+    batch_size: int = 32,
+    special_ids: SpecialIds = SpecialIds(),
 ) -> list[Output]:
-    """Language models: the continuation of each prompt (at least one token each).
-
-    The prompts are decoded together, whatever their lengths (right-padded; each row continues at
-    its own positions, so its result does not depend on the others).
-    """
-    encoded = [tokenizer.encode(p) for p in prompts]
-    unknown = _unknown(tokenizer, prompts, encoded)
-    for number, ids in enumerate(encoded, 1):
-        if not ids:
-            raise ValueError(f"prompt {number} is empty: a language model needs >= 1 token")
-    result = _decode_batch(model, params, encoded, options, options.rng)
-    return [_output(result, row, tokenizer, options, unknown[row]) for row in range(len(encoded))]
+    """``iter_continuations`` as a list."""
+    return list(
+        iter_continuations(
+            model, params, tokenizer, prompts, options, batch_size=batch_size,
+            special_ids=special_ids,
+        )
+    )  # fmt: skip

@@ -35,6 +35,8 @@ strings for callers that work with ids only.
 from __future__ import annotations
 
 import pathlib
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -273,21 +275,80 @@ def to_ctranslate2(
     source_vocab: list[str],
     target_vocab: list[str],
     quantization: str | None = None,
+    overwrite: bool = False,
 ) -> pathlib.Path:
     """Write ``params`` of a ``Transformer(model_config)`` as a CTranslate2 model in ``output_dir``.
 
     ``source_vocab`` / ``target_vocab``: the token string of every id (``ids_vocab(n)`` when there are
     none); ids 0..3 must be pad, bos, eos, unk. ``quantization``: CTranslate2's weight type
-    (``"int8"``, ``"float16"``, ...; None keeps float32). An existing ``output_dir`` is replaced.
-    Returns the directory; load it with ``ctranslate2.Translator(str(path))``.
+    (``"int8"``, ``"float16"``, ...; None keeps float32). Returns the directory; load it with
+    ``ctranslate2.Translator(str(path))``.
+
+    Nothing that this call did not make is deleted: ``output_dir`` must not exist or be empty,
+    unless ``overwrite`` and it holds an earlier export and nothing else (``previous_export``),
+    which is then replaced. The model is written into a new directory beside it first and moved
+    into place once complete, so a failed export leaves ``output_dir`` as it was.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    spec = build_spec(model_config, params, source_vocab, target_vocab)
-    converter = _spec_converter(spec)
     out = pathlib.Path(output_dir)
-    converter.convert(str(out), quantization=quantization, force=True)
+    previous = previous_export(out, overwrite)
+    spec = build_spec(model_config, params, source_vocab, target_vocab)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _spec_converter(spec).convert(str(staging / "model"), quantization=quantization)
+        if out.exists():  # empty, or (checked above) an earlier export: only its files go
+            for name in previous:
+                (out / name).unlink()
+            out.rmdir()
+        (staging / "model").rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+# What CTranslate2's converters write into a model directory (any of them).
+EXPORT_FILES = frozenset(
+    {
+        "model.bin",
+        "config.json",
+        "shared_vocabulary.json",
+        "shared_vocabulary.txt",
+        "source_vocabulary.json",
+        "source_vocabulary.txt",
+        "target_vocabulary.json",
+        "target_vocabulary.txt",
+        "vocabulary.json",
+        "vocabulary.txt",
+    }
+)
+
+
+def previous_export(out: pathlib.Path, overwrite: bool) -> list[str]:
+    """The files an export to ``out`` would replace (none if ``out`` is missing or empty); raises
+    unless ``overwrite`` and ``out`` holds a CTranslate2 model and nothing else."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory; choose a new directory")
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return []
+    foreign = [n for n in names if n not in EXPORT_FILES or not (out / n).is_file()]
+    if foreign or "model.bin" not in names:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ValueError(
+            f"{out} is not empty and is not an earlier CTranslate2 export "
+            f"({'it holds ' + shown if foreign else 'it has no model.bin'}); nothing is deleted: "
+            "choose a new directory"
+        )
+    if not overwrite:
+        raise ValueError(
+            f"{out} holds an earlier CTranslate2 export ({', '.join(names)}); pass "
+            "overwrite=True (--overwrite) to replace it, or choose a new directory"
+        )
+    return names
 
 
 def _spec_converter(spec):

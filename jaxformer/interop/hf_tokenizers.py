@@ -16,14 +16,15 @@ Every tokenizer has ``encode(text) -> ids``, ``decode(ids) -> text`` (special to
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from jaxformer.data.tokenizers import Ids
+from jaxformer.interop.files import read_json_object, read_sentencepiece, read_tokenizer_json
 from jaxformer.interop.weights import CheckpointError
 
 LANGUAGE_TOKEN = re.compile(r"(>>[^<>\s]+<<)")  # Marian's target-language tokens
@@ -135,11 +136,36 @@ def _copy(files: Sequence[Path], directory: str | Path) -> None:
 
 
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    return read_json_object(path, missing={})
 
 
-def load(directory: Path, config: dict, ids: dict[str, int]):
-    """``(source_tokenizer, target_tokenizer)`` of a model directory, or ``(None, None)``."""
+def load(directory: Path, config: dict, ids: dict[str, int], rows: tuple[int, int]):
+    """``(source_tokenizer, target_tokenizer)`` of a model directory, or ``(None, None)``.
+
+    ``rows``: the source and target embeddings' rows. Every vocabulary is checked against the
+    embedding it indexes (an id past its rows, or a Marian vocabulary of another size, is refused:
+    a vocabulary cut short decodes to wrong text without an error otherwise) and, for Marian,
+    against the sentencepiece pieces it looks up."""
+    source, target = _load(directory, config, ids)
+    if source is not None:
+        for tokenizer, count, side in ((source, rows[0], "source"), (target, rows[1], "target")):
+            _check_rows(tokenizer, count, side, config["model_type"] == "marian")
+    return source, target
+
+
+def _check_rows(tokenizer, rows: int, side: str, exact: bool) -> None:
+    """The tokenizer's ids fit the ``rows`` of the embedding they index (Marian: exactly)."""
+    size = tokenizer.vocab_size
+    if size > rows or (exact and size != rows):
+        files = ", ".join(str(p) for p in tokenizer.files)
+        raise CheckpointError(
+            f"{files}: the {side} vocabulary has {size} tokens but the model's {side} embedding "
+            f"has {rows} rows (config.json); the vocabulary does not belong to these weights, or "
+            "is cut short"
+        )
+
+
+def _load(directory: Path, config: dict, ids: dict[str, int]):
     model_type = config["model_type"]
     settings = _json(directory / "tokenizer_config.json")
     if model_type == "marian" and (directory / "source.spm").exists():
@@ -147,9 +173,7 @@ def load(directory: Path, config: dict, ids: dict[str, int]):
     if (directory / "tokenizer.json").exists():
         return _fast(directory, model_type, settings, ids)
     if (directory / "spiece.model").exists():
-        import sentencepiece
-
-        model = sentencepiece.SentencePieceProcessor(model_file=str(directory / "spiece.model"))
+        model = read_sentencepiece(directory / "spiece.model")
         vocab = {model.id_to_piece(i): i for i in range(model.get_piece_size())}
         files = (directory / "spiece.model",)
         tok = MarianTokenizer(
@@ -165,18 +189,30 @@ def _special_ids(ids: dict[str, int], *more: int | None) -> frozenset[int]:
 
 
 def _marian(directory: Path, settings: dict, ids: dict[str, int]):
-    import sentencepiece
-
     vocab = _json(directory / "vocab.json")
-    target_vocab = _json(directory / "target_vocab.json") or vocab
+    target_name = (
+        "target_vocab.json" if (directory / "target_vocab.json").exists() else "vocab.json"
+    )
+    target_vocab = _json(directory / target_name)
     if not vocab:
         raise CheckpointError(f"{directory}: a Marian tokenizer needs vocab.json")
+    for name, table in (("vocab.json", vocab), (target_name, target_vocab)):
+        values = list(table.values())
+        if not all(isinstance(i, int) for i in values) or sorted(values) != list(range(len(table))):
+            raise CheckpointError(
+                f"{directory / name}: ids must be 0 .. {len(table) - 1}, each once (damaged?)"
+            )
     unk = vocab.get(settings.get("unk_token", "<unk>"), vocab.get("<unk>"))
     specials = _special_ids(ids, unk)
     made = []
-    for spm, table, eos in (("source.spm", vocab, True), ("target.spm", target_vocab, False)):
-        model = sentencepiece.SentencePieceProcessor(model_file=str(directory / spm))
+    sides = (
+        ("source.spm", "vocab.json", vocab, True),
+        ("target.spm", target_name, target_vocab, False),
+    )
+    for spm, name, table, eos in sides:
+        model = read_sentencepiece(directory / spm)
         files = (directory / spm, directory / "vocab.json")
+        _check_pieces(model, table, (directory / spm, directory / name))
         made.append(
             MarianTokenizer(
                 model,
@@ -193,10 +229,26 @@ def _marian(directory: Path, settings: dict, ids: dict[str, int]):
     return made[0], made[1]
 
 
-def _fast(directory: Path, model_type: str, settings: dict, ids: dict[str, int]):
-    import tokenizers
+def _check_pieces(model, vocab: dict[str, int], files) -> None:
+    """Every ordinary sentencepiece piece has an id in the JSON vocabulary: a piece without one
+    would be read as ``<unk>`` (control and unknown pieces are framed by the loader instead)."""
+    missing = [
+        model.id_to_piece(i)
+        for i in range(model.get_piece_size())
+        if not (model.is_control(i) or model.is_unknown(i)) and model.id_to_piece(i) not in vocab
+    ]
+    if missing:
+        shown = ", ".join(repr(p) for p in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        warnings.warn(
+            f"{files[1]}: {len(missing)} of {model.get_piece_size()} pieces of {files[0].name} "
+            f"have no id ({shown}); they are read as <unk>",
+            UserWarning,
+            stacklevel=4,
+        )
 
-    tokenizer = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+
+def _fast(directory: Path, model_type: str, settings: dict, ids: dict[str, int]):
+    tokenizer = read_tokenizer_json(directory / "tokenizer.json")
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     unk = vocab.get(settings.get("unk_token") or "<unk>")
     bos = vocab.get(settings.get("bos_token") or "<s>")

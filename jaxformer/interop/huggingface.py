@@ -22,12 +22,12 @@ every tensor of the checkpoint must be explained by the config (``weights.Tensor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jaxformer.interop.files import read_json_object, read_safetensors
 from jaxformer.interop.weights import (
     CheckpointError,
     Tensors,
@@ -55,7 +55,7 @@ ACTIVATIONS = {
 
 def read_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = read_json_object(path)
     model_type = ALIASES.get(config.get("model_type"), config.get("model_type"))
     config["model_type"] = model_type
     if model_type not in MODEL_TYPES:
@@ -67,17 +67,16 @@ def read_config(directory: Path) -> dict[str, Any]:
 
 
 def read_generation_config(directory: Path) -> dict[str, Any]:
-    path = directory / "generation_config.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    return read_json_object(directory / "generation_config.json", missing={})
 
 
 def read_tensors(directory: Path) -> Tensors:
     """Every tensor of ``model.safetensors`` or of the shards its index lists."""
-    from safetensors.numpy import load_file
-
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f'{index}: no "weight_map" of tensor names to files')
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
@@ -98,7 +97,7 @@ def read_tensors(directory: Path) -> Tensors:
         path = directory / name
         if not path.exists():
             raise CheckpointError(f"{index}: lists {name}, which is missing from {directory}")
-        for key, array in load_file(str(path)).items():
+        for key, array in read_safetensors(path).items():
             arrays[key] = array
             origin[key] = str(path)
     listed = ", ".join(str(directory / name) for name in files)

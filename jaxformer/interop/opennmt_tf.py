@@ -84,7 +84,13 @@ class VocabularyTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"vocabulary file {path} does not exist")
-        lines = path.read_text(encoding="utf-8").split("\n")
+        try:
+            lines = path.read_bytes().decode("utf-8").split("\n")
+        except UnicodeDecodeError as error:
+            raise CheckpointError(
+                f"vocabulary file {path}: not UTF-8 text (byte {error.start}); damaged, or not "
+                "an OpenNMT-tf vocabulary"
+            ) from None
         if lines and lines[-1] == "":
             lines.pop()
         return cls(tuple(lines), path)

@@ -14,6 +14,7 @@ A directory with ``config.json`` is read as Hugging Face's (``huggingface.py``);
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,9 @@ class Pretrained:
     family: str  # "marian", "m2m100", "bart", "mbart", "t5", "mt5", "opennmt-tf"
     path: Path
     generation: GenerationDefaults = GenerationDefaults()
+    # Source prefixes the checkpoint declares, by task (config.json's task_specific_params: T5's
+    # {"translation_en_to_de": "translate English to German: ", ...}); empty if none.
+    task_prefixes: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def config(self) -> TransformerConfig:
@@ -70,12 +74,32 @@ class Pretrained:
 
         return SpecialIds(self.start_id, self.end_id, self.pad_id, _unk_id(self.source_tokenizer))
 
-    def decode_options(self, target_lang: str | None = None, **options):
+    @property
+    def wants_prefix(self) -> bool:
+        """Whether sources need a task prefix to make sense (T5, which is trained with them)."""
+        return self.family == "t5"
+
+    def prefix_warning(self) -> str:
+        """What to tell a user who translates with a T5 checkpoint without a source prefix."""
+        declared = ", ".join(f"{p!r} ({task})" for task, p in self.task_prefixes.items())
+        return (
+            f"{self.path.name} is a T5 checkpoint: its sources need the task prefix it was trained "
+            "with, or it translates garbage; "
+            + (f"it declares {declared}" if declared else "config.json declares none")
+            + "; pass source_prefix= / --source-prefix TEXT"
+        )
+
+    def decode_options(self, target_lang: str | None = None, onmt_config=None, **options):
         """``DecodeOptions`` with this checkpoint's generation defaults: its suppressed tokens,
         its forced first token or ``target_lang``'s token (NLLB), ``max_length`` within the model's
-        positions; ``options`` (``beam_size=4``, ...) are passed on and win."""
+        positions; then the decoding settings of an OpenNMT-tf run configuration ``onmt_config``
+        (a path: ``interop.opennmt_config``); ``options`` (``beam_size=4``, ...) win over both."""
         from jaxformer.decoding.texts import DecodeOptions
 
+        if onmt_config is not None:
+            from jaxformer.interop.opennmt_config import read_opennmt_config
+
+            options = {**read_opennmt_config(onmt_config).decoding, **options}
         defaults = {"suppress_ids": self.generation.suppress_ids}
         if target_lang is not None:
             if self.target_tokenizer is None or not hasattr(self.target_tokenizer, "token_id"):
@@ -97,35 +121,68 @@ class Pretrained:
         batch_size: int = 32,
         truncate: bool = False,
         progress: bool = False,
+        source_prefix: str | None = None,
     ):
         """Text in, text out with the checkpoint's tokenizers (``decoding.texts.Output`` per line).
 
         ``options``: a ``DecodeOptions`` (default: ``decode_options(target_lang)``). NLLB / M2M100
-        need ``source_lang`` and ``target_lang`` (codes such as ``eng_Latn``).
+        need ``source_lang`` and ``target_lang`` (codes such as ``eng_Latn``). ``source_prefix``:
+        text put before every line (T5's task prefix, e.g. ``translate English to German: `` from
+        ``task_prefixes``; a T5 checkpoint without one warns). ``iter_translate`` yields the
+        outputs one by one, in order, as they are ready.
         """
         from jaxformer.decoding.texts import translate_texts
 
+        source, prefix = self._source(source_lang, source_prefix)
+        if options is None:
+            options = self.decode_options(target_lang)
+        return translate_texts(
+            self.model, self.params, source, self.target_tokenizer, lines, options,
+            batch_size=batch_size, truncate=truncate, progress=progress,
+            special_ids=self.special_ids, source_prefix=prefix,
+        )  # fmt: skip
+
+    def iter_translate(
+        self,
+        lines,
+        options=None,
+        *,
+        source_lang: str | None = None,
+        target_lang: str | None = None,
+        batch_size: int = 32,
+        truncate: bool = False,
+        source_prefix: str | None = None,
+        window: int | None = None,
+    ):
+        """``translate``, one output at a time in input order (``decoding.texts.iter_translations``:
+        lines sorted by length within windows of ``window`` lines)."""
+        from jaxformer.decoding.texts import iter_translations
+
+        source, prefix = self._source(source_lang, source_prefix)
+        if options is None:
+            options = self.decode_options(target_lang)
+        return iter_translations(
+            self.model, self.params, source, self.target_tokenizer, lines, options,
+            batch_size=batch_size, truncate=truncate, special_ids=self.special_ids,
+            source_prefix=prefix, window=window,
+        )  # fmt: skip
+
+    def _source(self, source_lang: str | None, source_prefix: str | None):
+        """The source tokenizer for ``source_lang`` and the prefix (a T5 without one warns)."""
         if self.source_tokenizer is None or self.target_tokenizer is None:
-            raise ValueError(f"{self.path} has no tokenizer files: encode the text yourself")
+            raise ValueError(
+                f"{self.path} has no tokenizer files (an OpenNMT-tf checkpoint needs "
+                "source_vocabulary= and target_vocabulary=); or decode token ids with "
+                "jaxformer.generate"
+            )
         source = self.source_tokenizer
         if source_lang is not None:
             if not hasattr(source, "for_language"):
                 raise ValueError(f"source_lang={source_lang!r}: this model has no language tokens")
             source = source.for_language(source_lang)
-        if options is None:
-            options = self.decode_options(target_lang)
-        return translate_texts(
-            self.model,
-            self.params,
-            source,
-            self.target_tokenizer,
-            lines,
-            options,
-            batch_size=batch_size,
-            truncate=truncate,
-            progress=progress,
-            special_ids=self.special_ids,
-        )
+        if source_prefix is None and self.wants_prefix:
+            warnings.warn(self.prefix_warning(), UserWarning, stacklevel=3)
+        return source, source_prefix or ""
 
 
 def _unk_id(tokenizer) -> int | None:
@@ -183,7 +240,8 @@ def _load_huggingface(directory: Path, **hints) -> Pretrained:
     ids = _special_ids(raw, generation, directory)
     from jaxformer.interop import hf_tokenizers
 
-    source, target = hf_tokenizers.load(directory, raw, ids)
+    rows = (config.source_vocab_size, config.vocab_size)
+    source, target = hf_tokenizers.load(directory, raw, ids, rows)
     return Pretrained(
         model=model,
         params=jax.tree_util.tree_map(jax.numpy.asarray, params),
@@ -195,7 +253,20 @@ def _load_huggingface(directory: Path, **hints) -> Pretrained:
         family=raw["model_type"],
         path=directory,
         generation=_generation_defaults(raw, generation, ids),
+        task_prefixes=_task_prefixes(raw),
     )
+
+
+def _task_prefixes(config: dict) -> dict[str, str]:
+    """``{task: prefix}`` from config.json's ``task_specific_params`` (T5 declares its tasks)."""
+    tasks = config.get("task_specific_params") or {}
+    if not isinstance(tasks, dict):
+        return {}
+    return {
+        task: settings["prefix"]
+        for task, settings in tasks.items()
+        if isinstance(settings, dict) and isinstance(settings.get("prefix"), str)
+    }
 
 
 def _special_ids(config: dict, generation: dict, directory: Path) -> dict[str, int]:
