@@ -162,13 +162,15 @@ def test_too_long_line_is_an_error_unless_truncated(workdir, capsys, monkeypatch
     long_line = "1" * 200  # the smoke model's max_len is 128 tokens
     status, _, err = run(capsys, monkeypatch, ["translate", "--workdir", str(workdir)], long_line)
     assert status == 2 and "input line 1 has 200 tokens, more than the model's maximum" in err
-    status, out, _ = run(
+    status, out, err = run(
         capsys,
         monkeypatch,
         ["translate", "--workdir", str(workdir), "--truncate", "--max-length", "4"],
-        long_line,
+        f"{long_line}\n12\n{long_line}\n",
     )
-    assert status == 0 and len(out.splitlines()) == 1
+    assert status == 0 and len(out.splitlines()) == 3
+    # --truncate cuts, and says how many lines it cut (never silently)
+    assert "warning: 2 of 3 lines were longer than the model allows and were cut to it" in err
 
 
 def test_generate_with_a_language_model(tmp_path_factory, capsys, monkeypatch):

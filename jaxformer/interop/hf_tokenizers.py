@@ -146,7 +146,7 @@ def load(directory: Path, config: dict, ids: dict[str, int], rows: tuple[int, in
     embedding it indexes (an id past its rows, or a Marian vocabulary of another size, is refused:
     a vocabulary cut short decodes to wrong text without an error otherwise) and, for Marian,
     against the sentencepiece pieces it looks up."""
-    source, target = _load(directory, config, ids)
+    source, target = _load(directory, config, ids, rows)
     if source is not None:
         for tokenizer, count, side in ((source, rows[0], "source"), (target, rows[1], "target")):
             _check_rows(tokenizer, count, side, config["model_type"] == "marian")
@@ -165,11 +165,11 @@ def _check_rows(tokenizer, rows: int, side: str, exact: bool) -> None:
         )
 
 
-def _load(directory: Path, config: dict, ids: dict[str, int]):
+def _load(directory: Path, config: dict, ids: dict[str, int], rows: tuple[int, int]):
     model_type = config["model_type"]
     settings = _json(directory / "tokenizer_config.json")
     if model_type == "marian" and (directory / "source.spm").exists():
-        return _marian(directory, settings, ids)
+        return _marian(directory, settings, ids, rows)
     if (directory / "tokenizer.json").exists():
         return _fast(directory, model_type, settings, ids)
     if (directory / "spiece.model").exists():
@@ -188,7 +188,7 @@ def _special_ids(ids: dict[str, int], *more: int | None) -> frozenset[int]:
     return frozenset(i for i in (ids["start"], ids["end"], ids["pad"], *more) if i is not None)
 
 
-def _marian(directory: Path, settings: dict, ids: dict[str, int]):
+def _marian(directory: Path, settings: dict, ids: dict[str, int], rows: tuple[int, int]):
     vocab = _json(directory / "vocab.json")
     target_name = (
         "target_vocab.json" if (directory / "target_vocab.json").exists() else "vocab.json"
@@ -196,7 +196,16 @@ def _marian(directory: Path, settings: dict, ids: dict[str, int]):
     target_vocab = _json(directory / target_name)
     if not vocab:
         raise CheckpointError(f"{directory}: a Marian tokenizer needs vocab.json")
-    for name, table in (("vocab.json", vocab), (target_name, target_vocab)):
+    for name, table, count in (
+        ("vocab.json", vocab, rows[0]),
+        (target_name, target_vocab, rows[1]),
+    ):
+        if len(table) != count:  # before the pieces: a cut vocabulary lacks many
+            raise CheckpointError(
+                f"{directory / name}: {len(table)} tokens, but the model's embedding has {count} "
+                "rows (config.json); the vocabulary does not belong to these weights, or is cut "
+                "short"
+            )
         values = list(table.values())
         if not all(isinstance(i, int) for i in values) or sorted(values) != list(range(len(table))):
             raise CheckpointError(
