@@ -408,13 +408,17 @@ EXPORT_REFUSALS = [
     ("ffn_bias", False),
     ("tied_output_scale", True),
     ("relative_attention_num_buckets", 32),
+    ("num_kv_heads", 2),
+    ("sliding_window", 4),
+    ("attention_out_bias", False),
 ]
 
 
 def test_every_new_field_is_covered_by_the_export_refusals():
-    # Not refused: the bucket distance comes with the buckets; quantization is how jaxformer runs
-    # the same float32 weights (the export writes them; CTranslate2 has its own quantization).
-    exempt = {"relative_attention_max_distance", "quantization"}
+    # Not refused: the bucket distance comes with the buckets, the rotary settings with
+    # positions="rotary" (refused as positions); quantization is how jaxformer runs the same
+    # float32 weights (the export writes them; CTranslate2 has its own quantization).
+    exempt = {"relative_attention_max_distance", "quantization", "rope_theta", "rope_scaling"}
     assert {name for name, _ in EXPORT_REFUSALS} | exempt == set(NEW_FIELDS)
 
 
