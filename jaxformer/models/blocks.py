@@ -33,7 +33,7 @@ def attention(c: TransformerConfig, self_attention: bool) -> MultiHeadAttention:
     positions and the sliding window: self-attention only)."""
     rotary = None
     if self_attention and c.absolute_positions == "rotary":
-        rotary = Rotary(c.head_dim, c.rope_theta, c.rope_scaling)
+        rotary = Rotary(c.head_dim, float(c.rope_theta), c.rope_scaling)
     return MultiHeadAttention(
         c.num_heads,
         c.d_model,

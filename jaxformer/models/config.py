@@ -119,7 +119,7 @@ class TransformerConfig:
     relative_attention_max_distance: int = 128
     # Decoder-only checkpoints' options (Llama, Mistral, Qwen2, Gemma; see the class docstring).
     rope_theta: float = 10000.0  # positions="rotary": inverse frequencies theta^(-2i/H)
-    rope_scaling: RopeScaling | None = None  # "linear" | "llama3" (rotary.py); a mapping is read
+    rope_scaling: RopeScaling | Mapping | None = None  # a mapping becomes a RopeScaling (rotary.py)
     num_kv_heads: int | None = None  # None: num_heads; fewer: grouped-query attention
     sliding_window: int | None = None  # key j visible to query i iff 0 <= i - j < sliding_window
     attention_out_bias: bool | None = None  # None: attention_bias

@@ -20,8 +20,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxformer.typing import Array, Float
-
 NORMS: tuple[str, ...] = ("layer", "rms", "gemma_rms")
 DEFAULT_EPSILON = 1e-6
 
@@ -33,11 +31,12 @@ class OffsetRMSNorm(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+    def __call__(self, x):  # [..., D] --> [..., D]
         scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],))
+        scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + scale.shape)  # [1.., D]
         x = x.astype(jnp.float32)
         normed = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
-        return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+        return (normed * (1.0 + scale)).astype(self.dtype)
 
 
 def make_norm(

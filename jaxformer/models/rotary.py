@@ -151,7 +151,8 @@ class Rotary:
         self, x: Float[Array, "B T N H"], positions: Int[Array, " T"] | Int[Array, "B T"]
     ) -> Float[Array, "B T N H"]:
         """``x`` rotated at ``positions``: ``[T]`` shared by every row, or ``[B, T]`` per row."""
-        inv_freq = jnp.asarray(inverse_frequencies(self.head_dim, self.theta, self.scaling))
+        inv_freq = inverse_frequencies(self.head_dim, self.theta, self.scaling)
+        inv_freq = jnp.asarray(inv_freq.reshape((1,) * positions.ndim + (-1,)))  # [1, (1,) H/2]
         angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [T, H/2] or [B, T, H/2]
         angles = jnp.concatenate([angles, angles], axis=-1)  # [.., H]: pairs (i, i + H/2)
         angles = jnp.reshape(angles, (-1, *angles.shape[-2:]))[:, :, None, :]  # [1 or B, T, 1, H]
