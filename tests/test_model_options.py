@@ -194,14 +194,17 @@ def test_bart_shares_tokens_but_not_positions_or_embedding_norms():
 @pytest.mark.parametrize("epsilon", [1e-6, 1e-3])
 def test_layer_norm_epsilon_and_rms_norm_against_numpy(epsilon):
     x = np.asarray(jax.random.normal(jax.random.key(0), (2, 3, 8))) * 0.05  # small: eps matters
-    for kind in ("layer", "rms"):
+    for kind in ("layer", "rms", "gemma_rms"):
         config = preset("tiny", norm=kind, layer_norm_epsilon=epsilon)
         norm = config_norm(config, "n")
         params = norm.init(jax.random.key(1), x)["params"]
         scale = np.asarray(jax.random.normal(jax.random.key(2), (8,)))
         params = {**params, "scale": scale}
         got = np.asarray(norm.apply({"params": params}, x))
-        if kind == "rms":
+        if kind == "gemma_rms":  # Gemma: the weight is stored as its offset from 1
+            np.testing.assert_array_equal(norm.init(jax.random.key(1), x)["params"]["scale"], 0.0)
+            expected = x / np.sqrt((x**2).mean(-1, keepdims=True) + epsilon) * (1.0 + scale)
+        elif kind == "rms":
             assert set(params) == {"scale"}  # no bias
             expected = x / np.sqrt((x**2).mean(-1, keepdims=True) + epsilon) * scale
         else:
