@@ -77,14 +77,6 @@ OPTION_VARIANTS = {
     ),
     "geglu_pre_norm_without_final_norm": dict(activation="geglu", final_norm=False),
     "gelu_tanh_no_positions": dict(activation="gelu_tanh", positions="none"),
-    # Decoder-only checkpoints' attention in the encoder-decoder: rotary positions in both stacks'
-    # self-attention, 2 key/value heads in every attention (cross-attention too), no output bias.
-    "rotary_grouped_heads": dict(
-        positions="rotary",
-        rope_scaling=RopeScaling("linear", 2.0),
-        num_kv_heads=2,
-        attention_out_bias=False,
-    ),
 }
 
 

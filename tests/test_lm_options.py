@@ -10,7 +10,6 @@ equivalent model, a full-size config shape-checked at no cost, and the configs' 
 
 import functools
 import json
-import math
 from types import SimpleNamespace
 
 import jax
@@ -30,8 +29,10 @@ from helpers import (
     Transformer,
     as_a_user,
     make,
+    source_batch,
     with_embedding_offset,
 )
+from reference_lm import numpy_inverse_frequencies, numpy_lm, numpy_rope
 
 NAMES = list(LM_VARIANTS)
 
@@ -47,118 +48,6 @@ def randomized(seed=0, **overrides):
         for (path, x), key in zip(leaves, keys, strict=True)
     ]
     return model, jax.tree.unflatten(tree, shaken)
-
-
-# --- An independent NumPy forward pass ------------------------------------------------------------
-
-
-def numpy_inverse_frequencies(head_dim, theta, scaling):
-    """transformers' ``modeling_rope_utils`` formulas, one frequency at a time."""
-    out = []
-    for i in range(head_dim // 2):
-        freq = theta ** (-2.0 * i / head_dim)
-        if scaling is not None and scaling.rope_type == "linear":
-            freq /= scaling.factor
-        elif scaling is not None:  # llama3
-            context = scaling.original_max_position_embeddings
-            wavelength = 2 * math.pi / freq
-            if wavelength > context / scaling.low_freq_factor:
-                freq /= scaling.factor
-            elif wavelength >= context / scaling.high_freq_factor:
-                low, high = scaling.low_freq_factor, scaling.high_freq_factor
-                smooth = (context / wavelength - low) / (high - low)
-                freq = (1 - smooth) * freq / scaling.factor + smooth * freq
-        out.append(freq)
-    return np.array(out)
-
-
-def numpy_rope(x, positions, freqs):
-    """rotate_half RoPE of ``x [B, T, N, H]`` at ``positions [B, T]``: channels i and i + H/2 of
-    every head turned as a plane by the angle ``position * freqs[i]``."""
-    out = np.array(x, np.float64)
-    half = x.shape[-1] // 2
-    for b in range(x.shape[0]):
-        for t in range(x.shape[1]):
-            for i in range(half):
-                angle = positions[b, t] * freqs[i]
-                cos, sin = math.cos(angle), math.sin(angle)
-                first, second = x[b, t, :, i], x[b, t, :, half + i]
-                out[b, t, :, i] = first * cos - second * sin
-                out[b, t, :, half + i] = second * cos + first * sin
-    return out
-
-
-def numpy_norm(c, p, x):
-    eps = c.layer_norm_epsilon
-    if c.norm == "layer":
-        centred = x - x.mean(-1, keepdims=True)
-        return (
-            centred / np.sqrt((centred**2).mean(-1, keepdims=True) + eps) * p["scale"] + p["bias"]
-        )
-    normed = x / np.sqrt((x**2).mean(-1, keepdims=True) + eps)
-    return normed * (1.0 + p["scale"] if c.norm == "gemma_rms" else p["scale"])
-
-
-def numpy_attention(c, p, x):
-    """Self-attention of one row ``x [T, D]``: query head n reads key/value head n // (N / K)."""
-    length, heads, kv_heads = x.shape[0], c.num_heads, c.kv_heads
-    dense = lambda name, spec: np.einsum(spec, x, p[name]["kernel"]) + p[name].get("bias", 0.0)
-    if "qkv" in p:
-        qkv = dense("qkv", "td,dcnh->tcnh")
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    else:
-        q, kv = dense("query", "td,dnh->tnh"), dense("kv", "td,dckh->tckh")
-        k, v = kv[:, 0], kv[:, 1]
-    if c.absolute_positions == "rotary":
-        freqs = numpy_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
-        positions = np.arange(length)[None]
-        q, k = numpy_rope(q[None], positions, freqs)[0], numpy_rope(k[None], positions, freqs)[0]
-    out = np.zeros(q.shape)
-    for n in range(heads):
-        shared = n // (heads // kv_heads)
-        for i in range(length):
-            seen = [j for j in range(i + 1) if c.sliding_window is None or i - j < c.sliding_window]
-            scores = k[seen, shared] @ q[i, n] / math.sqrt(c.head_dim)
-            weights = np.exp(scores - scores.max())
-            out[i, n] = weights / weights.sum() @ v[seen, shared]
-    return np.einsum("tnh,nhd->td", out, p["out"]["kernel"]) + p["out"].get("bias", 0.0)
-
-
-ACTIVATIONS = {
-    "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
-    "silu": lambda x: x / (1 + np.exp(-x)),
-}
-
-
-def numpy_ffn(c, p, x):
-    dense = lambda name, h: h @ p[name]["kernel"] + p[name].get("bias", 0.0)
-    act = ACTIVATIONS[{"swiglu": "silu"}.get(c.activation, c.activation).removeprefix("gated-")]
-    h = act(dense("inner", x))
-    if "inner_linear" in p:
-        h = h * dense("inner_linear", x)
-    return dense("outer", h)
-
-
-def numpy_lm(c, params, ids):
-    """A pre-norm decoder-only LM's logits ``[B, T, V]`` in float64, row by row."""
-    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-    table = p["embedding"]["embedding"]
-    scale = math.sqrt(c.d_model) if c.embedding_scale is None else c.embedding_scale
-    out = []
-    for row in np.asarray(ids):
-        x = table[row] * scale
-        if c.positions == "learned":
-            x = x + p["positions"]["embedding"][np.arange(len(row)) + c.position_offset]
-        for i in range(c.num_decoder_layers):
-            layer = p["decoder"][f"layer_{i}"]
-            x = x + numpy_attention(
-                c, layer["self_attention"], numpy_norm(c, layer["norm_self"], x)
-            )
-            x = x + numpy_ffn(c, layer["ffn"], numpy_norm(c, layer["norm_ffn"], x))
-        x = numpy_norm(c, p["decoder"]["final_norm"], x)
-        tied = c.share_output_embeddings
-        out.append(x @ table.T if tied else x @ p["output"]["kernel"] + p["output"].get("bias", 0))
-    return np.stack(out)
 
 
 # --- Every family: NumPy, cached steps, causality, padding ---------------------------------------
@@ -320,13 +209,11 @@ def test_rope_scaling_is_refused_by_name_and_read_from_a_mapping():
 
 
 def test_as_many_key_value_heads_as_heads_is_todays_attention():
-    ids = IDS[:, :5]
     model, params = make(DecoderOnlyLM)
     same, same_params = make(DecoderOnlyLM, num_kv_heads=4)
     assert jax.tree.map(np.shape, same_params) == jax.tree.map(np.shape, params)  # fused qkv
-    np.testing.assert_array_equal(
-        same.apply({"params": params}, ids), model.apply({"params": params}, ids)
-    )
+    logits = lambda model: jax.jit(lambda ids: model.apply({"params": params}, ids))(IDS)
+    np.testing.assert_array_equal(logits(same), logits(model))
 
 
 def test_grouped_query_attention_equals_attention_with_each_key_value_head_repeated():
@@ -373,10 +260,13 @@ def test_the_caches_hold_the_key_value_heads_only(kv_heads):
 
 def test_a_window_at_least_the_length_changes_nothing():
     lm = family("mistral_like")
-    wide = DecoderOnlyLM(lm.model.config.replace(sliding_window=8))
-    unlimited = DecoderOnlyLM(lm.model.config.replace(sliding_window=None))
-    expected = unlimited.apply({"params": lm.params}, IDS)
-    np.testing.assert_array_equal(wide.apply({"params": lm.params}, IDS), expected)
+    logits = lambda window: jax.jit(
+        lambda ids: DecoderOnlyLM(lm.model.config.replace(sliding_window=window)).apply(
+            {"params": lm.params}, ids
+        )
+    )(IDS)
+    expected = logits(None)
+    np.testing.assert_array_equal(logits(8), expected)
     assert not np.allclose(lm.full(IDS, VALID), expected, atol=1e-3)  # the window of 3 matters
 
 
@@ -463,6 +353,29 @@ def test_qwen2_has_query_key_value_biases_but_none_on_the_output():
 def test_configs_that_cannot_work_are_refused_naming_the_field(overrides, message):
     with pytest.raises(ValueError, match=message), as_a_user():
         preset("tiny", **overrides)
+
+
+def test_the_encoder_decoder_with_rotary_positions_and_grouped_heads():
+    """Rotary positions in both stacks' self-attention, 2 key/value heads in every attention (the
+    cross-attention's memory too): cached steps equal teacher forcing, source padding changes
+    nothing."""
+    options = dict(positions="rotary", num_kv_heads=2, attention_out_bias=False)
+    model, params = make(Transformer, **options)
+    run = lambda method: jax.jit(lambda *a: model.apply({"params": params}, *a, method=method))
+    src = source_batch()  # [3, 6], rows of 6, 4 and 2 tokens
+    tgt = jax.random.randint(jax.random.key(2), (3, 6), 1, 32)
+    encoded, valid = run(Transformer.encode)(src)
+    full, full_attention = run(Transformer.decode)(tgt, encoded, valid)
+    memory = run(Transformer.init_memory)(encoded, valid)
+    assert memory.kv[0].k.shape == (3, 2, 6, 8)  # [B, K, S, H]
+    cache = model.apply({"params": params}, 3, 6, method=Transformer.init_cache)
+    step = run(Transformer.decode_step)
+    for t in range(6):
+        logits, cache, attention = step(tgt[:, t], jnp.int32(t), cache, memory)
+        np.testing.assert_allclose(logits, full[:, t], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(attention, full_attention[:, t], atol=1e-6, rtol=0)
+    alone = run(Transformer.__call__)(src[2:, :2], tgt[2:])  # the 2-token source, unpadded
+    np.testing.assert_allclose(full[2:], alone, atol=1e-5, rtol=0)
 
 
 def test_the_encoder_decoder_refuses_a_sliding_window():
