@@ -11,8 +11,8 @@ With rotary positions the keys are stored rotated (as transformers does), so a s
 again.
 
 Sliding window (``TransformerConfig.sliding_window``): ``attend(..., window=W)`` masks the slots
-older than W positions; the cache stays preallocated to the full length (no ring buffer), so a window
-saves computation only in what the mask removes, and no memory.
+older than W positions. The cache stays preallocated to the full length (no ring buffer) and a step
+still reads every slot: the window changes the result, not the memory or the work.
 
 The search asks a state for two things (the protocol of ``jaxformer.decoding.state``):
 ``tile_beams(width)`` (W copies of every batch entry) and ``reorder_beams(indices)`` (row r takes row
