@@ -15,7 +15,7 @@ from jaxformer import decoding
 from jaxformer.decoding.generation import generate, transformer_step_fn
 from jaxformer.interop.pretrained import Pretrained, load_pretrained
 from jaxformer.models.cache import DecoderCache, KVCache
-from jaxformer.models.config import PRESETS, TransformerConfig, preset
+from jaxformer.models.config import TransformerConfig
 from jaxformer.models.decoder_only import DecoderOnlyLM
 from jaxformer.models.encoder_decoder import Transformer
 from jaxformer.models.hourglass import (
@@ -27,6 +27,7 @@ from jaxformer.models.hourglass import (
     hourglass_step_fn,
 )
 from jaxformer.models.params import init_params
+from jaxformer.models.presets import PRESETS, preset
 from jaxformer.training import sharding
 
 __all__ = [

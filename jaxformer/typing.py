@@ -7,6 +7,9 @@ Dimension legend (jaxtyping strings, einsum letters and shape comments all use i
     H  head width             F  feed-forward width    V  vocabulary
     L  layers                 K  shortening factor     R  rows of a search (B*W)
 
+In attention code (where no shortening factor appears) ``K`` is the number of key/value heads
+(grouped-query attention: K divides N) and ``G = N / K`` the query heads that share one.
+
 Annotations are checked only in the test suite (``--jaxtyping-packages=jaxformer,...``), so they cost
 nothing at run time.
 """

@@ -11,6 +11,7 @@ import jaxtyping
 
 from jaxformer import DecoderOnlyLM, Transformer, init_params, preset
 from jaxformer.models.layers import TokenEmbedding
+from jaxformer.models.rotary import RopeScaling
 
 VARIANTS = {
     "pre_sinusoidal": dict(pre_norm=True),
@@ -79,6 +80,69 @@ OPTION_VARIANTS = {
 }
 
 
+# Decoder-only checkpoints' families in miniature (the ``tiny`` preset: D 32, N 4, 2 layers), with
+# the options their Hugging Face configs set; tests/test_lm_options.py runs the property tests and an
+# independent NumPy forward pass on each.
+LM_VARIANTS = {
+    "gpt2_like": dict(
+        positions="learned",
+        layer_norm_epsilon=1e-5,
+        activation="gelu_tanh",
+        embedding_scale=1.0,
+        share_output_embeddings=True,
+    ),
+    "llama_like": dict(
+        positions="rotary",
+        rope_scaling=RopeScaling(
+            "llama3",
+            4.0,
+            low_freq_factor=1.0,
+            high_freq_factor=8.0,
+            original_max_position_embeddings=64,
+        ),  # at H = 8: one frequency kept, one blended, two divided
+        norm="rms",
+        layer_norm_epsilon=1e-5,
+        activation="swiglu",
+        attention_bias=False,
+        ffn_bias=False,
+        embedding_scale=1.0,
+        num_kv_heads=2,
+    ),
+    "mistral_like": dict(
+        positions="rotary",
+        norm="rms",
+        activation="swiglu",
+        attention_bias=False,
+        ffn_bias=False,
+        embedding_scale=1.0,
+        num_kv_heads=1,
+        sliding_window=3,
+    ),
+    "qwen2_like": dict(
+        positions="rotary",
+        rope_theta=1e6,
+        rope_scaling=RopeScaling("linear", 2.0),
+        norm="rms",
+        activation="swiglu",
+        attention_out_bias=False,  # biases on q, k, v only
+        ffn_bias=False,
+        embedding_scale=1.0,
+        num_kv_heads=2,
+        share_output_embeddings=True,
+    ),
+    "gemma_like": dict(
+        positions="rotary",
+        norm="gemma_rms",
+        activation="gated-gelu_tanh",
+        attention_bias=False,
+        ffn_bias=False,
+        attention_head_dim=6,  # N*H = 24, not D
+        num_kv_heads=1,
+        share_output_embeddings=True,  # embedding_scale None: sqrt(D), as Gemma
+    ),
+}
+
+
 def make(model_cls, seed=0, **overrides):
     model = model_cls(preset("tiny", **overrides))
     return model, init_params(model, jax.random.key(seed))
@@ -136,6 +200,7 @@ def load_experiment(name: str):
 
 __all__ = [
     "EXPERIMENTS",
+    "LM_VARIANTS",
     "OPTION_VARIANTS",
     "VARIANTS",
     "DecoderOnlyLM",

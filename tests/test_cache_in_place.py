@@ -17,7 +17,7 @@ from jaxformer import generate
 from jaxformer.decoding import BeamSearch, GreedySearch, cpu_compiler_options, generation
 from jaxformer.models.cache import BeamKVCache, KVCache
 
-from helpers import Transformer, make, source_batch
+from helpers import DecoderOnlyLM, Transformer, make, source_batch
 
 R, N, S, H, W = 6, 2, 7, 4, 3
 
@@ -96,6 +96,24 @@ def test_the_compiled_decode_loop_copies_no_cache(strategy):
     # The check can fail: XLA's default copy insertion leaves copies of every layer's cache.
     hlo = jax.jit(decode).lower(params, src).compile().as_text()
     assert len(loop_copies(hlo, shapes)) >= c.num_decoder_layers
+
+
+def test_the_compiled_decode_loop_copies_no_cache_with_grouped_key_value_heads():
+    """Beam search over a decoder-only LM of 2 key/value heads for 4 query heads (rotary positions,
+    a sliding window): the caches are [B, K, S, H] / [B, K, W, S, H] and stay in place too."""
+    model, params = make(DecoderOnlyLM, num_kv_heads=2, positions="rotary", sliding_window=4)
+    prompts = source_batch()  # [3, 6]
+    strategy, length = BeamSearch(3), 24
+    slots = prompts.shape[1] - 1 + length  # the prompt's first tokens, then the search's
+    shapes = {f"f32[3,2,{slots},8]", f"f32[3,2,3,{slots},8]"}
+
+    def decode(params, prompts):
+        return generate(model, params, prompts, end_id=2, max_length=length, strategy=strategy).ids
+
+    options = cpu_compiler_options("cpu")
+    hlo = jax.jit(decode, compiler_options=options).lower(params, prompts).compile().as_text()
+    assert all(shape in hlo for shape in shapes)  # the caches hold K = 2 heads
+    assert loop_copies(hlo, shapes) == []
 
 
 def test_generate_inside_a_callers_jit_equals_generate():

@@ -194,14 +194,17 @@ def test_bart_shares_tokens_but_not_positions_or_embedding_norms():
 @pytest.mark.parametrize("epsilon", [1e-6, 1e-3])
 def test_layer_norm_epsilon_and_rms_norm_against_numpy(epsilon):
     x = np.asarray(jax.random.normal(jax.random.key(0), (2, 3, 8))) * 0.05  # small: eps matters
-    for kind in ("layer", "rms"):
+    for kind in ("layer", "rms", "gemma_rms"):
         config = preset("tiny", norm=kind, layer_norm_epsilon=epsilon)
         norm = config_norm(config, "n")
         params = norm.init(jax.random.key(1), x)["params"]
         scale = np.asarray(jax.random.normal(jax.random.key(2), (8,)))
         params = {**params, "scale": scale}
         got = np.asarray(norm.apply({"params": params}, x))
-        if kind == "rms":
+        if kind == "gemma_rms":  # Gemma: the weight is stored as its offset from 1
+            np.testing.assert_array_equal(norm.init(jax.random.key(1), x)["params"]["scale"], 0.0)
+            expected = x / np.sqrt((x**2).mean(-1, keepdims=True) + epsilon) * (1.0 + scale)
+        elif kind == "rms":
             assert set(params) == {"scale"}  # no bias
             expected = x / np.sqrt((x**2).mean(-1, keepdims=True) + epsilon) * scale
         else:
@@ -408,13 +411,17 @@ EXPORT_REFUSALS = [
     ("ffn_bias", False),
     ("tied_output_scale", True),
     ("relative_attention_num_buckets", 32),
+    ("num_kv_heads", 2),
+    ("sliding_window", 4),
+    ("attention_out_bias", False),
 ]
 
 
 def test_every_new_field_is_covered_by_the_export_refusals():
-    # Not refused: the bucket distance comes with the buckets; quantization is how jaxformer runs
-    # the same float32 weights (the export writes them; CTranslate2 has its own quantization).
-    exempt = {"relative_attention_max_distance", "quantization"}
+    # Not refused: the bucket distance comes with the buckets, the rotary settings with
+    # positions="rotary" (refused as positions); quantization is how jaxformer runs the same
+    # float32 weights (the export writes them; CTranslate2 has its own quantization).
+    exempt = {"relative_attention_max_distance", "quantization", "rope_theta", "rope_scaling"}
     assert {name for name, _ in EXPORT_REFUSALS} | exempt == set(NEW_FIELDS)
 
 

@@ -257,6 +257,11 @@ MODELS = {
         dict(maximum_relative_position=3, share_embeddings=True, share_output_embeddings=True),
     ),
     "decoder_only": (DecoderOnlyLM, {}),
+    # Grouped-query attention: query [D, 4, H] and kv [D, 2, 2, H], both split over "model".
+    "decoder_only_gqa": (
+        DecoderOnlyLM,
+        dict(num_kv_heads=2, positions="rotary", attention_out_bias=False),
+    ),
 }
 
 
@@ -301,6 +306,18 @@ def test_uneven_dimensions_are_replicated_or_rejected():
     assert specs["encoder/layer_0/ffn/inner/kernel"] == P(None, "model")  # 64 on 8: split
     with pytest.raises(ValueError, match=r"qkv/kernel.*'heads' dimension \(4\).*'model'"):
         shd.partition_spec("layer/self_attention/qkv/kernel", (32, 3, 4, 8), mesh, strict=True)
+
+
+def test_key_value_heads_that_the_model_axis_does_not_divide_are_replicated_or_rejected():
+    model = DecoderOnlyLM(preset("tiny", num_kv_heads=1))  # multi-query: N = 4, K = 1
+    params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    mesh = AbstractMesh((1, 2), ("data", "model"))
+    specs = leaf_specs(params, mesh)
+    attention = "decoder/layer_0/self_attention"
+    assert specs[f"{attention}/query/kernel"] == P(None, "model")  # 4 query heads on 2: split
+    assert specs[f"{attention}/kv/kernel"] == P()  # 1 key/value head on 2: replicated
+    with pytest.raises(ValueError, match=r"kv/(kernel|bias).*'heads' dimension \(1\).*'model'"):
+        shd.param_specs(params, mesh, strict=True)
 
 
 def test_a_rule_of_the_wrong_rank_and_an_unknown_mesh_axis_are_errors():

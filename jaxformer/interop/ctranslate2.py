@@ -213,6 +213,9 @@ _DEFAULT_OPTIONS = {
     "attention_bias": lambda c: c.attention_bias,
     "ffn_bias": lambda c: c.ffn_bias,
     "relative_attention_num_buckets": lambda c: c.relative_attention_num_buckets == 0,
+    "num_kv_heads": lambda c: c.kv_heads == c.num_heads,
+    "sliding_window": lambda c: c.sliding_window is None,
+    "attention_out_bias": lambda c: c.has_attention_out_bias,
 }
 
 

@@ -20,7 +20,7 @@ bias. What it does not store comes as hints:
 - ``source_vocabulary`` / ``target_vocabulary``: OpenNMT-tf vocabulary files (one token per line,
   ids in order, ``<unk>`` appended as the last id), giving whitespace tokenizers.
 
-The model computes what OpenNMT-tf computes (``models.config.OPENNMT_TF``): layer norm epsilon 1e-3,
+The model computes what OpenNMT-tf computes (``models.presets.OPENNMT_TF``): layer norm epsilon 1e-3,
 OpenNMT-tf's sinusoids, a bias on the output projection whether it is tied or not.
 """
 
@@ -43,8 +43,9 @@ from jaxformer.interop.weights import (
     dense,
     norm_params,
 )
-from jaxformer.models.config import OPENNMT_TF, OPENNMT_TF_PRESETS, TransformerConfig
+from jaxformer.models.config import TransformerConfig
 from jaxformer.models.encoder_decoder import Transformer
+from jaxformer.models.presets import OPENNMT_TF, OPENNMT_TF_PRESETS
 
 HINTS = (
     "model",

@@ -23,12 +23,17 @@ from jaxformer.models.attention import MultiHeadAttention
 from jaxformer.models.cache import DecoderCache, KVCache, Memory
 from jaxformer.models.config import TransformerConfig
 from jaxformer.models.layers import FeedForward, config_norm
+from jaxformer.models.rotary import Rotary
 from jaxformer.models.t5_buckets import relative_bias
 from jaxformer.typing import Array, Bool, Float, Int
 
 
 def attention(c: TransformerConfig, self_attention: bool) -> MultiHeadAttention:
-    """A self- or cross-attention sublayer with the config's options (Shaw tables: self only)."""
+    """A self- or cross-attention sublayer with the config's options (Shaw tables, rotary
+    positions and the sliding window: self-attention only)."""
+    rotary = None
+    if self_attention and c.absolute_positions == "rotary":
+        rotary = Rotary(c.head_dim, float(c.rope_theta), c.rope_scaling)
     return MultiHeadAttention(
         c.num_heads,
         c.d_model,
@@ -40,6 +45,10 @@ def attention(c: TransformerConfig, self_attention: bool) -> MultiHeadAttention:
         query_scaling=c.query_scaling,
         use_bias=c.attention_bias,
         quantization=c.quantization,
+        num_kv_heads=c.kv_heads,
+        out_bias=c.has_attention_out_bias,
+        rotary=rotary,
+        sliding_window=c.sliding_window if self_attention else None,
     )
 
 
@@ -175,7 +184,7 @@ class DecoderLayer(_Sublayers):
         return self._ffn(x, deterministic), probs
 
     def memory_kv(self, encoded: Float[Array, "B S D"]) -> KVCache:
-        return KVCache.of(*self.memory_attention.project_kv(encoded))  # [B, N, S, H]
+        return KVCache.of(*self.memory_attention.project_kv(encoded))  # [B, K, S, H]
 
     def step(self, x, step, self_cache, memory_kv: KVCache | None, memory_mask, bias=None):
         """One cached token per row (inference: no dropout); ``step``: scalar or ``int32[R]``."""
@@ -256,12 +265,13 @@ class DecoderStack(nn.Module):
         return self._final(x), probs
 
     def init_cache(self, batch: int, max_length: int) -> DecoderCache:
-        """Zeroed self-attention caches of ``max_length`` slots (indirect: beams read an origin table)."""
+        """Zeroed self-attention caches of ``max_length`` slots, ``[B, K, S, H]`` each (indirect:
+        beams read an origin table)."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
         return DecoderCache(
             tuple(
-                KVCache.zeros(batch, max_length, c.num_heads, c.head_dim, dtype, indirect=True)
+                KVCache.zeros(batch, max_length, c.kv_heads, c.head_dim, dtype, indirect=True)
                 for _ in self.layers
             )
         )

@@ -1,13 +1,16 @@
-"""Model configurations: frozen, hashable dataclasses (safe as static jit arguments) and named presets."""
+"""Model configurations: frozen, hashable dataclasses (safe as static jit arguments); named ones are in
+``presets.py``."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 from jaxformer.models.activations import ACTIVATIONS
 from jaxformer.models.norms import NORMS
 from jaxformer.models.positions import LAYOUTS, POSITIONS, RATE_DENOMINATORS
 from jaxformer.models.quantization import QUANTIZATIONS
+from jaxformer.models.rotary import RopeScaling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,12 +30,14 @@ class TransformerConfig:
     built (``models/norms.py``, ``activations.py``, ``positions.py`` explain them):
 
     - ``layer_norm_epsilon``: 1e-6 by default; OpenNMT-tf uses 1e-3 (Keras's default), T5 1e-6,
-      BART / Marian / M2M100 1e-5. ``norm``: ``"layer"`` or ``"rms"`` (T5: no bias, no mean).
+      BART / Marian / M2M100 1e-5. ``norm``: ``"layer"``, ``"rms"`` (T5: no bias, no mean) or
+      ``"gemma_rms"`` (below).
     - ``final_norm``: a norm after each stack; None follows ``pre_norm`` (today's models).
     - ``activation``: one of ``activations.ACTIVATIONS`` (relu, gelu, gelu_tanh, silu/swish, and
       ``gated-*``, geglu, swiglu; T5 v1.1 / mT5: ``gated-gelu_tanh``).
-    - ``positions``: absolute encodings ``"sinusoidal"``, ``"learned"`` or ``"none"``; None means
-      ``"none"`` with relative positions and ``"sinusoidal"`` without (today's rule).
+    - ``positions``: absolute encodings ``"sinusoidal"``, ``"learned"``, ``"none"``, or ``"rotary"``
+      (below); None means ``"none"`` with relative positions and ``"sinusoidal"`` without (today's
+      rule).
       ``position_layout`` (``"interleaved"`` | ``"concat"``), ``position_rate_denominator``
       (``"D/2"`` | ``"D/2-1"``) and ``position_offset`` (index of the first token: OpenNMT-tf 1,
       M2M100 / NLLB 2, BART's learned table 2).
@@ -49,6 +54,36 @@ class TransformerConfig:
     - ``relative_attention_num_buckets > 0``: T5's bucketed relative attention bias (``t5_buckets.py``)
       with ``relative_attention_max_distance``; one table per stack, shared by its layers
       (T5: 32 buckets, 128; it uses ``positions="none"``).
+
+    Options of decoder-only checkpoints (Llama, Mistral, Qwen2, Gemma, GPT-2); their defaults change
+    nothing, neither the computation nor the parameter tree:
+
+    - ``positions="rotary"``: rotary position embeddings (Su et al. 2021; Llama, Mistral, Qwen2,
+      Gemma) in Hugging Face's rotate_half layout, in every self-attention (``rotary.py``); nothing
+      added to the embeddings. ``rope_theta``: the base of the inverse frequencies (10000; Llama 3
+      500000, Qwen2 1e6). ``rope_scaling``: None or a ``RopeScaling`` (``"linear"`` with ``factor``;
+      ``"llama3"`` with ``factor``, ``low_freq_factor``, ``high_freq_factor``,
+      ``original_max_position_embeddings``); a mapping with those keys (Hugging Face's
+      ``rope_scaling``) is converted to one, unknown types and keys are refused by name.
+    - ``num_kv_heads``: K key/value heads shared by groups of ``num_heads / K`` query heads
+      (grouped-query attention, Ainslie et al. 2023; multi-query with K = 1, Shazeer 2019); None is
+      ``num_heads``. Query head n reads key/value head ``n // (num_heads / K)`` (transformers'
+      ``repeat_kv``). The KV caches hold K heads. Parameters: with K == N, today's fused
+      ``qkv [D, 3, N, H]``; with K < N, ``query [D, N, H]`` and ``kv [D, 2, K, H]`` (cross-attention
+      too: its ``kv`` has K heads).
+    - ``sliding_window``: W, key j is visible to query i iff ``j <= i`` and ``i - j < W`` (Mistral;
+      the convention of transformers' ``masking_utils.sliding_window_causal_mask_function``: a query
+      sees itself and the W - 1 keys before it). Decoder-only LMs only; the caches stay preallocated
+      to the full length and masked (no ring buffer).
+    - ``attention_out_bias``: a bias on the attention output projection; None follows
+      ``attention_bias`` (Qwen2: biases on q, k, v but none on the output: True / False).
+    - ``norm="gemma_rms"``: RMSNorm times ``(1 + scale)``, ``scale`` initialised at 0 (Gemma).
+    - Gemma scales its embeddings by sqrt(d_model): ``embedding_scale=None``. transformers rounds
+      that factor to the activations' dtype before multiplying (``torch.tensor(hidden_size**0.5,
+      dtype=...)``); jaxformer takes the float32 square root and casts the product. In float32
+      both are the same number (a float32 square root is correctly rounded; checked for every
+      d_model up to 20000), so float32 logits agree; in bfloat16 transformers multiplies by the
+      rounded factor (sqrt(3072) = 55.43 becomes 55.5): ``embedding_scale=55.5`` reproduces it.
     """
 
     vocab_size: int = 32
@@ -74,7 +109,7 @@ class TransformerConfig:
     norm: str = "layer"  # "layer" | "rms"
     final_norm: bool | None = None  # None: exactly when pre_norm
     activation: str = "relu"
-    positions: str | None = None  # "sinusoidal" | "learned" | "none"; None: see the docstring
+    positions: str | None = None  # "sinusoidal" | "learned" | "rotary" | "none"; None: docstring
     position_layout: str = "interleaved"  # "interleaved" | "concat"
     position_rate_denominator: str = "D/2"  # "D/2" | "D/2-1"
     position_offset: int = 0  # position index of the first token
@@ -89,11 +124,23 @@ class TransformerConfig:
     ffn_bias: bool = True
     relative_attention_num_buckets: int = 0  # T5's bucketed relative bias; 0: off
     relative_attention_max_distance: int = 128
+    # Decoder-only checkpoints' options (Llama, Mistral, Qwen2, Gemma; see the class docstring).
+    rope_theta: float = 10000.0  # positions="rotary": inverse frequencies theta^(-2i/H)
+    rope_scaling: RopeScaling | Mapping | None = None  # a mapping becomes a RopeScaling (rotary.py)
+    num_kv_heads: int | None = None  # None: num_heads; fewer: grouped-query attention
+    sliding_window: int | None = None  # key j visible to query i iff 0 <= i - j < sliding_window
+    attention_out_bias: bool | None = None  # None: attention_bias
 
     def __post_init__(self):
         def need(ok: bool, message: str):
             if not ok:
                 raise ValueError(f"TransformerConfig: {message}")
+
+        if isinstance(self.rope_scaling, Mapping):  # e.g. Hugging Face's rope_scaling, or JSON
+            try:
+                object.__setattr__(self, "rope_scaling", RopeScaling.of(self.rope_scaling))
+            except ValueError as error:
+                need(False, str(error))
 
         need(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
         need(
@@ -182,6 +229,7 @@ class TransformerConfig:
             "tied_output_scale needs share_output_embeddings=True",
         )
         self._check_attention_options(need)
+        self._check_decoder_only_options(need)
 
     def _check_attention_options(self, need):
         """T5's relative buckets and the attention head width."""
@@ -208,6 +256,45 @@ class TransformerConfig:
             f"attention_head_dim must be None (d_model // num_heads) or an int >= 1, got {head!r}",
         )
 
+    def _check_decoder_only_options(self, need):
+        """Rotary positions, grouped key/value heads, the sliding window, the output bias."""
+        rotary = self.absolute_positions == "rotary"
+        theta = self.rope_theta
+        need(
+            isinstance(theta, int | float) and not isinstance(theta, bool) and theta > 0,
+            f"rope_theta must be a number > 0, got {theta!r}",
+        )
+        need(
+            self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling),
+            f"rope_scaling must be None, a RopeScaling or a mapping, got {self.rope_scaling!r}",
+        )
+        need(
+            self.rope_scaling is None or rotary,
+            f"rope_scaling needs positions='rotary', got positions={self.positions!r}",
+        )
+        need(
+            not rotary or self.head_dim % 2 == 0,
+            f"positions='rotary' needs an even head width, got {self.head_dim}",
+        )
+        kv = self.num_kv_heads
+        whole = isinstance(kv, int) and not isinstance(kv, bool) and kv >= 1
+        need(
+            kv is None or (whole and self.num_heads % kv == 0),
+            f"num_kv_heads must be None (num_heads) or an int >= 1 that divides num_heads "
+            f"({self.num_heads}), got {kv!r}",
+        )
+        window = self.sliding_window
+        need(
+            window is None
+            or (isinstance(window, int) and not isinstance(window, bool) and window >= 1),
+            f"sliding_window must be None (no window) or an int >= 1, got {window!r}",
+        )
+        out_bias = self.attention_out_bias
+        need(
+            out_bias is None or isinstance(out_bias, bool),
+            f"attention_out_bias must be None (attention_bias), True or False, got {out_bias!r}",
+        )
+
     @property
     def source_vocab_size(self) -> int:
         return self.vocab_size if self.src_vocab_size is None else self.src_vocab_size
@@ -218,6 +305,18 @@ class TransformerConfig:
         if self.attention_head_dim is not None:
             return self.attention_head_dim
         return self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """K: ``num_kv_heads``, or ``num_heads`` when that is None."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def has_attention_out_bias(self) -> bool:
+        """``attention_out_bias`` resolved: None follows ``attention_bias``."""
+        if self.attention_out_bias is None:
+            return self.attention_bias
+        return self.attention_out_bias
 
     @property
     def relative(self) -> bool:
@@ -246,101 +345,13 @@ class TransformerConfig:
         return dataclasses.replace(self, **changes)
 
 
-# OpenNMT-tf 2.32's Transformer computed number for number: Keras's layer norm epsilon 1e-3; sinusoids
-# ``[sin | cos]`` from position 1 with rates ``10000^(-i / (D/2 - 1))``
-# (``opennmt.layers.SinusoidalPositionEncoder``); a bias on the output projection, tied or not
-# (``output_layer_bias=True``). Shaw relative positions are the same as jaxformer's.
-OPENNMT_TF: dict = dict(
-    layer_norm_epsilon=1e-3,
-    position_layout="concat",
-    position_rate_denominator="D/2-1",
-    position_offset=1,
-    output_bias=True,
-)
+_MOVED_TO_PRESETS = ("OPENNMT_TF", "OPENNMT_TF_PRESETS", "PRESETS", "preset")
 
 
-def _opennmt_tf(num_units: int, num_heads: int, ffn: int, relative: bool = False, shared=False):
-    """A model of OpenNMT-tf's catalog (``opennmt/models/catalog.py``): 6+6 layers, pre-norm."""
-    return TransformerConfig(
-        vocab_size=32000,
-        d_model=num_units,
-        num_heads=num_heads,
-        num_encoder_layers=6,
-        num_decoder_layers=6,
-        ffn_dim=ffn,
-        max_len=1024,
-        maximum_relative_position=20 if relative else 0,
-        share_embeddings=shared,
-        share_output_embeddings=shared,
-        **OPENNMT_TF,
-    )
+def __getattr__(name: str):
+    """The presets live in ``presets.py``; imports of them from here keep working."""
+    if name in _MOVED_TO_PRESETS:
+        from jaxformer.models import presets
 
-
-# OpenNMT-tf's catalog by its names (``onmt-main --model_type NAME``); pre_norm=False gives the
-# post-norm variants (``Transformer(pre_norm=False)``). Vocabulary sizes come from the vocabularies.
-OPENNMT_TF_PRESETS: dict[str, TransformerConfig] = {
-    "TransformerBase": _opennmt_tf(512, 8, 2048),
-    "TransformerBaseRelative": _opennmt_tf(512, 8, 2048, relative=True),
-    "TransformerBaseSharedEmbeddings": _opennmt_tf(512, 8, 2048, shared=True),
-    "TransformerBig": _opennmt_tf(1024, 16, 4096),
-    "TransformerBigRelative": _opennmt_tf(1024, 16, 4096, relative=True),
-    "TransformerBigSharedEmbeddings": _opennmt_tf(1024, 16, 4096, shared=True),
-    "TransformerTiny": _opennmt_tf(64, 2, 64).replace(num_encoder_layers=2, num_decoder_layers=2),
-}
-OPENNMT_TF_PRESETS["Transformer"] = OPENNMT_TF_PRESETS["TransformerBase"]  # the catalog's aliases
-OPENNMT_TF_PRESETS["TransformerRelative"] = OPENNMT_TF_PRESETS["TransformerBaseRelative"]
-
-PRESETS: dict[str, TransformerConfig] = {
-    # Small enough for every test to run in milliseconds.
-    "tiny": TransformerConfig(
-        vocab_size=32,
-        d_model=32,
-        num_heads=4,
-        num_encoder_layers=2,
-        num_decoder_layers=2,
-        ffn_dim=64,
-        max_len=128,
-    ),
-    # The CTranslate2 benchmark's small model (issue 6).
-    "small": TransformerConfig(
-        vocab_size=8000,
-        d_model=256,
-        num_heads=4,
-        num_encoder_layers=3,
-        num_decoder_layers=3,
-        ffn_dim=1024,
-        max_len=1024,
-    ),
-    # Transformer base (Vaswani et al. 2017): 6+6 layers, D 512, N 8, F 2048.
-    "base": TransformerConfig(
-        vocab_size=32000,
-        d_model=512,
-        num_heads=8,
-        num_encoder_layers=6,
-        num_decoder_layers=6,
-        ffn_dim=2048,
-        max_len=1024,
-    ),
-    # The toy model of the OpenNMT-tf inference article, as OpenNMT-tf computes it: vocab 26,
-    # num_units 6, 1 layer, 2 heads, ffn_inner_dim 12, maximum_relative_position 8 (no sinusoids),
-    # pre-norm, layer norm epsilon 1e-3.
-    "article": TransformerConfig(
-        vocab_size=26,
-        d_model=6,
-        num_heads=2,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        ffn_dim=12,
-        maximum_relative_position=8,
-        max_len=256,
-        **OPENNMT_TF,
-    ),
-    **{f"opennmt-tf/{name}": config for name, config in OPENNMT_TF_PRESETS.items()},
-}
-
-
-def preset(name: str, **overrides) -> TransformerConfig:
-    """A named preset, optionally with some fields replaced: ``preset("tiny", pre_norm=False)``."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name].replace(**overrides)
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

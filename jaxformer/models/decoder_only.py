@@ -6,6 +6,13 @@
   its keys/values written to slots 0..P-1.
 - ``decode_step(ids [R], step, cache) -> (logits [R, V], cache, None)``: one token per row at position
   ``step``, a scalar or ``int32[R]`` (each row at its own position: prompts of different lengths).
+
+Every option of ``TransformerConfig`` applies, those of decoder-only checkpoints included (rotary
+positions, grouped key/value heads, the sliding window, Gemma's norm; the config's docstring):
+GPT-2 is ``positions="learned"``, ``norm="layer"`` with epsilon 1e-5, ``activation="gelu_tanh"``,
+biases, a tied output without bias, pre-norm with its final norm and ``embedding_scale=1.0``; Llama,
+Mistral, Qwen2 and Gemma are ``positions="rotary"``, RMS norms, gated feed-forwards without biases
+and ``embedding_scale=1.0`` (Gemma: ``None``, i.e. sqrt(d_model)).
 """
 
 from __future__ import annotations
@@ -63,7 +70,8 @@ class DecoderOnlyLM(nn.Module):
         if valid is None:
             valid = jnp.ones(ids.shape, bool)
         x = self.drop(self._embed(ids, jnp.arange(ids.shape[1])), deterministic=deterministic)
-        y, _ = self.decoder(x, self_attention_mask(valid, causal=True), deterministic=deterministic)
+        mask = self_attention_mask(valid, causal=True, window=self.config.sliding_window)
+        y, _ = self.decoder(x, mask, deterministic=deterministic)
         return self._logits(y)
 
     def init_cache(self, batch: int, max_length: int) -> DecoderCache:
@@ -78,7 +86,8 @@ class DecoderOnlyLM(nn.Module):
                 f"prompt length {ids.shape[1]} exceeds the cache length {cache.max_length}"
             )
         x = self._embed(ids, jnp.arange(ids.shape[1]))
-        mask = self_attention_mask(jnp.ones(ids.shape, bool), causal=True)
+        valid = jnp.ones(ids.shape, bool)
+        mask = self_attention_mask(valid, causal=True, window=self.config.sliding_window)
         y, cache = self.decoder.prefill(x, mask, cache)
         return self._logits(y), cache
 

@@ -11,6 +11,10 @@ Used purely: ``model.apply({"params": params}, ..., method=Transformer.METHOD)``
   returned attention is the first head of the last layer's cross-attention (OpenNMT-tf's default
   alignment).
 - ``__call__(src_ids, tgt_in_ids)``: the training forward pass, ``logits [B, T, V]``.
+
+With ``positions="rotary"`` the encoder's and the decoder's self-attention rotate their queries and
+keys (source and target positions from 0); cross-attention has no positions. Grouped key/value heads
+apply to every attention, cross-attention included. ``sliding_window`` is refused (decoder-only).
 """
 
 from __future__ import annotations
@@ -50,6 +54,11 @@ class Transformer(nn.Module):
 
     def setup(self):
         c = self.config
+        if c.sliding_window is not None:
+            raise ValueError(
+                f"sliding_window={c.sliding_window} is for decoder-only LMs (DecoderOnlyLM); the "
+                "encoder-decoder Transformer does not take it"
+            )
         self.target_embedding = token_embedding(c, c.vocab_size, "target_embedding")
         if not c.share_embeddings:
             self.source_embedding = token_embedding(c, c.source_vocab_size, "source_embedding")

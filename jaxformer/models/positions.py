@@ -21,6 +21,10 @@ covering ``max_len + k`` positions; learned tables (BART: k = 2) use the same of
 Relative positions follow Shaw et al. (2018) as OpenNMT-tf implements them: the distance ``j - i`` from
 query position i to key position j is clipped to ``[-max, max]`` and shifted by ``max`` to index a learned
 table of ``2 * max + 1`` rows (one for keys, one for values), shared by all heads.
+
+Rotary position embeddings (``positions="rotary"``: Su et al. 2021; Llama, Mistral, Qwen2, Gemma) add
+nothing to the embeddings: every self-attention rotates its queries and keys by their positions
+(``rotary.py``).
 """
 
 import jax.numpy as jnp
@@ -28,7 +32,7 @@ import numpy as np
 
 from jaxformer.typing import Array, Float, Int
 
-POSITIONS: tuple[str, ...] = ("sinusoidal", "learned", "none")
+POSITIONS: tuple[str, ...] = ("sinusoidal", "learned", "none", "rotary")
 LAYOUTS: tuple[str, ...] = ("interleaved", "concat")
 RATE_DENOMINATORS: tuple[str, ...] = ("D/2", "D/2-1")
 

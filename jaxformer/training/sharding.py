@@ -25,6 +25,10 @@ moments (``mu`` / ``nu`` mirror the parameter tree) and a whole ``TrainState``.
 
 A dimension that the mesh axis does not divide (4 heads on ``model=8``) is replicated instead of
 sharded, silently, unless ``strict=True``, which raises a ``ValueError`` naming the parameter.
+With grouped-query attention (``TransformerConfig.num_kv_heads`` K < N) the ``kv [D, 2, K, H]``
+projection is split over its K heads like ``query [D, N, H]`` over its N: when the model axis
+divides N but not K (multi-query attention, K = 1, on ``model=2``), ``kv`` is replicated and the
+computation stays correct (XLA moves what each device needs), or ``strict=True`` refuses it.
 
 Several processes (hosts, or processes on one machine): call ``initialize_distributed()`` first in
 every process, then build the mesh over all devices (``jax.devices()`` lists every process's devices,
@@ -56,7 +60,8 @@ MESH_AXES = ("data", "model")
 
 # Parameter path (regular expression searched in "a/b/c") -> one logical axis per dimension.
 # Shapes: fused self-attention qkv [D, 3, N, H], cross-attention kv [D, 2, N, H], query [D, N, H],
-# out [N, H, D], feed-forward inner [D, F] and outer [F, D], embeddings [V, D], output [D, V].
+# out [N, H, D], feed-forward inner [D, F] and outer [F, D], embeddings [V, D], output [D, V]; with
+# grouped-query attention, self-attention's query [D, N, H] and kv [D, 2, K, H] (K key/value heads).
 PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(^|/)qkv/kernel$", ("embed", None, "heads", "head_dim")),
     (r"(^|/)qkv/bias$", (None, "heads", "head_dim")),
