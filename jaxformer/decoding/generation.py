@@ -137,7 +137,7 @@ def generate(
     params: PyTree,
     inputs: Int[Array | np.ndarray, "B S"] | list,
     *,
-    end_id: int,
+    end_id: int | tuple[int, ...],
     start_id: int | None = None,
     max_length: int | None = None,
     min_length: int = 0,
@@ -160,7 +160,9 @@ def generate(
     are prompts (P >= 1 tokens); ``prompt_lengths`` ``[B]`` gives each padded prompt's real length
     (None: all P, or taken from a list); all but each prompt's last token go into the cache, the
     search starts from its last one and writes at most ``max_length`` new tokens. A row's result is
-    the one it has alone, whatever the lengths of the others.
+    the one it has alone, whatever the lengths of the others. ``end_id``: the end token, or a tuple
+    of them (Llama 3 ends on any of three; ``pre.end_id``): each hypothesis keeps the one it emitted
+    at ``ids[b, w, lengths[b, w]]``, the positions after it hold the first.
 
     ``target_prefix`` (encoder-decoder only): int32 ``[B, P]`` or B lists of P ids, forced right
     after ``start_id`` in every hypothesis of entry b (NLLB's target-language token; CTranslate2's
@@ -180,6 +182,9 @@ def generate(
     ``max_length`` steps, no early exit); the results do not depend on it.
     """
     adapter = adapter_for(model)
+    end_id = opt.static_end_id(end_id)  # a tuple: any of its ids ends a hypothesis
+    if compat and isinstance(end_id, tuple):
+        raise ValueError(f"compat={compat!r} takes one end_id (OpenNMT-tf has one), got {end_id}")
     inputs, lengths = _as_batch(adapter, inputs, prompt_lengths)
     if max_length is None:
         max_length = default_max_length(adapter, inputs.shape[1])

@@ -10,6 +10,9 @@ The order of operations at each step is OpenNMT-tf 2.32's (``opennmt.utils.decod
 4. Lengths grow for unfinished rows; lengths, finished flags, accumulators and the model state are
    gathered by the parent rows (``state.reorder``); ``finished |= word == end_id``.
 
+``end_id`` may be a tuple of ids (Llama 3 ends on any of three): any of them ends a hypothesis, every
+one of them is held back before ``min_length``, and a finished row is forced to emit the first.
+
 By default (not in compat mode), after the pick (3.) a batch entry whose hypotheses had all finished
 is frozen: it emits EOS from its own rows and keeps its log-probs, scores and coverage accumulator, as
 it would if it were decoded alone (the loop idles once every row has finished). So a row's result does
@@ -56,6 +59,7 @@ import numpy as np
 from flax import struct
 
 from jaxformer.decoding import options as opt
+from jaxformer.decoding.gather_tree import is_end
 from jaxformer.decoding.options import COMPAT_MODES
 from jaxformer.decoding.result import DecodingResult, finalize
 from jaxformer.decoding.samplers import BestSampler
@@ -98,7 +102,7 @@ class Search:
 
     strategy: GreedySearch | BeamSearch
     sampler: Any
-    end_id: int
+    end_ids: tuple[int, ...]  # any of them ends a hypothesis; the first is forced after the end
     batch: int
     vocab: int
     max_length: int
@@ -109,6 +113,11 @@ class Search:
     attention_width: int  # S of the step's attention (0 when it is not used)
     suppress_ids: tuple[int, ...] = ()  # tokens whose logits are -inf at every step
     prefix_length: int = 0  # P: steps 0 .. P-1 emit the target prefix
+
+    @property
+    def end_id(self) -> int:
+        """The id forced on finished rows and written after a hypothesis's end."""
+        return self.end_ids[0]
 
     @property
     def width(self) -> int:
@@ -126,7 +135,7 @@ class Search:
 def dynamic_decode(
     step_fn,
     start_ids: Int[Array | np.ndarray, " B"],
-    end_id: int,
+    end_id: int | tuple[int, ...],
     initial_state: PyTree = None,
     strategy: GreedySearch | BeamSearch = GreedySearch(),
     sampler: Any = BestSampler(),
@@ -171,6 +180,9 @@ def dynamic_decode(
     opt.check_search(
         strategy, sampler, max_length=max_length, min_length=min_length, compat=compat, rng=rng
     )
+    end_id = opt.static_end_id(end_id)
+    if compat and isinstance(end_id, tuple):
+        raise ValueError(f"compat={compat!r} takes one end_id (OpenNMT-tf has one), got {end_id}")
     opt.check_chunk_size(chunk_size)
     if strategy.uses_coverage and attention_size is None:
         raise ValueError("coverage_penalty needs attention_size (the source length S)")
@@ -270,8 +282,9 @@ def _probe(step, initial: SearchState, end_id, strategy, sampler, attention_size
                 f"width {attention.shape[-1]}"
             )
     width = attention.shape[-1] if attention is not None else 0
+    end_ids = end_id if isinstance(end_id, tuple) else (end_id,)
     return Search(
-        strategy, sampler, end_id, batch, vocab, 0, 0, None, return_attention, False, width
+        strategy, sampler, end_ids, batch, vocab, 0, 0, None, return_attention, False, width
     )
 
 
@@ -306,8 +319,10 @@ def _advance(
         suppressed[0, list(search.suppress_ids)] = True
         logits = jnp.where(suppressed, -jnp.inf, logits)  # [R, V]
     attention = attention.astype(jnp.float32) if search.wants_attention else None  # [R, S]
-    eos = jax.nn.one_hot(search.end_id, search.vocab, dtype=jnp.float32)[None]  # [1, V]
-    forced = jnp.where(eos > 0, 0.0, -jnp.inf)  # [1, V] log-probs of a forced EOS
+    eos = np.zeros([1, search.vocab], np.float32)  # [1, V]: 1 at every end id
+    eos[0, list(search.end_ids)] = 1.0
+    first = jax.nn.one_hot(search.end_id, search.vocab, dtype=jnp.float32)[None]  # [1, V]
+    forced = jnp.where(first > 0, 0.0, -jnp.inf)  # [1, V] log-probs of a forced EOS
     early = t < search.min_length
     log_probs = jax.nn.log_softmax(jnp.where(early, logits + EOS_PENALTY * eos, logits), axis=-1)
     log_probs = jnp.where(~early & state.finished[:, None], forced, log_probs)  # [R, V]
@@ -327,7 +342,7 @@ def _advance(
     accumulated = sel.accumulated_attention
     new = SearchState(
         ids=sel.word_ids,
-        finished=parent_finished | (sel.word_ids == search.end_id),
+        finished=parent_finished | is_end(sel.word_ids, search.end_ids),
         lengths=grown[parents],
         cum_log_probs=jnp.where(parent_finished, frozen, sel.cum_log_probs),
         scores=sel.scores,
