@@ -59,6 +59,7 @@ import numpy as np
 from flax import struct
 
 from jaxformer.decoding import options as opt
+from jaxformer.decoding import repetition
 from jaxformer.decoding.gather_tree import is_end
 from jaxformer.decoding.options import COMPAT_MODES
 from jaxformer.decoding.result import DecodingResult, finalize
@@ -84,6 +85,8 @@ class SearchState:
     accumulated_attention: Any  # float32[R, S] coverage-penalty accumulator, or None
     model_state: Any  # the step function's state (KV cache), reordered with the beams
     rng: Any  # PRNG key or None
+    history: Any = None  # int32[R, C + max_length] context + generated tokens (repetition.py)
+    filled: Any = None  # int32[R] tokens in ``history``
 
 
 class StepRecord(NamedTuple):
@@ -113,6 +116,12 @@ class Search:
     attention_width: int  # S of the step's attention (0 when it is not used)
     suppress_ids: tuple[int, ...] = ()  # tokens whose logits are -inf at every step
     prefix_length: int = 0  # P: steps 0 .. P-1 emit the target prefix
+    repetition_penalty: float = 1.0  # CTRL's, on the tokens of the history (repetition.py)
+    no_repeat_ngram_size: int = 0  # no n-gram of the history twice (0: off)
+
+    @property
+    def uses_history(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
 
     @property
     def end_id(self) -> int:
@@ -150,6 +159,9 @@ def dynamic_decode(
     shared: PyTree = None,
     target_prefix: Int[Array | np.ndarray, "_B P"] | list | None = None,
     suppress_ids: tuple[int, ...] | list[int] = (),
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    context: tuple | None = None,
 ) -> DecodingResult:
     """Decode with ``step_fn(ids [R], step, state[, shared]) -> (logits [R, V], state[, attention [R, S]])``.
 
@@ -174,6 +186,10 @@ def dynamic_decode(
     tokens of every hypothesis of entry b to ``target_prefix[b]`` (see "Forced prefixes" in the
     module docstring); its values are data, its length is static. ``suppress_ids`` (a tuple of
     token ids, never ``end_id``) get a -inf logit at every step, before the log-softmax.
+    ``repetition_penalty`` (CTRL's θ, 1: off) and ``no_repeat_ngram_size`` (0: off) look at each
+    row's history: ``context`` ``(int32[B, C], lengths int32[B])``, the tokens before the first
+    generated one (an LM's whole prompt; default: the start ids), then what the row generated
+    (``repetition.py`` has the formulas).
     It runs eagerly or inside ``jax.jit``; every option is static except the sampler's temperature
     and the prefix's ids.
     """
@@ -191,6 +207,12 @@ def dynamic_decode(
     step = jax.jit(_with_shared(step_fn, shared))  # traced once: the probe's trace is reused
     initial = _initial_search_state(start_ids, initial_state, strategy, attention_size, rng)
     search = _probe(step, initial, end_id, strategy, sampler, attention_size, return_attention)
+    opt.check_repetition(repetition_penalty, no_repeat_ngram_size)
+    if repetition_penalty != 1.0 or no_repeat_ngram_size:
+        if context is None:
+            context = (start_ids[:, None], jnp.ones_like(start_ids))
+        history, filled = repetition.initial_history(*context, strategy.width, max_length)
+        initial = initial.replace(history=history, filled=filled)
     if suppress_ids != ():
         suppress_ids = opt.check_suppress_ids(suppress_ids, search.vocab, end_id)
     prefix = opt.check_target_prefix(
@@ -199,6 +221,7 @@ def dynamic_decode(
     search = dataclasses.replace(
         search, max_length=max_length, min_length=min_length, compat=compat, trace=trace,
         suppress_ids=suppress_ids, prefix_length=0 if prefix is None else prefix.shape[1],
+        repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=no_repeat_ngram_size,
     )  # fmt: skip
     body = _loop_body(step, search, prefix)
     if chunk_size is None:
@@ -314,6 +337,11 @@ def _advance(
     """Steps 1-4 of the module docstring for every row (``prefix``: int32[B, P] or None)."""
     logits, model_state, attention = step(state.ids, t, state.model_state)
     logits = logits.astype(jnp.float32)  # [R, V]
+    if search.uses_history:
+        logits = repetition.apply(
+            logits, state.history, state.filled, repetition_penalty=search.repetition_penalty,
+            no_repeat_ngram_size=search.no_repeat_ngram_size,
+        )  # fmt: skip
     if search.suppress_ids:
         suppressed = np.zeros([1, search.vocab], bool)  # [1, V]
         suppressed[0, list(search.suppress_ids)] = True
@@ -340,6 +368,11 @@ def _advance(
     # default it travels with the hypothesis (the parent row's value).
     frozen = state.cum_log_probs if search.compat else state.cum_log_probs[parents]
     accumulated = sel.accumulated_attention
+    history = filled = None
+    if search.uses_history:
+        history, filled = repetition.append(
+            state.history[parents], state.filled[parents], sel.word_ids
+        )
     new = SearchState(
         ids=sel.word_ids,
         finished=parent_finished | is_end(sel.word_ids, search.end_ids),
@@ -349,6 +382,8 @@ def _advance(
         accumulated_attention=None if accumulated is None else accumulated[parents],
         model_state=model_state if search.width == 1 else reorder(model_state, parents),
         rng=state.rng,
+        history=history,
+        filled=filled,
     )
     record_attention = None
     if search.return_attention:

@@ -127,6 +127,12 @@ def check_vocabulary(vocab: int, strategy, sampler, **ids) -> None:
         )
 
 
+def check_repetition(repetition_penalty, no_repeat_ngram_size) -> None:
+    """CTRL's penalty θ (a finite number > 0; 1 is off) and the no-repeat n-gram size (0 is off)."""
+    require_number("repetition_penalty", repetition_penalty, positive=True)
+    require_int("no_repeat_ngram_size", no_repeat_ngram_size, 0)
+
+
 def check_chunk_size(chunk_size) -> None:
     if chunk_size is not None:
         require_int("chunk_size", chunk_size, 1)
