@@ -185,6 +185,14 @@ def test_generate_with_a_language_model(tmp_path_factory, capsys, monkeypatch):
     assert run(capsys, monkeypatch, argv)[1] == out  # the same seed gives the same samples
     # 2 prompts: fewer rows than int8 products need, so --quantization int8 keeps float32's samples
     assert run(capsys, monkeypatch, [*argv, "--quantization", "int8"])[1] == out
+    # --stop: each continuation ends where it first holds the text, which is not written
+    greedy = ["generate", "--workdir", str(workdir), "--prompt", "the quick", "--max-length", "20"]
+    _, full, _ = run(capsys, monkeypatch, greedy)
+    continuation = full.rstrip("\n")[len("the quick") :]
+    assert continuation.index("og") >= 2  # the stop string spans two tokens (chars)
+    status, stopped, _ = run(capsys, monkeypatch, [*greedy, "--stop", "og", "--stop", "zz"])
+    assert status == 0
+    assert stopped == "the quick" + continuation[: continuation.index("og")] + "\n"
     status, out, _ = run(
         capsys, monkeypatch, ["eval", "--workdir", str(workdir), "--split", "test"]
     )

@@ -62,6 +62,13 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     )
     add("--seed", type=int, help="sampling seed (default: 0)")
     add(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help="end an output where it first contains TEXT, which is not written (repeatable; "
+        "default: none)",
+    )
+    add(
         "--onmt-config",
         metavar="FILE",
         help="an OpenNMT-tf run configuration (YAML): its params (beam_width, length_penalty, "

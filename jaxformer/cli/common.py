@@ -60,6 +60,7 @@ FLAGS = {
     "truncate": "--truncate",
     "repetition_penalty": "--repetition-penalty",
     "no_repeat_ngram_size": "--no-repeat-ngram-size",
+    "stop": "--stop",
 }
 _ASSIGNMENT = re.compile(r"(?<![\w.-])(" + "|".join(FLAGS) + r")=(?!=)'?([^'\s,)]*)'?")
 _NAME = re.compile(r"(?<![\w.-])(" + "|".join(n for n in FLAGS if "_" in n) + r")\b")

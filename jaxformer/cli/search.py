@@ -27,6 +27,7 @@ SEARCH = (
     "seed",
     "repetition_penalty",
     "no_repeat_ngram_size",
+    "stop",
 )
 DEFAULTS = dict(
     beam_size=1,

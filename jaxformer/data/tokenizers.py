@@ -137,6 +137,10 @@ class ByteTokenizer(_Specials):
                 data = bytearray()
         return "".join(out) + data.decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes in a decoded text (specials: none); stop strings read them."""
+        return [b""] * NUM_SPECIALS + [bytes([b]) for b in range(256)]
+
     def save(self, directory: str | Path) -> None:
         _write_config(directory, {"kind": self.kind})
 
@@ -184,6 +188,11 @@ class CharTokenizer(_Specials):
             for i in check_ids(ids, self.vocab_size)
             if i not in SPECIAL_IDS
         )
+
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes in a decoded text (specials: none; unknown: U+FFFD)."""
+        specials = [b"", b"", b"", UNK_TEXT.encode("utf-8")]
+        return specials + [c.encode("utf-8") for c in self.chars]
 
     def save(self, directory: str | Path) -> None:
         _write_config(directory, {"kind": self.kind, "chars": "".join(self.chars)})
@@ -272,6 +281,10 @@ class SentencePieceTokenizer(_Specials):
     def decode(self, ids: Ids) -> str:
         return self._processor.decode(check_ids(ids, self.vocab_size))
 
+    def token_bytes(self) -> list[bytes]:
+        """Each piece's bytes inside a decoded text: ``▁`` is a space, ``<0xNN>`` its byte."""
+        return sentencepiece_bytes(self._processor)
+
     def save(self, directory: str | Path) -> None:
         directory = _write_config(directory, {"kind": self.kind, "model": SPM_FILE})
         (directory / SPM_FILE).write_bytes(self.model_proto)
@@ -287,6 +300,21 @@ class SentencePieceTokenizer(_Specials):
         tokenizer = cls(path.read_bytes())
         tokenizer._processor  # noqa: B018  (fails now, not at first use, on a bad model)
         return tokenizer
+
+
+def sentencepiece_bytes(processor) -> list[bytes]:
+    """The bytes of each piece of a ``SentencePieceProcessor`` in the middle of a decoded text."""
+    out = []
+    for i in range(processor.get_piece_size()):
+        if processor.is_control(i):
+            out.append(b"")
+        elif processor.is_unknown(i):
+            out.append(UNK_TEXT.encode("utf-8"))
+        elif processor.is_byte(i):
+            out.append(bytes([int(processor.id_to_piece(i)[3:5], 16)]))  # <0xNN>
+        else:
+            out.append(processor.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return out
 
 
 TOKENIZERS: dict[str, type[ByteTokenizer | CharTokenizer | SentencePieceTokenizer]] = {

@@ -14,6 +14,7 @@ import jax
 from jaxformer.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from jaxformer.decoding import options as opt
 from jaxformer.decoding.samplers import BestSampler, RandomSampler
+from jaxformer.decoding.stop import check_stop
 from jaxformer.decoding.strategies import BeamSearch, GreedySearch
 
 
@@ -35,7 +36,9 @@ class DecodeOptions:
     scores); translation only. ``suppress_ids``: target token ids that never appear. ``generate``
     documents both; empty (the default) changes nothing. ``repetition_penalty`` (CTRL's θ, 1:
     off) and ``no_repeat_ngram_size`` (0: off) look at what a hypothesis holds, an LM's prompt
-    included (``decoding/repetition.py`` has the formulas).
+    included (``decoding/repetition.py`` has the formulas). ``stop``: strings that end a
+    hypothesis at the first token completing one of them; the text is cut before the match
+    (``decoding/stop.py``).
     """
 
     beam_size: int = 1
@@ -52,6 +55,7 @@ class DecodeOptions:
     suppress_ids: tuple[int, ...] | list[int] = ()
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    stop: tuple[str, ...] | list[str] = ()  # a list is stored as a tuple
 
     def __post_init__(self):  # the checks every decoding entry point shares (options.py)
         opt.require_int("beam_size", self.beam_size, 1)
@@ -64,6 +68,7 @@ class DecodeOptions:
         opt.require_int("seed", self.seed)
         opt.require_probability("top_p", self.top_p)
         opt.check_repetition(self.repetition_penalty, self.no_repeat_ngram_size)
+        object.__setattr__(self, "stop", check_stop(self.stop))
         self._refuse_inapplicable()
         for name in ("target_prefix", "suppress_ids"):  # ids; checked against V by generate
             ids = getattr(self, name)

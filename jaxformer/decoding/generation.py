@@ -22,6 +22,7 @@ from jaxformer.decoding.adapters import Adapter, adapter_for, step_function
 from jaxformer.decoding.loop import dynamic_decode
 from jaxformer.decoding.result import DecodingResult
 from jaxformer.decoding.samplers import BestSampler
+from jaxformer.decoding.stop import StopTable
 from jaxformer.decoding.strategies import GreedySearch
 from jaxformer.typing import Array, Int, PRNGKey, PyTree
 
@@ -107,8 +108,8 @@ _run._cache_size = lambda: _jitted(jax.default_backend())._cache_size()  # compi
 
 
 def _decode(
-    adapter, params, inputs, lengths, rng, sampler, target_prefix, *, start_id, end_id, max_length,
-    min_length, strategy, return_attention, compat, suppress_ids, chunk_size,
+    adapter, params, inputs, lengths, rng, sampler, target_prefix, stop=None, *, start_id, end_id,
+    max_length, min_length, strategy, return_attention, compat, suppress_ids, chunk_size,
     repetition_penalty=1.0, no_repeat_ngram_size=0,
 ):  # fmt: skip
     prepared = adapter.prepare(params, inputs, lengths, start_id, max_length)
@@ -136,6 +137,7 @@ def _decode(
         repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size,
         context=context,
+        stop=stop,
     )
 
 
@@ -162,6 +164,7 @@ def generate(
     chunk_size: int | None = 8,
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
+    stop: StopTable | None = None,
 ) -> DecodingResult:
     """Translate sources with an encoder-decoder, or continue prompts with a decoder-only LM.
 
@@ -195,6 +198,9 @@ def generate(
     ``repetition_penalty`` (CTRL's θ; 1: off) and ``no_repeat_ngram_size`` (0: off) discourage or
     forbid repeating what a hypothesis holds: a decoder-only LM's prompt and what it generated,
     an encoder-decoder's start token and what it generated (``decoding/repetition.py``).
+    ``stop``: a ``stop.StopTable`` (``stop_table(tokenizer.token_bytes(), strings, V)``): a
+    hypothesis ends at the first token that completes one of the strings (``decoding/stop.py``;
+    text callers cut the match off with ``cut_at_stop``).
     """
     adapter = adapter_for(model)
     end_id = opt.static_end_id(end_id)  # a tuple: any of its ids ends a hypothesis
@@ -217,7 +223,7 @@ def generate(
         max_length=max_length,
     )  # fmt: skip
     return _run(
-        adapter, params, inputs, lengths, rng, sampler, target_prefix, start_id=start_id,
+        adapter, params, inputs, lengths, rng, sampler, target_prefix, stop, start_id=start_id,
         end_id=end_id, max_length=max_length, min_length=min_length, strategy=strategy,
         return_attention=return_attention, compat=compat, suppress_ids=suppress_ids,
         chunk_size=chunk_size, repetition_penalty=float(repetition_penalty),

@@ -65,6 +65,7 @@ from jaxformer.decoding.options import COMPAT_MODES
 from jaxformer.decoding.result import DecodingResult, finalize
 from jaxformer.decoding.samplers import BestSampler
 from jaxformer.decoding.state import check_batch_axis, reorder, tile_batch
+from jaxformer.decoding.stop import StopTable
 from jaxformer.decoding.strategies import BeamSearch, GreedySearch
 from jaxformer.typing import Array, Bool, Float, Int, PRNGKey, PyTree
 
@@ -87,6 +88,7 @@ class SearchState:
     rng: Any  # PRNG key or None
     history: Any = None  # int32[R, C + max_length] context + generated tokens (repetition.py)
     filled: Any = None  # int32[R] tokens in ``history``
+    stop_state: Any = None  # int32[R] the stop strings' automaton state (stop.py), or None
 
 
 class StepRecord(NamedTuple):
@@ -162,6 +164,7 @@ def dynamic_decode(
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
     context: tuple | None = None,
+    stop: StopTable | None = None,
 ) -> DecodingResult:
     """Decode with ``step_fn(ids [R], step, state[, shared]) -> (logits [R, V], state[, attention [R, S]])``.
 
@@ -189,7 +192,8 @@ def dynamic_decode(
     ``repetition_penalty`` (CTRL's θ, 1: off) and ``no_repeat_ngram_size`` (0: off) look at each
     row's history: ``context`` ``(int32[B, C], lengths int32[B])``, the tokens before the first
     generated one (an LM's whole prompt; default: the start ids), then what the row generated
-    (``repetition.py`` has the formulas).
+    (``repetition.py`` has the formulas). ``stop`` (a ``stop.StopTable`` of stop strings) ends a
+    hypothesis at the first token that completes one of them.
     It runs eagerly or inside ``jax.jit``; every option is static except the sampler's temperature
     and the prefix's ids.
     """
@@ -213,6 +217,13 @@ def dynamic_decode(
             context = (start_ids[:, None], jnp.ones_like(start_ids))
         history, filled = repetition.initial_history(*context, strategy.width, max_length)
         initial = initial.replace(history=history, filled=filled)
+    if stop is not None:
+        if stop.vocab_size != search.vocab:
+            raise ValueError(
+                f"stop: a table over {stop.vocab_size} token ids, but the model's vocabulary has "
+                f"{search.vocab}"
+            )
+        initial = initial.replace(stop_state=jnp.zeros_like(initial.lengths))
     if suppress_ids != ():
         suppress_ids = opt.check_suppress_ids(suppress_ids, search.vocab, end_id)
     prefix = opt.check_target_prefix(
@@ -223,7 +234,7 @@ def dynamic_decode(
         suppress_ids=suppress_ids, prefix_length=0 if prefix is None else prefix.shape[1],
         repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=no_repeat_ngram_size,
     )  # fmt: skip
-    body = _loop_body(step, search, prefix)
+    body = _loop_body(step, search, prefix, stop)
     if chunk_size is None:
         steps = jnp.arange(max_length, dtype=jnp.int32)
         final, records = jax.lax.scan(body, initial, steps)
@@ -311,7 +322,7 @@ def _probe(step, initial: SearchState, end_id, strategy, sampler, attention_size
     )
 
 
-def _loop_body(step, search: Search, prefix=None):
+def _loop_body(step, search: Search, prefix=None, stop=None):
     """One step of the loop: ``_advance``, or nothing once every row has finished, leaf by leaf.
 
     The model step always runs and its state is kept: once every row has finished nothing reads that
@@ -321,7 +332,8 @@ def _loop_body(step, search: Search, prefix=None):
 
     def body(state: SearchState, t) -> tuple[SearchState, StepRecord]:
         idle = jnp.all(state.finished) | (t >= search.max_length)
-        new, record = _advance(step, search, state, jnp.minimum(t, search.max_length - 1), prefix)
+        t = jnp.minimum(t, search.max_length - 1)
+        new, record = _advance(step, search, state, t, prefix, stop)
         keep = lambda old, ran: jax.tree.map(lambda a, b: jnp.where(idle, a, b), old, ran)
         aside = dict(model_state=None, rng=None)  # the model state is not selected; rng is fixed
         picked = keep(state.replace(**aside), new.replace(**aside))
@@ -332,9 +344,10 @@ def _loop_body(step, search: Search, prefix=None):
 
 
 def _advance(
-    step, search: Search, state: SearchState, t, prefix=None
+    step, search: Search, state: SearchState, t, prefix=None, stop=None
 ) -> tuple[SearchState, StepRecord]:
-    """Steps 1-4 of the module docstring for every row (``prefix``: int32[B, P] or None)."""
+    """Steps 1-4 of the module docstring for every row (``prefix``: int32[B, P] or None;
+    ``stop``: a ``StopTable`` or None)."""
     logits, model_state, attention = step(state.ids, t, state.model_state)
     logits = logits.astype(jnp.float32)  # [R, V]
     if search.uses_history:
@@ -368,6 +381,12 @@ def _advance(
     # default it travels with the hypothesis (the parent row's value).
     frozen = state.cum_log_probs if search.compat else state.cum_log_probs[parents]
     accumulated = sel.accumulated_attention
+    finished = parent_finished | is_end(sel.word_ids, search.end_ids)
+    stop_state = None
+    if stop is not None:  # the token from the parent's automaton state (stop.py)
+        reading = state.stop_state[parents]  # [R]
+        stop_state = stop.transition[reading, sel.word_ids]
+        finished = finished | stop.hit[reading, sel.word_ids]
     history = filled = None
     if search.uses_history:
         history, filled = repetition.append(
@@ -375,7 +394,7 @@ def _advance(
         )
     new = SearchState(
         ids=sel.word_ids,
-        finished=parent_finished | is_end(sel.word_ids, search.end_ids),
+        finished=finished,
         lengths=grown[parents],
         cum_log_probs=jnp.where(parent_finished, frozen, sel.cum_log_probs),
         scores=sel.scores,
@@ -384,6 +403,7 @@ def _advance(
         rng=state.rng,
         history=history,
         filled=filled,
+        stop_state=stop_state,
     )
     record_attention = None
     if search.return_attention:

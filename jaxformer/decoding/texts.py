@@ -37,6 +37,7 @@ from jaxformer.data.tokenizers import (
 from jaxformer.decoding.decode_options import DecodeOptions, SpecialIds
 from jaxformer.decoding.generation import generate
 from jaxformer.decoding.ordered import in_order, sorted_batches
+from jaxformer.decoding.stop import cut_at_stop, table_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,9 +135,10 @@ def iter_translations(
     sources, cut = _encode(src_tokenizer, texts, model.config.max_len, truncate)
     unknown = _unknown(src_tokenizer, texts, sources, special_ids.unk)
     keys = _keys(options)
+    stop = table_for(tgt_tokenizer, options.stop, model.config.vocab_size)
 
     def decode(index, ids, lengths):
-        result = _decode_batch(model, params, ids, options, next(keys), special_ids)
+        result = _decode_batch(model, params, ids, options, next(keys), special_ids, stop=stop)
         return [
             _output(result, row, tgt_tokenizer, options, unknown[i], cut[i])
             for row, i in enumerate(index.tolist())
@@ -229,6 +231,7 @@ def _decode_batch(
     key,
     special: SpecialIds = SpecialIds(),
     lengths=None,
+    stop=None,
 ):
     prefix = {}
     if options.target_prefix:  # the same tokens for every row
@@ -236,7 +239,7 @@ def _decode_batch(
     if lengths is not None:
         prefix["prompt_lengths"] = lengths
     search = {**options.search(key), "end_id": special.end}
-    result = generate(model, params, ids, start_id=special.start, **search, **prefix)
+    result = generate(model, params, ids, start_id=special.start, stop=stop, **search, **prefix)
     return jax.device_get((result.ids, result.lengths, result.scores))
 
 
@@ -245,10 +248,13 @@ def _output(
 ) -> Output:
     """Row ``row`` of a decoded batch as text: its n-best hypotheses and their scores."""
     hyp_ids, lengths, scores = result
-    texts = [
-        tokenizer.decode(hyp_ids[row, k, : lengths[row, k]].tolist()) for k in range(options.n_best)
-    ]
-    truncated = bool(lengths[row, 0] >= options.max_length)  # no EOS within the limit
+    texts, stopped = [], []
+    for k in range(options.n_best):
+        text = tokenizer.decode(hyp_ids[row, k, : lengths[row, k]].tolist())
+        text, found = cut_at_stop(text, options.stop)  # the match is not returned
+        texts.append(text)
+        stopped.append(found)
+    truncated = bool(lengths[row, 0] >= options.max_length) and not stopped[0]  # no end, no stop
     return Output(texts, scores[row, : options.n_best].tolist(), truncated, unknown, cut)
 
 
@@ -303,10 +309,13 @@ def iter_continuations(
             raise ValueError(f"prompt {number} is empty: a language model needs >= 1 token")
     widest = model.config.max_len - options.max_length + 1  # the prompt width the positions allow
     keys = _keys(options)
+    stop = table_for(tokenizer, options.stop, model.config.vocab_size)
 
     def decode(index, ids, lengths):
         ragged = None if (lengths == ids.shape[1]).all() else lengths
-        result = _decode_batch(model, params, ids, options, next(keys), special_ids, ragged)
+        result = _decode_batch(
+            model, params, ids, options, next(keys), special_ids, ragged, stop=stop
+        )
         rows = enumerate(index.tolist())
         return [_output(result, row, tokenizer, options, unknown[i]) for row, i in rows]
 
