@@ -8,12 +8,22 @@ exists only when one of the options is on.
 - ``repetition_penalty`` θ (CTRL, Keskar et al. 2019, section 4.1; Hugging Face's and CTranslate2's
   ``repetition_penalty``): the logit of every token present in the history is divided by θ when it
   is positive and multiplied by θ otherwise, before the log-softmax. θ > 1 discourages repetition,
-  θ = 1 changes nothing. It applies to the raw logits in every strategy (as CTranslate2 does;
-  Hugging Face applies it to raw logits when sampling or greedy, but to log-softmax scores in beam
-  search, where a multiplication by θ moves all candidates and a division never happens).
+  θ < 1 rewards it, θ = 1 changes nothing.
 - ``no_repeat_ngram_size`` n (Paulus et al. 2018; Hugging Face's ``no_repeat_ngram_size``): a token
   that would complete an n-gram already present in the history gets a -inf logit. n = 1 bans every
   token of the history.
+
+What the reference frameworks do (transformers 5.25's ``RepetitionPenaltyLogitsProcessor``,
+``NoRepeatNGramLogitsProcessor``, ``generation/utils.py``; CTranslate2 4.8's ``decoding.cc``; read
+and measured in ``tools/README.hf_lm.md``): both use these formulas. Hugging Face's history is the
+whole row (the prompt, its special tokens, then what was generated), as here, but in beam search it
+applies them to the log-softmax scores rather than the logits (a penalised log-prob ``lp`` becomes
+``lp * θ``: a confident repeat, ``lp`` near 0, is barely touched). CTranslate2 applies them to the
+logits in every strategy, as here, but its history is what it generated in this call (a prompt
+alone does not count). So greedy search and sampling here equal Hugging Face's, token for token;
+beam search with an n-gram ban too (-inf on a logit or on a log-prob is the same ban); beam search
+with a repetition penalty matches neither exactly: it is the formula above, where CTranslate2
+applies it, on Hugging Face's history.
 
 Both are applied to the logits before the end-token handling of the loop (``min_length``, finished
 rows forced to end), so a finished row still ends; the target prefix's forced tokens are not
