@@ -363,12 +363,20 @@ def _decode_batch(
 
 
 def _output(
-    result, row: int, tokenizer: Tokenizer, options: DecodeOptions, unknown, cut: bool = False
+    result,
+    row: int,
+    tokenizer: Tokenizer,
+    options: DecodeOptions,
+    unknown,
+    cut: bool = False,
+    prompt: Sequence[int] = (),
 ) -> Output:
-    """Row ``row`` of a decoded batch as text: its n-best hypotheses and their scores."""
+    """Row ``row`` of a decoded batch as text: its n-best hypotheses and their scores
+    (``prompt``: ids decoded together with each hypothesis, before it)."""
     hyp_ids, lengths, scores = result
     texts = [
-        tokenizer.decode(hyp_ids[row, k, : lengths[row, k]].tolist()) for k in range(options.n_best)
+        tokenizer.decode([*prompt, *hyp_ids[row, k, : lengths[row, k]].tolist()])
+        for k in range(options.n_best)
     ]
     truncated = bool(lengths[row, 0] >= options.max_length)  # no EOS within the limit
     return Output(texts, scores[row, : options.n_best].tolist(), truncated, unknown, cut)
@@ -409,12 +417,14 @@ def iter_continuations(
     batch_size: int = 32,
     window: int | None = None,
     special_ids: SpecialIds = SpecialIds(),
+    return_prompt: bool = False,
 ) -> Iterator[Output]:
     """Language models: the continuation of each prompt (at least one token each), in input order,
     each as soon as every earlier one is done (windows and batches as ``iter_translations``').
 
     Prompts of different lengths share a batch (right-padded; each row continues at its own
-    positions, so its result does not depend on the others).
+    positions, so its result does not depend on the others). ``return_prompt``: each text is the
+    prompt's ids and the continuation's decoded together (False: the continuation's alone).
     """
     prompts = check_lines(prompts, "prompts")
     _check_batch_size(batch_size)
@@ -430,7 +440,12 @@ def iter_continuations(
         ragged = None if (lengths == ids.shape[1]).all() else lengths
         result = _decode_batch(model, params, ids, options, next(keys), special_ids, ragged)
         rows = enumerate(index.tolist())
-        return [_output(result, row, tokenizer, options, unknown[i]) for row, i in rows]
+        return [
+            _output(result, row, tokenizer, options, unknown[i], prompt=prompt(i))
+            for row, i in rows
+        ]
+
+    prompt = lambda i: encoded[i] if return_prompt else ()
 
     batching = dict(batch_size=batch_size, window=window, pad_id=special_ids.pad)
     batching |= dict(max_width=widest, filler=(special_ids.pad,))
