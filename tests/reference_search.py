@@ -104,6 +104,9 @@ def reference_decode(
         raise ValueError(f"unknown strategy {strategy!r}")
     if coverage_penalty != 0 and attention_size is None:
         raise ValueError("coverage_penalty needs attention_size")
+    # Several end ids (a tuple): any of them ends a hypothesis; the first is forced afterwards.
+    end_ids = tuple(end_id) if isinstance(end_id, tuple | list) else (end_id,)
+    end_id = end_ids[0]
     greedy = strategy == "greedy" or (strategy == "auto" and beam_size == 1)
     if greedy and beam_size != 1:
         raise ValueError("greedy search has a single hypothesis per entry")
@@ -147,7 +150,8 @@ def reference_decode(
         for r in range(R):
             row = logits[r].copy()
             if step < min_length:
-                row[end_id] = row[end_id] + _EOS_PENALTY
+                for e in end_ids:
+                    row[e] = row[e] + _EOS_PENALTY
             elif finished[r]:
                 row = np.full(V, _FMIN, F32)
                 row[end_id] = _FMAX
@@ -210,7 +214,7 @@ def reference_decode(
         # the corrected search keeps the cum of the hypothesis itself.
         kept = cum if opennmt else cum[parent_rows]
         cum = np.where(moved_finished, kept, new_cum).astype(F32)
-        finished = moved_finished | (words == end_id)
+        finished = moved_finished | np.isin(words, end_ids)
         last_scores = step_scores
         for key, value in zip(hist, (words, beam_ids, parent_rows, attn), strict=True):
             hist[key].append(value)
@@ -245,7 +249,7 @@ def reference_decode(
                     token_attn.append(hist["attn"][t][row])
             tokens.reverse()
             token_attn.reverse()
-            eos = [t for t, tok in enumerate(tokens) if tok == end_id]
+            eos = [t for t, tok in enumerate(tokens) if tok in end_ids]
             lengths[b, w] = eos[0] if eos else T
             kept = eos[0] + 1 if eos else T  # the tokens up to and including EOS
             ids[b, w, :kept] = tokens[:kept]

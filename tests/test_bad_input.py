@@ -90,6 +90,14 @@ GENERATE_CASES = [
     ("end_id = V", dict(end_id=V), r"end_id=32 is outside the target vocabulary \[0, 32\)"),
     ("end_id < 0", dict(end_id=-2), r"end_id=-2 is outside the target vocabulary \[0, 32\)"),
     ("end_id float", dict(end_id=2.0), r"end_id must be an int in \[0, 32\)"),
+    ("end ids, one = V", dict(end_id=(2, V)), r"end_id=\(2, 32\) is outside the target vocabulary"),
+    ("end ids empty", dict(end_id=()), r"end_id must be an int or a non-empty tuple of distinct"),
+    ("end ids repeated", dict(end_id=(2, 2)), r"non-empty tuple of distinct ints, got \(2, 2\)"),
+    (
+        "end ids in compat",
+        dict(end_id=(2, 3), compat="opennmt-tf"),
+        r"compat='opennmt-tf' takes one end_id",
+    ),
     (
         "source too long",
         dict(inputs=np.ones((2, MAX_LEN + 1), np.int32)),

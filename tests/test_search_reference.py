@@ -5,6 +5,7 @@ checked against real OpenNMT-tf 2.32 (tensorflow-cpu 2.13.1) on 2,960 random con
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -43,6 +44,17 @@ def random_case(seed):
 CASES = [random_case(seed) for seed in range(48)]
 
 
+def two_end_ids(seed):
+    """A case whose hypotheses end on either of two ids (Llama 3 has three)."""
+    case = random_case(seed)
+    rng = np.random.default_rng(1000 + seed)
+    other = int(rng.choice([i for i in range(case["vocab"]) if i != case["end_id"]]))
+    return case | dict(end_ids=(case["end_id"], other))
+
+
+MULTI_EOS_CASES = [two_end_ids(seed) for seed in range(100, 112)]
+
+
 def run_reference_only(case, compat=None):
     step_np, state_np, params = toy_model(
         case["seed"],
@@ -60,7 +72,7 @@ def run_reference_only(case, compat=None):
     expected = reference_decode(
         step_np,
         start,
-        case["end_id"],
+        case.get("end_ids", case["end_id"]),
         state_np,
         beam_size=case["beam"],
         length_penalty=case["length_penalty"] if beam else 0.0,
@@ -90,7 +102,7 @@ def run_both(case, compat):
         return dec.dynamic_decode(
             jax_toy_step_fn(params),
             start_ids,
-            case["end_id"],
+            case.get("end_ids", case["end_id"]),
             initial_state(params, case["batch"]),
             strategy=strategy,
             max_length=case["max_length"],
@@ -115,6 +127,27 @@ def test_matches_the_numpy_reference(case, compat):
     np.testing.assert_allclose(got.attention, expected["attention"], atol=1e-6)
 
 
+@pytest.mark.parametrize("case", MULTI_EOS_CASES, ids=lambda c: f"seed{c['seed']}")
+def test_several_end_ids_match_the_numpy_reference(case):
+    expected, got = run_both(case, None)
+    assert int(got.steps) == expected["steps_run"]
+    np.testing.assert_array_equal(got.ids, expected["ids"])
+    np.testing.assert_array_equal(got.lengths, expected["lengths"])
+    np.testing.assert_allclose(got.log_probs, expected["log_probs"], atol=1e-5, rtol=1e-6)
+    np.testing.assert_allclose(got.scores, expected["scores"], atol=1e-5, rtol=1e-6)
+
+
+def test_the_multi_eos_cases_end_on_the_second_id_too():
+    ended_on = {0: 0, 1: 0}
+    for case in MULTI_EOS_CASES:
+        expected, _ = run_reference_only(case)
+        ids, lengths = expected["ids"], expected["lengths"]
+        for b, w in np.ndindex(lengths.shape):
+            if lengths[b, w] < ids.shape[-1]:
+                ended_on[case["end_ids"].index(int(ids[b, w, lengths[b, w]]))] += 1
+    assert ended_on[0] >= 5 and ended_on[1] >= 5, ended_on
+
+
 def test_the_cases_exercise_what_matters():
     """Guard against a case generator that silently stops covering the hard paths."""
     n = len(CASES)
@@ -131,3 +164,28 @@ def test_the_cases_exercise_what_matters():
     assert sum(c["tie_round"] for c in CASES) >= 5
     assert sum(c["min_length"] > 0 for c in CASES) >= 10
     assert sum(c["force_beam"] for c in CASES) >= 1
+
+
+def test_sampling_ends_on_any_end_id():
+    """Sampled hypotheses end on either id; the id they ended on is kept, the first follows."""
+    case = MULTI_EOS_CASES[0] | dict(batch=3, max_length=8)
+    _, params = run_reference_only(case)
+    first, second = case["end_ids"]
+    result = jax.jit(
+        lambda params, key: dec.dynamic_decode(
+            jax_toy_step_fn(params), jnp.zeros([3], jnp.int32), case["end_ids"],
+            initial_state(params, 3), strategy=dec.BeamSearch(2),
+            sampler=dec.RandomSampler(topk=0), max_length=8, rng=key,
+        )
+    )  # fmt: skip
+    ended = set()
+    for seed in range(6):
+        out = result(params, jax.random.key(seed))
+        ids, lengths = np.asarray(out.ids), np.asarray(out.lengths)
+        for b, w in np.ndindex(lengths.shape):
+            n = lengths[b, w]
+            assert not np.isin(ids[b, w, :n], case["end_ids"]).any()  # no end before its end
+            if n < ids.shape[-1]:
+                ended.add(int(ids[b, w, n]))
+                assert (ids[b, w, n + 1 :] == first).all()
+    assert ended == {first, second}

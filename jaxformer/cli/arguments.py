@@ -48,6 +48,18 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
         "checkpoint's max_length, at most what the model's positions allow)",
     )
     add("--n-best", type=int, help="hypotheses per input, <= --beam-size (default: 1)")
+    add(
+        "--repetition-penalty",
+        type=float,
+        help="CTRL's penalty on tokens already in the hypothesis (an LM's prompt included): "
+        "positive logits divided by it, negative ones multiplied (default: 1, off)",
+    )
+    add(
+        "--no-repeat-ngram-size",
+        type=int,
+        help="no n-gram of this size twice in a hypothesis (an LM's prompt included) "
+        "(default: 0, off)",
+    )
     add("--seed", type=int, help="sampling seed (default: 0)")
     add(
         "--onmt-config",

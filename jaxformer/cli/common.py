@@ -58,6 +58,8 @@ FLAGS = {
     "model": "--model-type",  # load_pretrained's OpenNMT-tf catalog hint
     "dtype": "--dtype",
     "truncate": "--truncate",
+    "repetition_penalty": "--repetition-penalty",
+    "no_repeat_ngram_size": "--no-repeat-ngram-size",
 }
 _ASSIGNMENT = re.compile(r"(?<![\w.-])(" + "|".join(FLAGS) + r")=(?!=)'?([^'\s,)]*)'?")
 _NAME = re.compile(r"(?<![\w.-])(" + "|".join(n for n in FLAGS if "_" in n) + r")\b")

@@ -25,6 +25,8 @@ SEARCH = (
     "max_length",
     "n_best",
     "seed",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
 )
 DEFAULTS = dict(
     beam_size=1,

@@ -2,7 +2,8 @@
 
 Both functions follow TensorFlow Addons' ``gather_tree`` semantics, which OpenNMT-tf relies on:
 positions at or after ``max_lengths[b]`` get ``end_id``; backtracking starts at ``max_lengths[b] - 1``
-from beam w; every position after the first ``end_id`` becomes ``end_id``.
+from beam w; every position after the first ``end_id`` becomes ``end_id`` (with several end ids,
+after the first of any of them, the first id).
 """
 
 import jax
@@ -28,17 +29,27 @@ def _backtrack(
     return tokens, beams  # [T, B, W] each; beams is -1 where t >= max_lengths[b]
 
 
+def is_end(tokens: Int[Array, "..."], end_ids: tuple[int, ...]) -> Array:
+    """Whether each token is one of ``end_ids`` (a hypothesis ends on any of them)."""
+    return jnp.isin(tokens, jnp.asarray(end_ids, tokens.dtype))
+
+
 def gather_tree(
     step_ids: Int[Array, "T B W"],
     parent_ids: Int[Array, "T B W"],
     max_lengths: Int[Array, " B"],
-    end_id: int,
+    end_id: int | tuple[int, ...],
 ) -> Int[Array, "T B W"]:
-    """Full token histories of the final beams, end_id after the first end_id."""
+    """Full token histories of the final beams, ``end_id`` after the first end token.
+
+    ``end_id``: one id, or a tuple of ids any of which ends a hypothesis (Llama 3 has three); the
+    hypothesis keeps the end token it emitted, and the positions after it get the first id."""
+    end_ids = end_id if isinstance(end_id, tuple) else (end_id,)
     tokens, beams = _backtrack(step_ids, parent_ids, max_lengths)
-    tokens = jnp.where(beams >= 0, tokens, end_id)
-    ended_before = jnp.cumsum(tokens == end_id, axis=0) - (tokens == end_id)  # [T, B, W]
-    return jnp.where(ended_before > 0, end_id, tokens)
+    tokens = jnp.where(beams >= 0, tokens, end_ids[0])
+    ends = is_end(tokens, end_ids)
+    ended_before = jnp.cumsum(ends, axis=0) - ends  # [T, B, W]
+    return jnp.where(ended_before > 0, end_ids[0], tokens)
 
 
 def gather_tree_from_array(

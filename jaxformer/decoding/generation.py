@@ -36,6 +36,8 @@ STATIC = (
     "compat",
     "suppress_ids",
     "chunk_size",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
 )
 
 
@@ -107,8 +109,13 @@ _run._cache_size = lambda: _jitted(jax.default_backend())._cache_size()  # compi
 def _decode(
     adapter, params, inputs, lengths, rng, sampler, target_prefix, *, start_id, end_id, max_length,
     min_length, strategy, return_attention, compat, suppress_ids, chunk_size,
+    repetition_penalty=1.0, no_repeat_ngram_size=0,
 ):  # fmt: skip
     prepared = adapter.prepare(params, inputs, lengths, start_id, max_length)
+    context = None  # the history the repetition options read: an LM's prompt, else the start
+    if not adapter.inputs.needs_start_id:
+        full = jnp.full(inputs.shape[:1], inputs.shape[1], jnp.int32)
+        context = (inputs, full if lengths is None else lengths)
     return dynamic_decode(
         step_function(adapter, params),
         prepared.start_ids,
@@ -126,6 +133,9 @@ def _decode(
         target_prefix=target_prefix,
         suppress_ids=suppress_ids,
         chunk_size=chunk_size,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        context=context,
     )
 
 
@@ -137,7 +147,7 @@ def generate(
     params: PyTree,
     inputs: Int[Array | np.ndarray, "B S"] | list,
     *,
-    end_id: int,
+    end_id: int | tuple[int, ...],
     start_id: int | None = None,
     max_length: int | None = None,
     min_length: int = 0,
@@ -150,6 +160,8 @@ def generate(
     target_prefix: Int[Array | np.ndarray, "_B P"] | list | None = None,
     suppress_ids: tuple[int, ...] | list[int] = (),
     chunk_size: int | None = 8,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
 ) -> DecodingResult:
     """Translate sources with an encoder-decoder, or continue prompts with a decoder-only LM.
 
@@ -160,7 +172,9 @@ def generate(
     are prompts (P >= 1 tokens); ``prompt_lengths`` ``[B]`` gives each padded prompt's real length
     (None: all P, or taken from a list); all but each prompt's last token go into the cache, the
     search starts from its last one and writes at most ``max_length`` new tokens. A row's result is
-    the one it has alone, whatever the lengths of the others.
+    the one it has alone, whatever the lengths of the others. ``end_id``: the end token, or a tuple
+    of them (Llama 3 ends on any of three; ``pre.end_id``): each hypothesis keeps the one it emitted
+    at ``ids[b, w, lengths[b, w]]``, the positions after it hold the first.
 
     ``target_prefix`` (encoder-decoder only): int32 ``[B, P]`` or B lists of P ids, forced right
     after ``start_id`` in every hypothesis of entry b (NLLB's target-language token; CTranslate2's
@@ -178,8 +192,14 @@ def generate(
     is data, so changing it per call does not recompile. ``chunk_size``: decode steps between two
     checks for the early exit once every row has finished (``dynamic_decode``'s; None: one scan of
     ``max_length`` steps, no early exit); the results do not depend on it.
+    ``repetition_penalty`` (CTRL's θ; 1: off) and ``no_repeat_ngram_size`` (0: off) discourage or
+    forbid repeating what a hypothesis holds: a decoder-only LM's prompt and what it generated,
+    an encoder-decoder's start token and what it generated (``decoding/repetition.py``).
     """
     adapter = adapter_for(model)
+    end_id = opt.static_end_id(end_id)  # a tuple: any of its ids ends a hypothesis
+    if compat and isinstance(end_id, tuple):
+        raise ValueError(f"compat={compat!r} takes one end_id (OpenNMT-tf has one), got {end_id}")
     inputs, lengths = _as_batch(adapter, inputs, prompt_lengths)
     if max_length is None:
         max_length = default_max_length(adapter, inputs.shape[1])
@@ -200,7 +220,8 @@ def generate(
         adapter, params, inputs, lengths, rng, sampler, target_prefix, start_id=start_id,
         end_id=end_id, max_length=max_length, min_length=min_length, strategy=strategy,
         return_attention=return_attention, compat=compat, suppress_ids=suppress_ids,
-        chunk_size=chunk_size,
+        chunk_size=chunk_size, repetition_penalty=float(repetition_penalty),
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )  # fmt: skip
 
 
@@ -291,6 +312,7 @@ def _check_options(adapter: Adapter, inputs, args: dict) -> None:
         raise ValueError(f"a model with a {spec.name} needs start_id (the target's start token)")
     opt.check_types(strategy, sampler)
     opt.check_chunk_size(args["chunk_size"])
+    opt.check_repetition(args["repetition_penalty"], args["no_repeat_ngram_size"])
     start_id = args["start_id"] if spec.needs_start_id else None
     opt.check_vocabulary(
         spec.target_vocab_size, strategy, sampler, end_id=args["end_id"], start_id=start_id

@@ -10,6 +10,9 @@ The order of operations at each step is OpenNMT-tf 2.32's (``opennmt.utils.decod
 4. Lengths grow for unfinished rows; lengths, finished flags, accumulators and the model state are
    gathered by the parent rows (``state.reorder``); ``finished |= word == end_id``.
 
+``end_id`` may be a tuple of ids (Llama 3 ends on any of three): any of them ends a hypothesis, every
+one of them is held back before ``min_length``, and a finished row is forced to emit the first.
+
 By default (not in compat mode), after the pick (3.) a batch entry whose hypotheses had all finished
 is frozen: it emits EOS from its own rows and keeps its log-probs, scores and coverage accumulator, as
 it would if it were decoded alone (the loop idles once every row has finished). So a row's result does
@@ -56,6 +59,8 @@ import numpy as np
 from flax import struct
 
 from jaxformer.decoding import options as opt
+from jaxformer.decoding import repetition
+from jaxformer.decoding.gather_tree import is_end
 from jaxformer.decoding.options import COMPAT_MODES
 from jaxformer.decoding.result import DecodingResult, finalize
 from jaxformer.decoding.samplers import BestSampler
@@ -80,6 +85,8 @@ class SearchState:
     accumulated_attention: Any  # float32[R, S] coverage-penalty accumulator, or None
     model_state: Any  # the step function's state (KV cache), reordered with the beams
     rng: Any  # PRNG key or None
+    history: Any = None  # int32[R, C + max_length] context + generated tokens (repetition.py)
+    filled: Any = None  # int32[R] tokens in ``history``
 
 
 class StepRecord(NamedTuple):
@@ -98,7 +105,7 @@ class Search:
 
     strategy: GreedySearch | BeamSearch
     sampler: Any
-    end_id: int
+    end_ids: tuple[int, ...]  # any of them ends a hypothesis; the first is forced after the end
     batch: int
     vocab: int
     max_length: int
@@ -109,6 +116,17 @@ class Search:
     attention_width: int  # S of the step's attention (0 when it is not used)
     suppress_ids: tuple[int, ...] = ()  # tokens whose logits are -inf at every step
     prefix_length: int = 0  # P: steps 0 .. P-1 emit the target prefix
+    repetition_penalty: float = 1.0  # CTRL's, on the tokens of the history (repetition.py)
+    no_repeat_ngram_size: int = 0  # no n-gram of the history twice (0: off)
+
+    @property
+    def uses_history(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+
+    @property
+    def end_id(self) -> int:
+        """The id forced on finished rows and written after a hypothesis's end."""
+        return self.end_ids[0]
 
     @property
     def width(self) -> int:
@@ -126,7 +144,7 @@ class Search:
 def dynamic_decode(
     step_fn,
     start_ids: Int[Array | np.ndarray, " B"],
-    end_id: int,
+    end_id: int | tuple[int, ...],
     initial_state: PyTree = None,
     strategy: GreedySearch | BeamSearch = GreedySearch(),
     sampler: Any = BestSampler(),
@@ -141,6 +159,9 @@ def dynamic_decode(
     shared: PyTree = None,
     target_prefix: Int[Array | np.ndarray, "_B P"] | list | None = None,
     suppress_ids: tuple[int, ...] | list[int] = (),
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    context: tuple | None = None,
 ) -> DecodingResult:
     """Decode with ``step_fn(ids [R], step, state[, shared]) -> (logits [R, V], state[, attention [R, S]])``.
 
@@ -165,12 +186,19 @@ def dynamic_decode(
     tokens of every hypothesis of entry b to ``target_prefix[b]`` (see "Forced prefixes" in the
     module docstring); its values are data, its length is static. ``suppress_ids`` (a tuple of
     token ids, never ``end_id``) get a -inf logit at every step, before the log-softmax.
+    ``repetition_penalty`` (CTRL's θ, 1: off) and ``no_repeat_ngram_size`` (0: off) look at each
+    row's history: ``context`` ``(int32[B, C], lengths int32[B])``, the tokens before the first
+    generated one (an LM's whole prompt; default: the start ids), then what the row generated
+    (``repetition.py`` has the formulas).
     It runs eagerly or inside ``jax.jit``; every option is static except the sampler's temperature
     and the prefix's ids.
     """
     opt.check_search(
         strategy, sampler, max_length=max_length, min_length=min_length, compat=compat, rng=rng
     )
+    end_id = opt.static_end_id(end_id)
+    if compat and isinstance(end_id, tuple):
+        raise ValueError(f"compat={compat!r} takes one end_id (OpenNMT-tf has one), got {end_id}")
     opt.check_chunk_size(chunk_size)
     if strategy.uses_coverage and attention_size is None:
         raise ValueError("coverage_penalty needs attention_size (the source length S)")
@@ -179,6 +207,12 @@ def dynamic_decode(
     step = jax.jit(_with_shared(step_fn, shared))  # traced once: the probe's trace is reused
     initial = _initial_search_state(start_ids, initial_state, strategy, attention_size, rng)
     search = _probe(step, initial, end_id, strategy, sampler, attention_size, return_attention)
+    opt.check_repetition(repetition_penalty, no_repeat_ngram_size)
+    if repetition_penalty != 1.0 or no_repeat_ngram_size:
+        if context is None:
+            context = (start_ids[:, None], jnp.ones_like(start_ids))
+        history, filled = repetition.initial_history(*context, strategy.width, max_length)
+        initial = initial.replace(history=history, filled=filled)
     if suppress_ids != ():
         suppress_ids = opt.check_suppress_ids(suppress_ids, search.vocab, end_id)
     prefix = opt.check_target_prefix(
@@ -187,6 +221,7 @@ def dynamic_decode(
     search = dataclasses.replace(
         search, max_length=max_length, min_length=min_length, compat=compat, trace=trace,
         suppress_ids=suppress_ids, prefix_length=0 if prefix is None else prefix.shape[1],
+        repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=no_repeat_ngram_size,
     )  # fmt: skip
     body = _loop_body(step, search, prefix)
     if chunk_size is None:
@@ -270,8 +305,9 @@ def _probe(step, initial: SearchState, end_id, strategy, sampler, attention_size
                 f"width {attention.shape[-1]}"
             )
     width = attention.shape[-1] if attention is not None else 0
+    end_ids = end_id if isinstance(end_id, tuple) else (end_id,)
     return Search(
-        strategy, sampler, end_id, batch, vocab, 0, 0, None, return_attention, False, width
+        strategy, sampler, end_ids, batch, vocab, 0, 0, None, return_attention, False, width
     )
 
 
@@ -301,13 +337,20 @@ def _advance(
     """Steps 1-4 of the module docstring for every row (``prefix``: int32[B, P] or None)."""
     logits, model_state, attention = step(state.ids, t, state.model_state)
     logits = logits.astype(jnp.float32)  # [R, V]
+    if search.uses_history:
+        logits = repetition.apply(
+            logits, state.history, state.filled, repetition_penalty=search.repetition_penalty,
+            no_repeat_ngram_size=search.no_repeat_ngram_size,
+        )  # fmt: skip
     if search.suppress_ids:
         suppressed = np.zeros([1, search.vocab], bool)  # [1, V]
         suppressed[0, list(search.suppress_ids)] = True
         logits = jnp.where(suppressed, -jnp.inf, logits)  # [R, V]
     attention = attention.astype(jnp.float32) if search.wants_attention else None  # [R, S]
-    eos = jax.nn.one_hot(search.end_id, search.vocab, dtype=jnp.float32)[None]  # [1, V]
-    forced = jnp.where(eos > 0, 0.0, -jnp.inf)  # [1, V] log-probs of a forced EOS
+    eos = np.zeros([1, search.vocab], np.float32)  # [1, V]: 1 at every end id
+    eos[0, list(search.end_ids)] = 1.0
+    first = jax.nn.one_hot(search.end_id, search.vocab, dtype=jnp.float32)[None]  # [1, V]
+    forced = jnp.where(first > 0, 0.0, -jnp.inf)  # [1, V] log-probs of a forced EOS
     early = t < search.min_length
     log_probs = jax.nn.log_softmax(jnp.where(early, logits + EOS_PENALTY * eos, logits), axis=-1)
     log_probs = jnp.where(~early & state.finished[:, None], forced, log_probs)  # [R, V]
@@ -325,15 +368,22 @@ def _advance(
     # default it travels with the hypothesis (the parent row's value).
     frozen = state.cum_log_probs if search.compat else state.cum_log_probs[parents]
     accumulated = sel.accumulated_attention
+    history = filled = None
+    if search.uses_history:
+        history, filled = repetition.append(
+            state.history[parents], state.filled[parents], sel.word_ids
+        )
     new = SearchState(
         ids=sel.word_ids,
-        finished=parent_finished | (sel.word_ids == search.end_id),
+        finished=parent_finished | is_end(sel.word_ids, search.end_ids),
         lengths=grown[parents],
         cum_log_probs=jnp.where(parent_finished, frozen, sel.cum_log_probs),
         scores=sel.scores,
         accumulated_attention=None if accumulated is None else accumulated[parents],
         model_state=model_state if search.width == 1 else reorder(model_state, parents),
         rng=state.rng,
+        history=history,
+        filled=filled,
     )
     record_attention = None
     if search.return_attention:

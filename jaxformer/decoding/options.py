@@ -77,6 +77,24 @@ def check_types(strategy, sampler) -> None:
         raise TypeError(f"sampler must be BestSampler() or RandomSampler(...), got {sampler!r}")
 
 
+def check_end_ids(end_id) -> tuple:
+    """``end_id`` (an int, or a tuple / list of distinct ints: any of them ends a hypothesis) as
+    a tuple; the first is the one written after a hypothesis's end. The ids' values are checked
+    against the vocabulary by ``check_vocabulary``."""
+    ids = tuple(end_id) if isinstance(end_id, tuple | list) else (end_id,)
+    if not ids or len(set(ids)) != len(ids):
+        raise ValueError(
+            f"end_id must be an int or a non-empty tuple of distinct ints, got {end_id!r}"
+        )
+    return ids
+
+
+def static_end_id(end_id) -> int | tuple[int, ...]:
+    """``end_id`` in one canonical hashable form (an int when it is one id): a static argument."""
+    ids = check_end_ids(end_id)
+    return ids[0] if len(ids) == 1 else ids
+
+
 def check_search(strategy, sampler, *, max_length, min_length, compat, rng) -> None:
     """The options every search takes, checked before anything is traced."""
     check_types(strategy, sampler)
@@ -88,14 +106,16 @@ def check_search(strategy, sampler, *, max_length, min_length, compat, rng) -> N
 
 
 def check_vocabulary(vocab: int, strategy, sampler, **ids) -> None:
-    """Ids (``end_id=...``, ``start_id=...``; None skipped), the beam width and top-k against V."""
+    """Ids (``end_id=...``, ``start_id=...``; None skipped; a tuple: each of its ids), the beam
+    width and top-k against V."""
     for name, value in ids.items():
         if value is None:
             continue
-        if not _is_int(value):
-            raise ValueError(f"{name} must be an int in [0, {vocab}), got {value!r}")
-        if not 0 <= value < vocab:
-            raise ValueError(f"{name}={value} is outside the target vocabulary [0, {vocab})")
+        for one in value if isinstance(value, tuple) else (value,):
+            if not _is_int(one):
+                raise ValueError(f"{name} must be an int in [0, {vocab}), got {value!r}")
+            if not 0 <= one < vocab:
+                raise ValueError(f"{name}={value} is outside the target vocabulary [0, {vocab})")
     if strategy.width > vocab:
         raise ValueError(f"beam_size={strategy.width} must be in [1, vocab_size={vocab}]")
     candidates = strategy.width * vocab
@@ -107,13 +127,20 @@ def check_vocabulary(vocab: int, strategy, sampler, **ids) -> None:
         )
 
 
+def check_repetition(repetition_penalty, no_repeat_ngram_size) -> None:
+    """CTRL's penalty θ (a finite number > 0; 1 is off) and the no-repeat n-gram size (0 is off)."""
+    require_number("repetition_penalty", repetition_penalty, positive=True)
+    require_int("no_repeat_ngram_size", no_repeat_ngram_size, 0)
+
+
 def check_chunk_size(chunk_size) -> None:
     if chunk_size is not None:
         require_int("chunk_size", chunk_size, 1)
 
 
-def check_suppress_ids(suppress_ids, vocab: int, end_id: int) -> tuple[int, ...]:
-    """``suppress_ids`` as a tuple of distinct ids in ``[0, vocab)``, none of them ``end_id``."""
+def check_suppress_ids(suppress_ids, vocab: int, end_id) -> tuple[int, ...]:
+    """``suppress_ids`` as a tuple of distinct ids in ``[0, vocab)``, none of them ``end_id``
+    (or one of its ids)."""
     allowed = f"a tuple of token ids in [0, {vocab}) other than end_id={end_id}"
     if not isinstance(suppress_ids, tuple | list) or not all(_is_int(i) for i in suppress_ids):
         raise ValueError(f"suppress_ids must be {allowed}, got {suppress_ids!r}")
@@ -123,7 +150,7 @@ def check_suppress_ids(suppress_ids, vocab: int, end_id: int) -> tuple[int, ...]
             f"suppress_ids: {outside} outside the target vocabulary [0, {vocab}); "
             f"allowed: {allowed}"
         )
-    if end_id in suppress_ids:
+    if set(check_end_ids(end_id)) & set(suppress_ids):
         raise ValueError(
             f"suppress_ids must not contain end_id={end_id} (a hypothesis could never end; use "
             "min_length to delay EOS)"
@@ -131,7 +158,9 @@ def check_suppress_ids(suppress_ids, vocab: int, end_id: int) -> tuple[int, ...]
     return tuple(sorted({int(i) for i in suppress_ids}))
 
 
-def check_target_prefix(target_prefix, *, batch: int, vocab: int, end_id: int, max_length: int):
+def check_target_prefix(
+    target_prefix, *, batch: int, vocab: int, end_id: int | tuple[int, ...], max_length: int
+):
     """``target_prefix`` as int32 ``[batch, P]`` (a jax array; None for None or P = 0).
 
     ``P < max_length`` (at least one step is free); concrete ids must be in ``[0, vocab)`` and
@@ -177,7 +206,7 @@ def check_target_prefix(target_prefix, *, batch: int, vocab: int, end_id: int, m
                 f"target_prefix ids must be in [0, {vocab}) (the target vocabulary), got values "
                 f"in [{low}, {high}]"
             )
-        if (array == end_id).any():
+        if np.isin(array, check_end_ids(end_id)).any():
             raise ValueError(
                 f"target_prefix must not contain end_id={end_id} (a forced EOS would end the "
                 "hypothesis inside its prefix)"

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from jaxformer.decoding.gather_tree import gather_tree, gather_tree_from_array
+from jaxformer.decoding.gather_tree import gather_tree, gather_tree_from_array, is_end
 from jaxformer.typing import Array, Float, Int
 
 
@@ -14,7 +14,7 @@ class DecodingResult(NamedTuple):
     """Hypotheses per batch entry, best first (``W`` = the strategy's ``num_hypotheses``)."""
 
     ids: Int[Array, "B W T"]  # T = max_length; end_id after EOS and after the last step run
-    lengths: Int[Array, "B W"]  # tokens before EOS, EOS not counted
+    lengths: Int[Array, "B W"]  # tokens before EOS, EOS not counted (ids[b, w, lengths] is the EOS)
     log_probs: Float[Array, "B W"]  # cumulative log-probability (EOS included)
     scores: Float[Array, "B W"]  # the ranking score, penalties included
     attention: Float[Array, "B W T S"] | None
@@ -31,7 +31,8 @@ def finalize(records, final, search) -> DecodingResult:
     steps = jnp.sum(records.ran.astype(jnp.int32))
     parents = _per_entry(records.beam_ids, batch, width)  # [T, B, W]
     ids = _backtrack(records, final, search)  # [B, W, T]
-    lengths = jnp.sum(ids != search.end_id, axis=-1).astype(jnp.int32)  # [B, W]
+    before_end = jnp.cumsum(is_end(ids, search.end_ids), axis=-1) == 0  # [B, W, T]
+    lengths = jnp.sum(before_end, axis=-1).astype(jnp.int32)  # [B, W]
     log_probs = final.cum_log_probs.reshape(batch, width)
     scores = final.scores.reshape(batch, width)
     attention = None
@@ -69,7 +70,7 @@ def _backtrack(records, final, search) -> Int[Array, "B W T"]:
         max_lengths = jnp.full([batch], search.max_length, jnp.int32)
     step_ids = _per_entry(records.word_ids, batch, width)  # [T, B, W]
     parents = _per_entry(records.beam_ids, batch, width)
-    ids = gather_tree(step_ids, parents, max_lengths, search.end_id)  # [T, B, W]
+    ids = gather_tree(step_ids, parents, max_lengths, search.end_ids)  # [T, B, W]
     return jnp.transpose(ids, (1, 2, 0))  # [B, W, T]
 
 
