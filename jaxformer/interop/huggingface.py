@@ -277,11 +277,9 @@ def generation_defaults(
     for name in ("suppress_tokens", "begin_suppress_tokens"):
         if merged.get(name):
             ignored.append(f"{name}={merged[name]} (not supported)")
-    for name in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
-        if merged.get(name):
-            ignored.append(f"{name}={merged[name]} (not supported)")
-    if merged.get("repetition_penalty", 1.0) != 1.0:
-        ignored.append(f"repetition_penalty={merged['repetition_penalty']} (not supported)")
+    if merged.get("encoder_no_repeat_ngram_size"):
+        size = merged["encoder_no_repeat_ngram_size"]
+        ignored.append(f"encoder_no_repeat_ngram_size={size} (not supported)")
     if merged.get("forced_eos_token_id") is not None:
         ignored.append(
             "forced_eos_token_id (a hypothesis that reaches max_length ends without EOS and is "
@@ -298,6 +296,8 @@ def generation_defaults(
         forced_first_id=None if forced is None else int(forced),
         max_length=merged.get("max_length"),
         ignored=tuple(ignored),
+        repetition_penalty=float(merged.get("repetition_penalty") or 1.0),
+        no_repeat_ngram_size=int(merged.get("no_repeat_ngram_size") or 0),
     )
     return _language_model_defaults(merged, defaults) if language_model else defaults
 

@@ -31,8 +31,9 @@ class GenerationDefaults:
     ``max_new_tokens``). ``min_length``: new tokens before EOS may end (``min_new_tokens``).
     ``sampling``: ``DecodeOptions`` fields (``sampling_topk``, ``sampling_temperature``,
     ``top_p``) when the checkpoint samples by default (``do_sample``; transformers' top-k of 50
-    when it names none), else None (greedy). ``ignored``: settings that jaxformer does not
-    reproduce, each with the reason (callers show them).
+    when it names none), else None (greedy). ``repetition_penalty``, ``no_repeat_ngram_size``:
+    Hugging Face's, applied by default. ``ignored``: settings that jaxformer does not reproduce,
+    each with the reason (callers show them).
     """
 
     suppress_ids: tuple[int, ...] = ()
@@ -41,6 +42,17 @@ class GenerationDefaults:
     ignored: tuple[str, ...] = ()
     min_length: int = 0
     sampling: dict[str, Any] | None = None
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def repetition(self) -> dict[str, Any]:
+        """``DecodeOptions`` fields of the checkpoint's repetition settings (none if neutral)."""
+        out: dict[str, Any] = {}
+        if self.repetition_penalty != 1.0:
+            out["repetition_penalty"] = self.repetition_penalty
+        if self.no_repeat_ngram_size:
+            out["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -126,7 +138,7 @@ class Pretrained:
             from jaxformer.interop.opennmt_config import read_opennmt_config
 
             options = {**read_opennmt_config(onmt_config).decoding, **options}
-        defaults = {"suppress_ids": self.generation.suppress_ids}
+        defaults = {"suppress_ids": self.generation.suppress_ids, **self.generation.repetition()}
         if target_lang is not None:
             if self.target_tokenizer is None or not hasattr(self.target_tokenizer, "token_id"):
                 raise ValueError(f"target_lang={target_lang!r}: this model has no language tokens")
@@ -147,6 +159,7 @@ class Pretrained:
             "suppress_ids": self.generation.suppress_ids,
             "max_length": min(self.generation.max_length or 256, self.config.max_len - 1),
             "min_length": self.generation.min_length,
+            **self.generation.repetition(),
         }
         chooses = {"beam_size", "sampling_topk", "sampling_temperature", "top_p"} & set(options)
         if self.generation.sampling and not chooses:
