@@ -42,7 +42,7 @@ class FastTokenizer:
     suffix: tuple[int, ...]
     unk_id: int | None
     files: tuple[Path, ...]
-    ids: dict[str, int]  # the checkpoint's start / end / pad ids
+    ids: dict[str, Any]  # the checkpoint's start / end / pad ids (an LM's end: an int or a tuple)
 
     bos_id = property(lambda self: self.ids["start"])  # jaxformer's Tokenizer protocol
     pad_id = property(lambda self: self.ids["pad"])
