@@ -172,7 +172,7 @@ def test_an_unknown_decoder_only_type_is_refused_naming_the_known_ones(tmp_path)
     message = str(error.value)
     assert message.startswith(f"{directory / 'config.json'}: model_type 'gemma2' is not supported")
     assert "\n" not in message
-    for known in ("bart", "gemma", "gpt2", "llama", "marian", "mistral", "qwen2", "t5"):
+    for known in ("bart", "gemma", "gpt2", "llama", "m2m_100", "marian", "mistral", "qwen2", "t5"):
         assert known in message
 
 
@@ -323,6 +323,8 @@ def test_param_dtype_mesh_and_the_text_calls_of_the_other_kind(tmp_path):
     stored = load_file(str(HF_LM / "gemma" / "model.safetensors"))["model.embed_tokens.weight"]
     assert table.dtype == jnp.bfloat16 and stored.dtype == table.dtype  # stored in bfloat16: as is
     assert np.array_equal(np.asarray(table), stored)
+    short = jaxformer.load_pretrained(HF_LM / "gpt2", max_len=32)  # the position table's first rows
+    assert short.config.max_len == 32 and short.params["positions"]["embedding"].shape == (32, 32)
     with pytest.raises(ValueError, match="param_dtype must be one of"):
         jaxformer.load_pretrained(HF_LM / "gemma", param_dtype="int8")
     with pytest.raises(NotImplementedError, match="mesh"):

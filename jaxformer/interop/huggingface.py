@@ -40,7 +40,6 @@ ACTIVATIONS = {
     "gelu": "gelu",
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",  # transformers' FastGELUActivation: the tanh formula, reordered
     "swish": "silu",
     "silu": "silu",
 }

@@ -133,7 +133,6 @@ class Pretrained:
 
         if self.is_language_model:
             return self._lm_options(target_lang, onmt_config, options)
-
         if onmt_config is not None:
             from jaxformer.interop.opennmt_config import read_opennmt_config
 
@@ -152,9 +151,13 @@ class Pretrained:
     def _lm_options(self, target_lang, onmt_config, options: dict):
         from jaxformer.decoding.texts import DecodeOptions
 
-        for name, value in (("target_lang", target_lang), ("onmt_config", onmt_config)):
-            if value is not None:
-                raise ValueError(f"{name}: {self._lm_name} has no target language")
+        if target_lang is not None:
+            raise ValueError(f"target_lang={target_lang!r}: {self._lm_name}, without languages")
+        if onmt_config is not None:
+            raise ValueError(
+                f"onmt_config: {self._lm_name}; OpenNMT-tf run configurations are for its "
+                "translation models"
+            )
         defaults: dict[str, Any] = {
             "suppress_ids": self.generation.suppress_ids,
             "max_length": min(self.generation.max_length or 256, self.config.max_len - 1),

@@ -63,7 +63,7 @@ def load_pretrained(
         if family is None:
             raise CheckpointError(
                 f"{cfg.path}: model_type {cfg.model_type!r} is not supported; jaxformer loads "
-                f"{', '.join(sorted(HUGGING_FACE))}"
+                f"{', '.join(known_model_types())}"
             )
         return huggingface.load(path, family, cfg, param_dtype=param_dtype, place=place, **hints)
     if opennmt_tf.is_checkpoint(path):
@@ -76,6 +76,12 @@ def load_pretrained(
         "*.safetensors) nor an OpenNMT-tf checkpoint (a directory with a `checkpoint` file or "
         "ckpt-N.index files, or a checkpoint prefix such as run/ckpt-5000)"
     )
+
+
+def known_model_types() -> list[str]:
+    """The ``model_type`` values load_pretrained reads, as config.json files spell them."""
+    internal = {name: spelling for spelling, name in ALIASES.items()}
+    return sorted(internal.get(name, name) for name in HUGGING_FACE)
 
 
 def _placement(mesh):

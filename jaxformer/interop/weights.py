@@ -398,21 +398,3 @@ def assemble(
             node = node.setdefault(key, {})
         node[leaf] = built[path]
     return tree
-
-
-def check_tree(params: dict, expected: dict, what: str, path: str = "") -> None:
-    """``params`` has exactly ``expected``'s structure and shapes (a loader bug check, named)."""
-    if set(params) != set(expected):
-        raise CheckpointError(
-            f"{what}: parameters at {path or '/'} are {sorted(params)}, the model expects "
-            f"{sorted(expected)}"
-        )
-    for key, value in expected.items():
-        here = f"{path}/{key}"
-        if isinstance(value, dict):
-            check_tree(params[key], value, what, here)
-        elif tuple(np.shape(params[key])) != tuple(value.shape):
-            raise CheckpointError(
-                f"{what}: parameter {here} has shape {np.shape(params[key])}, the model expects "
-                f"{tuple(value.shape)}"
-            )
