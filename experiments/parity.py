@@ -1,12 +1,23 @@
-"""Parity with the frameworks the imported models come from, per fixture: a table and a JSON file.
+"""Parity with the frameworks the imported models come from, per fixture: tables and a JSON file.
 
 Command:  python experiments/parity.py [--out experiments/results/parity.json]
 
-For every Hugging Face fixture (``tests/data/hf/*``: tiny models trained by ``tools/hf_goldens.py``)
-it loads the directory with ``load_pretrained`` and compares with the outputs recorded from
-transformers and CTranslate2: the largest teacher-forced logit difference, greedy rows identical to
-transformers', beam-4 rows (no length penalty) identical to CTranslate2's and to transformers' (its
-beam search stops differently: reported, not asserted), and bfloat16's top-1 agreement. For every
+For every Hugging Face translation fixture (``tests/data/hf/*``: tiny models trained by
+``tools/hf_goldens.py``) it loads the directory with ``load_pretrained`` and compares with the
+outputs recorded from transformers and CTranslate2: the largest teacher-forced logit difference,
+greedy rows identical to transformers', beam-4 rows (no length penalty) identical to CTranslate2's
+and to transformers' (its beam search stops differently: reported, not asserted), and bfloat16's
+top-1 agreement. Those fixtures recorded transformers' float32 logits only; the float64 reference
+both float32 implementations are measured against is ``tests/reference_seq2seq.py`` (NumPy, float64,
+the same weights): jaxformer's error and transformers' own.
+
+For every decoder-only fixture (``tests/data/hf_lm/*``, ``tools/hf_lm_goldens.py``; transformers'
+float64 logits recorded): the largest teacher-forced logit error against transformers' float64
+and transformers' own float32 error, greedy rows identical to transformers' (the prompts as one
+ragged batch), beam-4 rows identical to CTranslate2's ``Generator`` and to transformers', and the
+tokenizer cases whose ids and decoded text are transformers'. No torch: the goldens are stored.
+
+For every
 OpenNMT-tf fixture (``tests/data/opennmt_tf/*``) the encoder and logit differences and, per decoding
 case, the rows identical to OpenNMT-tf's in ``compat="opennmt-tf"`` and in the default mode. The
 tests (``tests/test_huggingface_models.py``, ``tests/test_opennmt_tf_checkpoints.py``) assert the
@@ -17,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -29,7 +41,10 @@ from jaxformer import decoding as dec
 
 ROOT = Path(__file__).resolve().parents[1]
 HF = ROOT / "tests" / "data" / "hf"
+HF_LM = ROOT / "tests" / "data" / "hf_lm"
 ONMT = ROOT / "tests" / "data" / "opennmt_tf"
+sys.path.insert(0, str(ROOT / "tests"))  # the float64 NumPy reference of the translation models
+from reference_seq2seq import numpy_seq2seq  # noqa: E402
 
 
 def _arrays(directory: Path) -> dict[str, np.ndarray]:
@@ -69,15 +84,68 @@ def huggingface(directory: Path) -> dict:
     strip = lambda rows: [r[:-1] if r and r[-1] == pre.end_id else r for r in rows]
     same = lambda a, b: sum(x == y for x, y in zip(a, b, strict=True))
     hf_beam = g.get("beam_hf_lp0", g["beam_hf"])
+    f64 = numpy_seq2seq(pre.config, pre.params, src, tgt_in)
+    error = lambda x: np.abs(x.astype(np.float64) - f64)[mask]
     return {
         "model_type": json.loads((directory / "config.json").read_text())["model_type"],
         "rows": len(greedy),
         "logits_max_abs_diff": float(np.abs(logits - arrays["logits"])[mask].max()),
         "logits_max_abs": float(np.abs(arrays["logits"])[mask].max()),
+        "logits_vs_f64_reference": float(error(logits).max()),
+        "hf_f32_vs_f64_reference": float(error(arrays["logits"]).max()),
+        "logits_vs_f64_reference_rms": float(np.sqrt((error(logits) ** 2).mean())),
+        "hf_f32_vs_f64_reference_rms": float(np.sqrt((error(arrays["logits"]) ** 2).mean())),
         "greedy_identical_to_hf": same(greedy, strip(g["greedy"]["ids"])),
         "beam4_identical_to_ct2": same(beam, g["ct2"]["beam4"]["ids"]) if g["ct2"] else None,
         "beam4_identical_to_hf_lp0": same(beam, strip(hf_beam["ids"])),
         "bfloat16_top1_agreement": float((logits.argmax(-1) == low_logits.argmax(-1))[mask].mean()),
+    }
+
+
+LM_MAX_NEW = 20  # every recorded output ends within 16 new tokens
+CT2_KNOWN_WRONG = ("llama",)  # CTranslate2 4.8.5 runs Llama 3's RoPE unscaled (README.hf_lm.md)
+
+
+def _lm_rows(pre, g: dict, strategy) -> list[list[int]]:
+    """The 16 prompts as one ragged batch: new ids with the EOS that ended each row."""
+    result = jaxformer.generate(
+        pre.model, pre.params, [p["ids"] for p in g["prompts"]], end_id=pre.end_id,
+        max_length=LM_MAX_NEW, strategy=strategy,
+    )  # fmt: skip
+    ids, lengths = np.asarray(result.ids)[:, 0], np.asarray(result.lengths)[:, 0]
+    return [list(map(int, ids[b, : lengths[b] + 1])) for b in range(len(ids))]
+
+
+def huggingface_lm(directory: Path) -> dict:
+    g = json.loads((directory / "goldens.json").read_text())
+    a = _arrays(directory)
+    pre = jaxformer.load_pretrained(directory)
+    valid = a["attention_mask"].astype(bool)
+    logits = jax.jit(pre.model.apply)(
+        {"params": pre.params}, jnp.asarray(a["input_ids"]), jnp.asarray(valid)
+    )
+    error = lambda x: np.abs(np.asarray(x, np.float64) - a["logits_f64"])[valid]
+    greedy = _lm_rows(pre, g, dec.GreedySearch())
+    beam = _lm_rows(pre, g, dec.BeamSearch(4, length_penalty=0.0))
+    same = lambda a, b: sum(x == y for x, y in zip(a, b, strict=True))
+    tokenizer = pre.target_tokenizer
+    cases = g["tokenizer_cases"]
+    ours, theirs = error(logits), error(a["logits_f32"])
+    return {
+        "model_type": g["model_type"],
+        "rows": len(greedy),
+        "logits_vs_f64": float(ours.max()),
+        "hf_f32_vs_f64": float(theirs.max()),
+        "logits_vs_f64_rms": float(np.sqrt((ours**2).mean())),
+        "hf_f32_vs_f64_rms": float(np.sqrt((theirs**2).mean())),
+        "logits_max_abs": float(np.abs(a["logits_f64"][valid]).max()),
+        "greedy_identical_to_hf": same(greedy, g["greedy"]["ids"]),
+        "beam4_identical_to_ct2": same(beam, g["ct2"]["beam4"]["ids"]),
+        "beam4_identical_to_hf": same(beam, g["beam_hf"]["ids"]),
+        "beam4_reference": "hf" if directory.name in CT2_KNOWN_WRONG else "ct2",
+        "tokenizer_cases": len(cases),
+        "tokenizer_ids_equal": sum(tokenizer.encode(c["text"]) == c["ids"] for c in cases),
+        "tokenizer_texts_equal": sum(tokenizer.decode(c["ids"]) == c["decoded"] for c in cases),
     }
 
 
@@ -140,19 +208,37 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "parity.json"))
     args = parser.parse_args()
-    report = {"huggingface": {}, "opennmt_tf": {}}
+    report = {"huggingface": {}, "huggingface_lm": {}, "opennmt_tf": {}}
     print(
-        "| HF fixture | model_type | logits max abs diff | greedy = HF | beam 4 = CT2 | beam 4 = HF (lp 0) | bf16 top-1 |"
+        "| HF fixture | model_type | logits max abs diff | vs f64 ref: ours / HF f32's (rms) | greedy = HF | beam 4 = CT2 | beam 4 = HF (lp 0) | bf16 top-1 |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for directory in sorted(p for p in HF.iterdir() if (p / "goldens.json").exists()):
         r = report["huggingface"][directory.name] = huggingface(directory)
         n = r["rows"]
         print(
             f"| {directory.name} | {r['model_type']} | {r['logits_max_abs_diff']:.1e} "
-            f"(of {r['logits_max_abs']:.1f}) | {r['greedy_identical_to_hf']}/{n} | "
+            f"(of {r['logits_max_abs']:.1f}) | {r['logits_vs_f64_reference']:.1e} / "
+            f"{r['hf_f32_vs_f64_reference']:.1e} ({r['logits_vs_f64_reference_rms']:.1e} / "
+            f"{r['hf_f32_vs_f64_reference_rms']:.1e}) | {r['greedy_identical_to_hf']}/{n} | "
             f"{_count(r['beam4_identical_to_ct2'], n)} | {r['beam4_identical_to_hf_lp0']}/{n} | "
             f"{r['bfloat16_top1_agreement']:.3f} |"
+        )
+    print(
+        "\n| HF LM fixture | model_type | max abs logit - f64 | HF f32 - f64 | ratio | rms: ours / HF's | greedy = HF | beam 4 = CT2 | beam 4 = HF | tokenizer ids / texts |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for directory in sorted(p for p in HF_LM.iterdir() if (p / "goldens.json").exists()):
+        r = report["huggingface_lm"][directory.name] = huggingface_lm(directory)
+        n, k = r["rows"], r["tokenizer_cases"]
+        mark = lambda key, r=r: " (reference)" if r["beam4_reference"] == key else ""
+        print(
+            f"| {directory.name} | {r['model_type']} | {r['logits_vs_f64']:.1e} (of "
+            f"{r['logits_max_abs']:.1f}) | {r['hf_f32_vs_f64']:.1e} | "
+            f"{r['logits_vs_f64'] / r['hf_f32_vs_f64']:.2f} | {r['logits_vs_f64_rms']:.1e} / "
+            f"{r['hf_f32_vs_f64_rms']:.1e} | {r['greedy_identical_to_hf']}/{n} | "
+            f"{r['beam4_identical_to_ct2']}/{n}{mark('ct2')} | {r['beam4_identical_to_hf']}/{n}"
+            f"{mark('hf')} | {r['tokenizer_ids_equal']}/{k} / {r['tokenizer_texts_equal']}/{k} |"
         )
     print(
         "\n| OpenNMT-tf fixture | encoder max abs diff | logits max abs diff | case: compat rows identical (default mode) |"

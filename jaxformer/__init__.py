@@ -13,7 +13,8 @@ The layout follows the architecture (arrows run one way: models <- decoding <- t
 
 from jaxformer import decoding
 from jaxformer.decoding.generation import generate, transformer_step_fn
-from jaxformer.interop.pretrained import Pretrained, load_pretrained
+from jaxformer.interop.pretrained import Pretrained
+from jaxformer.interop.registry import load_pretrained
 from jaxformer.models.cache import DecoderCache, KVCache
 from jaxformer.models.config import TransformerConfig
 from jaxformer.models.decoder_only import DecoderOnlyLM

@@ -88,3 +88,19 @@ def test_your_model_in_jax_runs_as_pasted():
     assert done.returncode == 0, done.stderr
     first, second = done.stdout.splitlines()
     assert first == second != ""  # the text path and the ids path give the same translation
+
+
+def test_decoder_only_checkpoints_run_as_pasted():
+    """The decoder-only example runs on the committed Llama 3 fixture: text and ids agree."""
+    (code,) = python_blocks(section("Decoder-only checkpoints"))
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=README.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first == second == " kato vi resu ne pe bo daru"  # the toy language's continuation

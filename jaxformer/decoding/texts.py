@@ -244,18 +244,36 @@ def _decode_batch(
 
 
 def _output(
-    result, row: int, tokenizer: Tokenizer, options: DecodeOptions, unknown, cut: bool = False
+    result,
+    row: int,
+    tokenizer: Tokenizer,
+    options: DecodeOptions,
+    unknown,
+    cut: bool = False,
+    prompt: Sequence[int] = (),
 ) -> Output:
-    """Row ``row`` of a decoded batch as text: its n-best hypotheses and their scores."""
+    """Row ``row`` of a decoded batch as text: its n-best hypotheses and their scores
+    (``prompt``: ids decoded together with each hypothesis, before it)."""
     hyp_ids, lengths, scores = result
     texts, stopped = [], []
     for k in range(options.n_best):
-        text = tokenizer.decode(hyp_ids[row, k, : lengths[row, k]].tolist())
-        text, found = cut_at_stop(text, options.stop)  # the match is not returned
-        texts.append(text)
+        hypothesis = hyp_ids[row, k, : lengths[row, k]].tolist()
+        text, found = cut_at_stop(tokenizer.decode(hypothesis), options.stop)  # match dropped
+        texts.append(_with_prompt(tokenizer, prompt, hypothesis, text) if prompt else text)
         stopped.append(found)
     truncated = bool(lengths[row, 0] >= options.max_length) and not stopped[0]  # no end, no stop
     return Output(texts, scores[row, : options.n_best].tolist(), truncated, unknown, cut)
+
+
+def _with_prompt(tokenizer: Tokenizer, prompt, hypothesis, text: str) -> str:
+    """The prompt and the continuation ``text`` (cut at a stop string) as one decoded text: the
+    prompt and the hypothesis decoded together (a tokenizer may space them so), with the end
+    that the hypothesis alone decodes to replaced by ``text``."""
+    whole = tokenizer.decode([*prompt, *hypothesis])
+    alone = tokenizer.decode(hypothesis)
+    if whole.endswith(alone):
+        return whole[: len(whole) - len(alone)] + text
+    return tokenizer.decode(list(prompt)) + text
 
 
 def _progress(total: int | None, enabled: bool, desc: str):
@@ -293,12 +311,14 @@ def iter_continuations(
     batch_size: int = 32,
     window: int | None = None,
     special_ids: SpecialIds = SpecialIds(),
+    return_prompt: bool = False,
 ) -> Iterator[Output]:
     """Language models: the continuation of each prompt (at least one token each), in input order,
     each as soon as every earlier one is done (windows and batches as ``iter_translations``').
 
     Prompts of different lengths share a batch (right-padded; each row continues at its own
-    positions, so its result does not depend on the others).
+    positions, so its result does not depend on the others). ``return_prompt``: each text is the
+    prompt's ids and the continuation's decoded together (False: the continuation's alone).
     """
     prompts = check_lines(prompts, "prompts")
     _check_batch_size(batch_size)
@@ -317,7 +337,12 @@ def iter_continuations(
             model, params, ids, options, next(keys), special_ids, ragged, stop=stop
         )
         rows = enumerate(index.tolist())
-        return [_output(result, row, tokenizer, options, unknown[i]) for row, i in rows]
+        return [
+            _output(result, row, tokenizer, options, unknown[i], prompt=prompt(i))
+            for row, i in rows
+        ]
+
+    prompt = lambda i: encoded[i] if return_prompt else ()
 
     batching = dict(batch_size=batch_size, window=window, pad_id=special_ids.pad)
     batching |= dict(max_width=widest, filler=(special_ids.pad,))

@@ -1,8 +1,12 @@
 """Other frameworks' models in, jaxformer's models out.
 
-``load_pretrained`` (``pretrained.py``) reads Hugging Face model directories (``huggingface.py``,
+``load_pretrained`` (``registry.py``) reads Hugging Face model directories (``huggingface.py``,
 ``hf_tokenizers.py``) and OpenNMT-tf checkpoints (``opennmt_tf.py``, ``tf_checkpoint.py``) with
-numpy, safetensors and the tokenizer libraries only; ``weights.py`` holds the layout conversions.
+numpy and the tokenizer libraries only, and returns a ``Pretrained`` (``pretrained.py``, which
+imports no importer). Each family is one small module in ``families/`` saying how its config and
+its tensor names map onto jaxformer's, as a table over one shared mechanism (``weights.py``);
+``registry.py`` maps ``model_type`` to it. Every file is read through ``files.py`` (a damaged one
+is refused in one line that names it).
 
 Exports of trained models to other inference engines:
 
@@ -14,7 +18,8 @@ shows how to translate with the exported model, and why its ``length_penalty`` i
 """
 
 from jaxformer.interop.ctranslate2 import SPECIAL_TOKENS, ids_vocab, to_ctranslate2
-from jaxformer.interop.pretrained import GenerationDefaults, Pretrained, load_pretrained
+from jaxformer.interop.pretrained import GenerationDefaults, Pretrained
+from jaxformer.interop.registry import load_pretrained
 
 __all__ = [
     "SPECIAL_TOKENS",

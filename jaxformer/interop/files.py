@@ -48,20 +48,87 @@ def read_json_object(path: Path, missing: Any = ...) -> dict:
     return value
 
 
+# safetensors dtype codes (the format's spec) -> little-endian numpy dtypes; bfloat16 and the 8-bit
+# floats come from ml_dtypes (safetensors' own numpy API cannot read them).
+def _safetensors_dtypes() -> dict[str, np.dtype]:
+    import ml_dtypes
+
+    return {
+        "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+        "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+        "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype("<i8"),
+        "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+        "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    }  # fmt: skip
+
+
+class SafetensorsFile:
+    """One ``*.safetensors`` file, read one tensor at a time (``read(name)``).
+
+    The format: an 8-byte little-endian header length, a JSON header ``{name: {"dtype", "shape",
+    "data_offsets": [begin, end]}, "__metadata__": {...}}``, then the tensors' bytes. Opening
+    parses the header and checks every tensor's bytes lie inside the file, so a truncated or
+    damaged file is refused by name before anything is read; ``read`` then seeks to one tensor
+    and reads only its bytes (a model larger than the host memory can be converted tensor by
+    tensor).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ValueError("shorter than its 8-byte header length")
+                length = int.from_bytes(head, "little")
+                if length > size - 8:
+                    raise ValueError(f"header of {length} bytes in a file of {size}")
+                header = json.loads(f.read(length).decode("utf-8"))
+            self.metadata = header.pop("__metadata__", None) or {}
+            self.start = 8 + length
+            self.entries = {
+                name: self._entry(name, e, size - self.start) for name, e in header.items()
+            }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file (truncated or damaged: {detail})"
+            ) from None
+
+    @staticmethod
+    def _entry(name: str, entry: dict, data_size: int) -> tuple[np.dtype, tuple[int, ...], int]:
+        dtypes = _safetensors_dtypes()
+        if entry["dtype"] not in dtypes:
+            raise ValueError(
+                f"tensor {name!r} has dtype {entry['dtype']}, which jaxformer does not read"
+            )
+        dtype, shape = dtypes[entry["dtype"]], tuple(int(n) for n in entry["shape"])
+        begin, end = (int(n) for n in entry["data_offsets"])
+        if not 0 <= begin <= end <= data_size:
+            raise ValueError(f"tensor {name!r} lies past the end of the file")
+        if end - begin != dtype.itemsize * int(np.prod(shape)):
+            raise ValueError(f"tensor {name!r} has {end - begin} bytes for shape {list(shape)}")
+        return dtype, shape, begin
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def read(self, name: str) -> np.ndarray:
+        dtype, shape, begin = self.entries[name]
+        count = int(np.prod(shape))
+        with self.path.open("rb") as f:
+            f.seek(self.start + begin)
+            data = f.read(count * dtype.itemsize)
+        return np.frombuffer(data, dtype, count).reshape(shape)
+
+
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of one safetensors file (a truncated or damaged file is refused by name)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file (truncated or damaged: {detail})"
-        ) from None
+    file = SafetensorsFile(path)
+    return {name: file.read(name) for name in file.entries}
 
 
 def read_sentencepiece(path: Path):

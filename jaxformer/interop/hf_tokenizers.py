@@ -8,6 +8,9 @@
   ``>>lang<<`` tokens at the start of a source stay whole. Hugging Face's MarianTokenizer also runs
   Moses punctuation normalisation when ``sacremoses`` is installed; jaxformer does not.
 - T5 with only ``spiece.model``: sentencepiece ids, then ``</s>``.
+- Decoder-only LMs (``causal_lm``): ``tokenizer.json`` as it is, BOS first where the checkpoint
+  adds one (``tokenizer_config.json``'s ``add_bos_token``, else what ``tokenizer.json``'s
+  post-processor adds), and EOS last only where it says so (``add_eos_token``).
 
 Every tokenizer has ``encode(text) -> ids``, ``decode(ids) -> text`` (special tokens dropped),
 ``vocab_size``, ``unk_id`` and ``unknown(text)`` (the pieces encoded as ``unk_id``).
@@ -39,11 +42,16 @@ class FastTokenizer:
     suffix: tuple[int, ...]
     unk_id: int | None
     files: tuple[Path, ...]
-    ids: dict[str, int]  # the checkpoint's start / end / pad ids
+    ids: dict[str, Any]  # the checkpoint's start / end / pad ids (an LM's end: an int or a tuple)
 
     bos_id = property(lambda self: self.ids["start"])  # jaxformer's Tokenizer protocol
-    eos_id = property(lambda self: self.ids["end"])
     pad_id = property(lambda self: self.ids["pad"])
+
+    @property
+    def eos_id(self) -> int:
+        """EOS (the first, where a language model has several: ``Pretrained.end_id`` has all)."""
+        end = self.ids["end"]
+        return end[0] if isinstance(end, tuple) else end
 
     @property
     def vocab_size(self) -> int:
@@ -273,3 +281,59 @@ def _fast(directory: Path, model_type: str, settings: dict, ids: dict[str, int])
     if model_type == "m2m100" and settings.get("src_lang"):  # NLLB: [src_lang] tokens </s>
         source = source.with_prefix([source.token_id(settings["src_lang"])])
     return source, target
+
+
+def causal_lm(directory: Path, ids: dict, rows: int) -> FastTokenizer | None:
+    """A decoder-only LM's ``tokenizer.json`` (None without one), framed as the checkpoint says:
+    BOS first if ``tokenizer_config.json``'s ``add_bos_token`` is true, EOS last if its
+    ``add_eos_token`` is; where it says nothing, as ``tokenizer.json``'s post-processor frames a
+    text (Llama 3's ``TemplateProcessing`` puts ``<|begin_of_text|>`` first). ``rows``: the
+    embedding's rows, which every id must fit."""
+    path = directory / "tokenizer.json"
+    if not path.exists():
+        return None
+    settings = _json(directory / "tokenizer_config.json")
+    tokenizer = read_tokenizer_json(path)
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    prefix, suffix = _post_processor_framing(tokenizer)
+    bos = vocab.get(_content(settings.get("bos_token")), ids["start"])
+    eos = vocab.get(_content(settings.get("eos_token")), ids["end"])
+    if isinstance(eos, tuple):
+        eos = eos[0]
+    if settings.get("add_bos_token") is not None:
+        prefix = (bos,) if settings["add_bos_token"] and bos is not None else ()
+    if settings.get("add_eos_token") is not None:
+        suffix = (eos,) if settings["add_eos_token"] else ()
+    unk = vocab.get(_content(settings.get("unk_token")))
+    ends = ids["end"] if isinstance(ids["end"], tuple) else (ids["end"],)
+    if unk in (
+        ids["start"],
+        ids["pad"],
+        *ends,
+    ):  # GPT-2's unk is its EOS: byte-level, never unknown
+        unk = None
+    files = tuple(
+        p
+        for p in sorted(directory.iterdir())
+        if p.name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    )
+    made = FastTokenizer(tokenizer, prefix, suffix, unk, files, ids)
+    _check_rows(made, rows, "target", exact=False)
+    return made
+
+
+def _content(token) -> str | None:
+    """A special token of tokenizer_config.json: a string, or an ``AddedToken`` as a dict."""
+    if isinstance(token, dict):
+        return token.get("content")
+    return token if isinstance(token, str) else None
+
+
+def _post_processor_framing(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ids ``tokenizer.json``'s post-processor puts before and after a text."""
+    plain = tokenizer.encode("a b", add_special_tokens=False).ids
+    framed = tokenizer.encode("a b", add_special_tokens=True).ids
+    for start in range(len(framed) - len(plain) + 1):
+        if framed[start : start + len(plain)] == plain:
+            return tuple(framed[:start]), tuple(framed[start + len(plain) :])
+    return (), ()

@@ -1,48 +1,40 @@
-"""Hugging Face model directories as jaxformer Transformers: ``config.json`` + ``*.safetensors``.
+"""Hugging Face model directories: ``config.json`` + ``*.safetensors`` (+ tokenizer files), any family.
 
-Read with the ``safetensors`` numpy API: no torch and no transformers at run time. Families
-(``model_type`` in ``config.json``):
+What every family shares lives here: reading the directory (the config, the generation config, the
+tensors of ``model.safetensors`` or of the shards ``model.safetensors.index.json`` lists, read one
+at a time), the special ids, the generation defaults, the tokenizers, and ``load``, which builds a
+``Pretrained`` from a family module (``families/*.py``, chosen by ``registry.py`` from
+``model_type``). No torch and no transformers at run time.
 
-- ``marian`` (OPUS-MT): post-norm, fixed sinusoids ``[sin | cos]`` from position 0, scaled
-  embeddings, swish, ``final_logits_bias``; source and target tables shared or not
-  (``share_encoder_decoder_embeddings``); the decoder starts from ``<pad>``.
-- ``m2m_100`` (M2M100 and NLLB-200): pre-norm with final norms, sinusoids ``[sin | cos]`` with rates
-  ``10000^(-i / (D/2 - 1))`` starting at position ``pad_token_id + 1``; the decoder starts from
-  ``</s>`` and the target language is forced as the first token (``target_prefix``).
-- ``bart`` / ``mbart``: learned positions with offset 2, ``layernorm_embedding``, post-norm (BART)
-  or pre-norm with final norms (mBART), ``final_logits_bias``.
-- ``t5`` / ``mt5`` (and MADLAD-400, a ``t5``): RMS norms, no biases, no query scaling, bucketed
-  relative attention bias in the first layer of each stack, ``d_kv`` heads, relu or gated GELU,
-  tied output scaled by ``d_model**-0.5`` (v1.0) or an untied ``lm_head`` (v1.1, mT5).
+A family module has:
 
-Each config field maps to a ``TransformerConfig`` option; a field jaxformer does not implement
-(different encoder and decoder widths, an unknown activation) raises instead of being ignored, and
-every tensor of the checkpoint must be explained by the config (``weights.Tensors``).
+- ``MODEL``: the jaxformer model class (``Transformer`` for translation models, ``DecoderOnlyLM``);
+- ``config(cfg: ConfigFile, max_len) -> TransformerConfig``: config.json's fields as jaxformer's
+  options; a field that changes the computation and is not implemented is refused by name
+  (``cfg.refuse``), never ignored;
+- ``table(c, tensors) -> {parameter path: rule}``: the tensor names (``weights.py``);
+- ``IGNORED``: patterns of stored tensors that are derived, not parameters (buffers).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from jaxformer.interop.files import read_json_object, read_safetensors
+from jaxformer.interop.files import SafetensorsFile, read_json_object
+from jaxformer.interop.pretrained import GenerationDefaults, Pretrained
 from jaxformer.interop.weights import (
     CheckpointError,
     Tensors,
-    attention_params,
-    check_tree,
-    dense,
-    linear,
-    norm_params,
+    assemble,
+    expected_shapes,
+    to_device,
 )
-from jaxformer.models.config import TransformerConfig
+from jaxformer.models.decoder_only import DecoderOnlyLM
 
-BART_LIKE = ("marian", "m2m100", "bart", "mbart")
-T5_LIKE = ("t5", "mt5")
-MODEL_TYPES = BART_LIKE + T5_LIKE
-ALIASES = {"m2m_100": "m2m100"}  # transformers' spelling in M2M100 / NLLB config.json files
+HINTS = ("max_len", "dtype")
+# Hugging Face activation names (``activation_function``, ``hidden_act``) -> jaxformer's.
 ACTIVATIONS = {
     "relu": "relu",
     "gelu": "gelu",
@@ -53,17 +45,65 @@ ACTIVATIONS = {
 }
 
 
-def read_config(directory: Path) -> dict[str, Any]:
+@dataclasses.dataclass
+class ConfigFile:
+    """``config.json``'s fields, read with errors that name the file and the field."""
+
+    raw: dict[str, Any]
+    path: Path
+    model_type: str  # as the registry knows it (``m2m_100`` is ``m2m100``)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        value = self.raw.get(name)
+        return default if value is None else value
+
+    def need(self, *names: str) -> Any:
+        """The first of ``names`` (a field and its older spellings) that is set."""
+        for name in names:
+            if self.raw.get(name) is not None:
+                return self.raw[name]
+        raise CheckpointError(f"{self.path}: config.json has no {names[0]!r}")
+
+    def refuse(self, name: str, why: str, allowed: tuple = (None, False)) -> None:
+        """Refuse the checkpoint if field ``name`` is set to something else than ``allowed``
+        (absent counts as None): a computation jaxformer does not implement."""
+        value = self.raw.get(name)
+        if value not in allowed:
+            raise CheckpointError(
+                f"{self.path}: {name}={value!r} is not supported: {why}; jaxformer would "
+                "compute another model"
+            )
+
+    def same(self, a: str, b: str) -> Any:
+        if self.raw.get(b) is not None and self.raw[b] != self.raw[a]:
+            raise CheckpointError(
+                f"{self.path}: {a}={self.raw[a]} differs from {b}={self.raw[b]}; jaxformer needs "
+                "the encoder and the decoder to have the same width"
+            )
+        return self.need(a)
+
+    def activation(self, name: str, field: str) -> str:
+        if name not in ACTIVATIONS:
+            raise CheckpointError(
+                f"{self.path}: {field}={name!r} is not supported; jaxformer has {sorted(ACTIVATIONS)}"
+            )
+        return ACTIVATIONS[name]
+
+    def max_len(self, positions: int, hint: int | None) -> int:
+        return positions if hint is None else min(hint, positions)
+
+
+def read_config(directory: Path, aliases: dict[str, str]) -> ConfigFile:
     path = directory / "config.json"
-    config = read_json_object(path)
-    model_type = ALIASES.get(config.get("model_type"), config.get("model_type"))
-    config["model_type"] = model_type
-    if model_type not in MODEL_TYPES:
+    raw = read_json_object(path)
+    model_type = raw.get("model_type")
+    if raw.get("quantization_config") is not None:
+        method = (raw["quantization_config"] or {}).get("quant_method", "?")
         raise CheckpointError(
-            f"{path}: model_type {model_type!r} is not supported; jaxformer loads "
-            f"{', '.join(MODEL_TYPES)} (encoder-decoder translation models)"
+            f"{path}: quantization_config ({method}) is not supported: jaxformer reads "
+            "float32, bfloat16 and float16 weights"
         )
-    return config
+    return ConfigFile(raw, path, aliases.get(model_type, model_type))
 
 
 def read_generation_config(directory: Path) -> dict[str, Any]:
@@ -71,17 +111,17 @@ def read_generation_config(directory: Path) -> dict[str, Any]:
 
 
 def read_tensors(directory: Path) -> Tensors:
-    """Every tensor of ``model.safetensors`` or of the shards its index lists."""
+    """The tensors of ``model.safetensors`` or of the shards its index lists (headers read now,
+    each tensor when it is taken)."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f'{index}: no "weight_map" of tensor names to files')
-        files = sorted(set(weight_map.values()))
+        names = sorted(set(weight_map.values()))
     else:
-        files = sorted(p.name for p in directory.glob("*.safetensors"))
-        weight_map = None
-    if not files:
+        names = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not names:
         found = sorted(p.name for p in directory.iterdir())
         torch_files = [n for n in found if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
         hint = (
@@ -91,312 +131,207 @@ def read_tensors(directory: Path) -> Tensors:
             else ""
         )
         raise CheckpointError(f"{directory}: no *.safetensors weights{hint}")
-    arrays: dict[str, np.ndarray] = {}
-    origin: dict[str, str] = {}
-    for name in files:
-        path = directory / name
-        if not path.exists():
+    files: dict[str, SafetensorsFile] = {}
+    for name in names:
+        if not (directory / name).exists():
             raise CheckpointError(f"{index}: lists {name}, which is missing from {directory}")
-        for key, array in read_safetensors(path).items():
-            arrays[key] = array
-            origin[key] = str(path)
-    listed = ", ".join(str(directory / name) for name in files)
-    where = lambda key: origin.get(key) or (weight_map or {}).get(key) or listed
-    return Tensors(arrays, where, f"the Hugging Face model in {directory}")
-
-
-def _get(config: dict, name: str, path: str, default: Any = None, required: bool = True):
-    if name in config and config[name] is not None:
-        return config[name]
-    if required and default is None:
-        raise CheckpointError(f"{path}: config.json has no {name!r}")
-    return default
-
-
-def _same(config: dict, a: str, b: str, path: str):
-    if config.get(b) is not None and config[b] != config[a]:
-        raise CheckpointError(
-            f"{path}: {a}={config[a]} differs from {b}={config[b]}; jaxformer needs the encoder "
-            "and the decoder to have the same width"
-        )
-    return config[a]
-
-
-def _activation(name: str, path: str, field: str) -> str:
-    if name not in ACTIVATIONS:
-        raise CheckpointError(
-            f"{path}: {field}={name!r} is not supported; jaxformer has {sorted(ACTIVATIONS)}"
-        )
-    return ACTIVATIONS[name]
-
-
-def to_config(config: dict[str, Any], path: str, max_len: int | None = None) -> TransformerConfig:
-    """The ``TransformerConfig`` a Hugging Face ``config.json`` describes."""
-    model_type = config["model_type"]
-    if model_type in T5_LIKE:
-        return _t5_config(config, path, max_len)
-    return _bart_config(config, path, max_len)
-
-
-def _bart_config(config: dict, path: str, max_len: int | None) -> TransformerConfig:
-    model_type = config["model_type"]
-    get = lambda name, default=None: _get(config, name, path, default)
-    d_model = get("d_model")
-    vocab = get("vocab_size")
-    shared = model_type != "marian" or config.get("share_encoder_decoder_embeddings", True)
-    target_vocab = vocab if shared else config.get("decoder_vocab_size") or vocab
-    pad = get("pad_token_id")
-    kind = {
-        "marian": dict(pre_norm=False, positions="sinusoidal", position_layout="concat"),
-        "m2m100": dict(
-            pre_norm=True,
-            positions="sinusoidal",
-            position_layout="concat",
-            position_rate_denominator="D/2-1",
-            position_offset=pad + 1,
-        ),
-        "bart": dict(pre_norm=False, positions="learned", position_offset=2, embedding_norm=True),
-        "mbart": dict(pre_norm=True, positions="learned", position_offset=2, embedding_norm=True),
-    }[model_type]
-    positions = get("max_position_embeddings")
-    return TransformerConfig(
-        vocab_size=target_vocab,
-        src_vocab_size=None if target_vocab == vocab else vocab,
-        d_model=d_model,
-        num_heads=_same(config, "encoder_attention_heads", "decoder_attention_heads", path),
-        num_encoder_layers=get("encoder_layers"),
-        num_decoder_layers=get("decoder_layers"),
-        ffn_dim=_same(config, "encoder_ffn_dim", "decoder_ffn_dim", path),
-        dropout=float(config.get("dropout", 0.0)),
-        attention_dropout=float(config.get("attention_dropout", 0.0)),
-        ffn_dropout=float(config.get("activation_dropout", 0.0)),
-        max_len=positions if max_len is None else min(max_len, positions),
-        share_embeddings=shared,
-        share_output_embeddings=config.get("tie_word_embeddings", True),
-        pad_id=pad,
-        layer_norm_epsilon=1e-5,  # torch.nn.LayerNorm's default, which these models use
-        activation=_activation(get("activation_function"), path, "activation_function"),
-        embedding_scale=float(np.sqrt(d_model)) if config.get("scale_embedding") else 1.0,
-        final_logits_bias=model_type != "m2m100",
-        output_bias=False,
-        **kind,
+        file = SafetensorsFile(directory / name)
+        for key in file.entries:
+            files[key] = file
+    shapes = {key: file.shape(key) for key, file in files.items()}
+    where = lambda key: (
+        str(files[key].path) if key in files else ", ".join(str(directory / n) for n in names)
+    )
+    return Tensors(
+        shapes, lambda key: files[key].read(key), where, f"the Hugging Face model in {directory}"
     )
 
 
-def _t5_config(config: dict, path: str, max_len: int | None) -> TransformerConfig:
-    get = lambda name, default=None: _get(config, name, path, default)
-    proj = get("feed_forward_proj", "relu")
-    gated = proj.startswith("gated-")
-    base = proj.removeprefix("gated-")
-    if gated and base == "gelu":
-        base = "gelu_new"  # transformers' rule for "gated-gelu" (T5 v1.1, mT5)
-    activation = _activation(base, path, "feed_forward_proj")
-    tied = config.get("tie_word_embeddings", True)
-    # transformers 5 saves ``scale_decoder_outputs`` (the d_model**-0.5 before a tied output);
-    # older configs imply it by ``tie_word_embeddings``.
-    scale = config.get("scale_decoder_outputs", tied)
-    if scale and not tied:
-        raise CheckpointError(
-            f"{path}: scale_decoder_outputs without tie_word_embeddings is not supported"
-        )
-    return TransformerConfig(
-        vocab_size=get("vocab_size"),
-        d_model=get("d_model"),
-        num_heads=get("num_heads"),
-        num_encoder_layers=get("num_layers"),
-        num_decoder_layers=config.get("num_decoder_layers") or get("num_layers"),
-        ffn_dim=get("d_ff"),
-        dropout=float(config.get("dropout_rate", 0.0)),
-        attention_dropout=float(config.get("dropout_rate", 0.0)),
-        ffn_dropout=float(config.get("dropout_rate", 0.0)),
-        max_len=max_len or 1024,  # relative positions: no table bounds it; a hint may raise it
-        share_embeddings=True,
-        share_output_embeddings=tied,
-        pad_id=get("pad_token_id", 0),
-        layer_norm_epsilon=float(get("layer_norm_epsilon", 1e-6)),
-        norm="rms",
-        pre_norm=True,
-        activation=("gated-" if gated else "") + activation,
-        positions="none",
-        embedding_scale=1.0,
-        output_bias=False,
-        tied_output_scale=bool(scale),
-        attention_head_dim=get("d_kv"),
-        query_scaling=False,
-        attention_bias=False,
-        ffn_bias=False,
-        relative_attention_num_buckets=get("relative_attention_num_buckets", 32),
-        relative_attention_max_distance=get("relative_attention_max_distance", 128),
-    )
+def load(
+    directory: Path, family, cfg: ConfigFile, *, param_dtype: str = "float32",
+    place=to_device, **hints,
+) -> Pretrained:  # fmt: skip
+    """A Hugging Face directory of ``family`` (a ``families/*.py`` module) as a ``Pretrained``."""
+    from jaxformer.interop import hf_tokenizers
 
-
-def to_params(
-    tensors: Tensors, c: TransformerConfig, model_type: str, expected: dict
-) -> dict[str, Any]:
-    """jaxformer's parameter tree from the checkpoint's tensors (every tensor used, shapes checked)."""
-    if model_type in T5_LIKE:
-        params = _t5_params(tensors, c)
+    try:
+        config = family.config(cfg, hints.get("max_len"))
+        if "dtype" in hints:
+            config = config.replace(dtype=hints["dtype"])
+    except CheckpointError:
+        raise
+    except ValueError as error:  # TransformerConfig's own checks (rope_scaling's keys, ...)
+        raise CheckpointError(f"{cfg.path}: {error}") from None
+    generation = read_generation_config(directory)
+    language_model = family.MODEL is DecoderOnlyLM
+    if language_model:
+        ids = causal_lm_ids(cfg, generation, config.vocab_size)
+        config = config.replace(pad_id=ids["pad"])  # ragged prompts are padded with it
     else:
-        params = _bart_params(tensors, c, model_type)
-    tensors.check_all_used()
-    check_tree(params, expected, tensors.what)
-    return params
-
-
-def _torch_dense(t: Tensors, name: str, n_in: int, n_out: int, bias: bool = True):
-    kernel = linear(t.take(f"{name}.weight", (n_out, n_in)), torch_layout=True)
-    return kernel, (t.take(f"{name}.bias", (n_out,)) if bias else None)
-
-
-def _torch_norm(t: Tensors, name: str, d: int, bias: bool = True):
-    return norm_params(
-        t.take(f"{name}.weight", (d,)), t.take(f"{name}.bias", (d,)) if bias else None
+        ids = seq2seq_ids(cfg, generation)
+    model = family.MODEL(config)
+    tensors = read_tensors(directory)
+    params = assemble(
+        family.table(config, tensors), tensors, expected_shapes(model),
+        ignored=getattr(family, "IGNORED", ()), param_dtype=param_dtype, place=place,
+    )  # fmt: skip
+    if language_model:
+        source = target = hf_tokenizers.causal_lm(directory, ids, config.vocab_size)
+    else:
+        rows = (config.source_vocab_size, config.vocab_size)
+        raw = {**cfg.raw, "model_type": cfg.model_type}
+        source, target = hf_tokenizers.load(directory, raw, ids, rows)
+    return Pretrained(
+        model=model,
+        params=params,
+        start_id=ids["start"],
+        end_id=ids["end"],
+        pad_id=ids["pad"],
+        source_tokenizer=source,
+        target_tokenizer=target,
+        family=cfg.model_type,
+        path=directory,
+        generation=generation_defaults(cfg.raw, generation, language_model),
+        task_prefixes=_task_prefixes(cfg.raw),
     )
 
 
-def _bart_attention(t: Tensors, name: str, c: TransformerConfig, self_attention: bool):
-    d, inner = c.d_model, c.num_heads * c.head_dim
-    parts = [_torch_dense(t, f"{name}.{p}_proj", d, inner) for p in "qkv"]
-    out = _torch_dense(t, f"{name}.out_proj", inner, d)
-    return attention_params(*parts, out, c.num_heads, c.head_dim, self_attention)
-
-
-def _bart_ffn(t: Tensors, name: str, c: TransformerConfig):
+def _task_prefixes(config: dict) -> dict[str, str]:
+    """``{task: prefix}`` from config.json's ``task_specific_params`` (T5 declares its tasks)."""
+    tasks = config.get("task_specific_params") or {}
+    if not isinstance(tasks, dict):
+        return {}
     return {
-        "inner": dense(*_torch_dense(t, f"{name}.fc1", c.d_model, c.ffn_dim)),
-        "outer": dense(*_torch_dense(t, f"{name}.fc2", c.ffn_dim, c.d_model)),
+        task: settings["prefix"]
+        for task, settings in tasks.items()
+        if isinstance(settings, dict) and isinstance(settings.get("prefix"), str)
     }
 
 
-def _bart_params(t: Tensors, c: TransformerConfig, model_type: str) -> dict[str, Any]:
-    p = "model." if any(k.startswith("model.") for k in t.arrays) else ""
-    d = c.d_model
-    params: dict[str, Any] = {}
-    aliases = [f"{p}shared.weight", f"{p}encoder.embed_tokens.weight"]
-    if c.share_embeddings:
-        aliases.append(f"{p}decoder.embed_tokens.weight")
-        params["target_embedding"] = {"embedding": t.first(aliases, (c.vocab_size, d))}
-    else:
-        source = t.first(aliases, (c.source_vocab_size, d))
-        params["source_embedding"] = {"embedding": source}
-        target = t.take(f"{p}decoder.embed_tokens.weight", (c.vocab_size, d))
-        params["target_embedding"] = {"embedding": target}
-    tied = [f"{p}decoder.embed_tokens.weight"] if c.share_embeddings else []
-    if c.share_output_embeddings:
-        tied.append("lm_head.weight")
-    _skip_copies(t, params["target_embedding"]["embedding"], tied)
-    if c.share_embeddings:
-        _skip_copies(t, params["target_embedding"]["embedding"], aliases)
-    if not c.share_output_embeddings:
-        params["output"] = {"kernel": linear(t.take("lm_head.weight", (c.vocab_size, d)), True)}
-    if c.final_logits_bias:
-        params["final_logits_bias"] = t.take("final_logits_bias", (1, c.vocab_size))[0]
-    if c.absolute_positions == "sinusoidal":  # fixed tables, computed (some checkpoints store them)
-        t.skip(lambda name: name.endswith("embed_positions.weight"))
-    else:
-        rows = c.max_len + c.position_offset
-        for side, stack in (("source", "encoder"), ("target", "decoder")):
-            table = t.take(f"{p}{stack}.embed_positions.weight")
-            if table.shape[0] < rows or table.shape[1] != d:
-                raise CheckpointError(
-                    f"tensor {p}{stack}.embed_positions.weight has shape {table.shape}, the "
-                    f"configuration implies ({rows}, {d})"
-                )
-            params[f"{side}_positions"] = {"embedding": table[:rows]}
-    if c.embedding_norm:
-        for side, stack in (("source", "encoder"), ("target", "decoder")):
-            params[f"{side}_embedding_norm"] = _torch_norm(t, f"{p}{stack}.layernorm_embedding", d)
-    params["encoder"] = _bart_stack(t, f"{p}encoder", c, decoder=False)
-    params["decoder"] = _bart_stack(t, f"{p}decoder", c, decoder=True)
-    return params
+def _setting(cfg: ConfigFile, generation: dict, name: str):
+    """generation_config.json's value of ``name``, else config.json's (transformers' order)."""
+    value = generation.get(name)
+    return cfg.raw.get(name) if value is None else value
 
 
-def _skip_copies(t: Tensors, table: np.ndarray, names: list[str]) -> None:
-    """Tied tensors stored more than once: accepted when equal to the table read."""
-    for name in names:
-        if t.has(name) and name not in t.used:
-            copy = t.take(name)
-            if copy.shape != table.shape or not np.array_equal(copy, table):
-                raise CheckpointError(
-                    f"tensor {name!r} in {t.where(name)} should be tied to the embedding table "
-                    "(the config says so) but differs from it"
-                )
+def seq2seq_ids(cfg: ConfigFile, generation: dict) -> dict[str, int]:
+    """A translation model's decoder start, EOS (the first where several are listed) and pad."""
+
+    def pick(name: str) -> int:
+        value = _setting(cfg, generation, name)
+        if isinstance(value, list):  # several EOS ids: the first is the one models emit
+            value = value[0]
+        if not isinstance(value, int):
+            raise CheckpointError(f"{cfg.path.parent}: config.json has no integer {name!r}")
+        return value
+
+    return {
+        "start": pick("decoder_start_token_id"),
+        "end": pick("eos_token_id"),
+        "pad": pick("pad_token_id"),
+    }
 
 
-def _bart_stack(t: Tensors, name: str, c: TransformerConfig, decoder: bool) -> dict[str, Any]:
-    d = c.d_model
-    layers = c.num_decoder_layers if decoder else c.num_encoder_layers
-    stack: dict[str, Any] = {}
-    for i in range(layers):
-        layer = f"{name}.layers.{i}"
-        params = {
-            "self_attention": _bart_attention(t, f"{layer}.self_attn", c, True),
-            "ffn": _bart_ffn(t, layer, c),
-            "norm_ffn": _torch_norm(t, f"{layer}.final_layer_norm", d),
-        }
-        if decoder:
-            params["norm_self"] = _torch_norm(t, f"{layer}.self_attn_layer_norm", d)
-            params["memory_attention"] = _bart_attention(t, f"{layer}.encoder_attn", c, False)
-            params["norm_memory"] = _torch_norm(t, f"{layer}.encoder_attn_layer_norm", d)
-        else:
-            params["norm_attention"] = _torch_norm(t, f"{layer}.self_attn_layer_norm", d)
-        stack[f"layer_{i}"] = params
-    if c.has_final_norm:
-        stack["final_norm"] = _torch_norm(t, f"{name}.layer_norm", d)
-    return stack
+def causal_lm_ids(cfg: ConfigFile, generation: dict, vocab: int) -> dict[str, Any]:
+    """A language model's BOS (None if it declares none), EOS (an int, or a tuple when several
+    end a text: Llama 3's three) and padding (its own, else the first EOS: padding is masked, so
+    any id in the vocabulary does)."""
 
+    def check(name: str, value):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab:
+            raise CheckpointError(
+                f"{cfg.path}: {name}={value!r} is not a token id of the model's {vocab}"
+            )
+        return value
 
-def _t5_attention(t: Tensors, name: str, c: TransformerConfig, self_attention: bool):
-    d, inner = c.d_model, c.num_heads * c.head_dim
-    parts = [_torch_dense(t, f"{name}.{p}", d, inner, bias=False) for p in "qkv"]
-    out = _torch_dense(t, f"{name}.o", inner, d, bias=False)
-    return attention_params(*parts, out, c.num_heads, c.head_dim, self_attention)
-
-
-def _t5_ffn(t: Tensors, name: str, c: TransformerConfig):
-    d, f = c.d_model, c.ffn_dim
-    if c.activation.startswith("gated-"):
-        ffn = {
-            "inner": dense(*_torch_dense(t, f"{name}.wi_0", d, f, bias=False)),
-            "inner_linear": dense(*_torch_dense(t, f"{name}.wi_1", d, f, bias=False)),
-        }
-    else:
-        ffn = {"inner": dense(*_torch_dense(t, f"{name}.wi", d, f, bias=False))}
-    ffn["outer"] = dense(*_torch_dense(t, f"{name}.wo", f, d, bias=False))
-    return ffn
-
-
-def _t5_params(t: Tensors, c: TransformerConfig) -> dict[str, Any]:
-    d = c.d_model
-    aliases = ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
-    table = t.first(aliases, (c.vocab_size, d))
-    tied = aliases + (["lm_head.weight"] if c.share_output_embeddings else [])
-    _skip_copies(t, table, tied)
-    params: dict[str, Any] = {"target_embedding": {"embedding": table}}
-    if not c.share_output_embeddings:
-        params["output"] = {"kernel": linear(t.take("lm_head.weight", (c.vocab_size, d)), True)}
-    for stack, decoder in (("encoder", False), ("decoder", True)):
-        layers = c.num_decoder_layers if decoder else c.num_encoder_layers
-        tree: dict[str, Any] = {}
-        for i in range(layers):
-            block = f"{stack}.block.{i}.layer"
-            norm = lambda j, block=block: _torch_norm(t, f"{block}.{j}.layer_norm", d, bias=False)
-            layer = {"self_attention": _t5_attention(t, f"{block}.0.SelfAttention", c, True)}
-            if decoder:
-                layer["norm_self"] = norm(0)
-                layer["memory_attention"] = _t5_attention(t, f"{block}.1.EncDecAttention", c, False)
-                layer["norm_memory"] = norm(1)
-                layer["ffn"] = _t5_ffn(t, f"{block}.2.DenseReluDense", c)
-                layer["norm_ffn"] = norm(2)
-            else:
-                layer["norm_attention"] = norm(0)
-                layer["ffn"] = _t5_ffn(t, f"{block}.1.DenseReluDense", c)
-                layer["norm_ffn"] = norm(1)
-            tree[f"layer_{i}"] = layer
-        bias = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-        tree["relative_attention_bias"] = t.take(
-            bias, (c.relative_attention_num_buckets, c.num_heads)
+    bos = _setting(cfg, generation, "bos_token_id")
+    eos = _setting(cfg, generation, "eos_token_id")
+    if eos is None or eos == []:
+        raise CheckpointError(
+            f"{cfg.path}: no eos_token_id in config.json nor generation_config.json"
         )
-        tree["final_norm"] = _torch_norm(t, f"{stack}.final_layer_norm", d, bias=False)
-        params[stack] = tree
-    return params
+    ends = tuple(
+        dict.fromkeys(check("eos_token_id", e) for e in (eos if isinstance(eos, list) else [eos]))
+    )
+    pad = _setting(cfg, generation, "pad_token_id")
+    return {
+        "start": None if bos is None else check("bos_token_id", bos),
+        "end": ends[0] if len(ends) == 1 else ends,
+        "pad": ends[0] if pad is None else check("pad_token_id", pad),
+    }
+
+
+def generation_defaults(
+    config: dict, generation: dict, language_model: bool = False
+) -> GenerationDefaults:
+    """What generation_config.json (over config.json) changes in the outputs, as jaxformer's
+    defaults, and the list of settings it does not reproduce (``GenerationDefaults.ignored``)."""
+    merged = {**config, **generation}
+    suppress, ignored = [], []
+    for words in merged.get("bad_words_ids") or []:
+        if len(words) == 1:
+            suppress.append(int(words[0]))
+        else:
+            ignored.append(f"bad_words_ids {words} (sequences of several tokens are not supported)")
+    for name in ("suppress_tokens", "begin_suppress_tokens"):
+        if merged.get(name):
+            ignored.append(f"{name}={merged[name]} (not supported)")
+    if merged.get("encoder_no_repeat_ngram_size"):
+        size = merged["encoder_no_repeat_ngram_size"]
+        ignored.append(f"encoder_no_repeat_ngram_size={size} (not supported)")
+    if merged.get("forced_eos_token_id") is not None:
+        ignored.append(
+            "forced_eos_token_id (a hypothesis that reaches max_length ends without EOS and is "
+            "reported as truncated)"
+        )
+    if merged.get("length_penalty", 1.0) != 1.0 or merged.get("num_beams", 1) > 1:
+        ignored.append(
+            f"length_penalty={merged.get('length_penalty', 1.0)} (Hugging Face divides by "
+            "length**alpha; jaxformer's length_penalty is GNMT's, pass it yourself)"
+        )
+    forced = merged.get("forced_bos_token_id")
+    defaults = GenerationDefaults(
+        suppress_ids=tuple(sorted(set(suppress))),
+        forced_first_id=None if forced is None else int(forced),
+        max_length=merged.get("max_length"),
+        ignored=tuple(ignored),
+        repetition_penalty=float(merged.get("repetition_penalty") or 1.0),
+        no_repeat_ngram_size=int(merged.get("no_repeat_ngram_size") or 0),
+    )
+    return _language_model_defaults(merged, defaults) if language_model else defaults
+
+
+def _language_model_defaults(merged: dict, defaults: GenerationDefaults) -> GenerationDefaults:
+    """A language model's lengths count new tokens (``max_new_tokens``; Hugging Face's
+    ``max_length`` counts the prompt too) and its sampling settings become defaults."""
+    ignored = list(defaults.ignored)
+    max_length = merged.get("max_new_tokens")
+    if max_length is None and merged.get("max_length") is not None:
+        max_length = merged["max_length"]
+        ignored.append(
+            f"max_length={max_length} counts the prompt in Hugging Face; jaxformer's max_length "
+            "counts new tokens, and this is used as such"
+        )
+    min_length = merged.get("min_new_tokens") or 0
+    if merged.get("min_length"):
+        ignored.append(f"min_length={merged['min_length']} (counts the prompt; not supported)")
+    for name, neutral in (
+        ("min_p", None),
+        ("typical_p", 1.0),
+        ("epsilon_cutoff", 0.0),
+        ("eta_cutoff", 0.0),
+    ):
+        if merged.get(name, neutral) not in (neutral, None):
+            ignored.append(f"{name}={merged[name]} (not supported)")
+    sampling = None
+    if merged.get("do_sample"):
+        top_k = merged.get("top_k", 50)  # transformers' default when sampling
+        sampling = {
+            "sampling_topk": 0 if top_k is None else int(top_k),
+            "sampling_temperature": float(merged.get("temperature") or 1.0),
+            "top_p": float(merged.get("top_p") or 1.0),
+        }
+    return dataclasses.replace(
+        defaults, max_length=max_length, min_length=int(min_length), sampling=sampling,
+        ignored=tuple(ignored),
+    )  # fmt: skip

@@ -1,14 +1,11 @@
-"""``load_pretrained``: the models people already have, as a jaxformer model and its parameters.
+"""What ``load_pretrained`` returns: ``Pretrained`` (a model, its parameters, its special ids, tokenizers
+and generation defaults), with text in, text out on top. It imports no importer: the importers
+(``huggingface.py``, ``opennmt_tf.py``, ``families/``) build it, and ``registry.py`` chooses them.
 
     pre = jaxformer.load_pretrained("opus-mt-en-de")      # a Hugging Face directory
-    pre = jaxformer.load_pretrained("run/", source_vocabulary="src.txt", target_vocabulary="tgt.txt",
-                                    num_heads=8)          # an OpenNMT-tf V2 checkpoint directory
-    result = jaxformer.generate(pre.model, pre.params, src_ids, start_id=pre.start_id,
-                                end_id=pre.end_id, **pre.generation.search_arguments())
-
-A directory with ``config.json`` is read as Hugging Face's (``huggingface.py``); a directory with a
-``checkpoint`` file or ``ckpt-N.index`` files, or a checkpoint prefix, as OpenNMT-tf's
-(``opennmt_tf.py``). Neither needs torch, transformers or TensorFlow.
+    pre.translate(["Hello world"])[0].texts[0]
+    lm = jaxformer.load_pretrained("Llama-3.2-1B")        # a decoder-only checkpoint
+    lm.generate(["The capital of France is"])[0].texts[0]
 """
 
 from __future__ import annotations
@@ -18,14 +15,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import jax
-
-from jaxformer.interop import huggingface as hf
-from jaxformer.interop.weights import CheckpointError
 from jaxformer.models.config import TransformerConfig
+from jaxformer.models.decoder_only import DecoderOnlyLM
 from jaxformer.models.encoder_decoder import Transformer
-
-HF_HINTS = ("max_len", "dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,28 +27,60 @@ class GenerationDefaults:
     ``suppress_ids``: tokens never generated (Hugging Face ``bad_words_ids`` of single tokens:
     Marian's ``<pad>``). ``forced_first_id``: a token forced right after the start token (BART's
     ``forced_bos_token_id``); NLLB's target language is chosen per call instead. ``max_length``:
-    the checkpoint's default, for text-level callers. ``ignored``: settings that
-    jaxformer does not reproduce, each with the reason (callers show them).
+    the checkpoint's default, for text-level callers (language models: new tokens, Hugging Face's
+    ``max_new_tokens``). ``min_length``: new tokens before EOS may end (``min_new_tokens``).
+    ``sampling``: ``DecodeOptions`` fields (``sampling_topk``, ``sampling_temperature``,
+    ``top_p``) when the checkpoint samples by default (``do_sample``; transformers' top-k of 50
+    when it names none), else None (greedy). ``repetition_penalty``, ``no_repeat_ngram_size``:
+    Hugging Face's, applied by default. ``ignored``: settings that jaxformer does not reproduce,
+    each with the reason (callers show them).
     """
 
     suppress_ids: tuple[int, ...] = ()
     forced_first_id: int | None = None
     max_length: int | None = None
     ignored: tuple[str, ...] = ()
+    min_length: int = 0
+    sampling: dict[str, Any] | None = None
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def repetition(self) -> dict[str, Any]:
+        """``DecodeOptions`` fields of the checkpoint's repetition settings (none if neutral)."""
+        out: dict[str, Any] = {}
+        if self.repetition_penalty != 1.0:
+            out["repetition_penalty"] = self.repetition_penalty
+        if self.no_repeat_ngram_size:
+            out["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Pretrained:
-    """A loaded checkpoint: ``model.apply({"params": params}, src_ids, tgt_in_ids)`` gives logits."""
+    """A loaded checkpoint: ``model.apply({"params": params}, src_ids, tgt_in_ids)`` gives logits
+    (a translation model), ``model.apply({"params": params}, ids)`` (a decoder-only LM).
 
-    model: Transformer
+    Special ids. A translation model: ``start_id`` starts the decoder, ``end_id`` is EOS,
+    sources are right-padded with ``pad_id``. A language model (``is_language_model``): its
+    tokenizer puts BOS first where the checkpoint says so, and ``start_id`` is that BOS (None
+    if the checkpoint declares none; ``generate`` starts from each prompt's last token, not
+    from it); ``end_id`` is its EOS, or a tuple of ids when it lists several (Llama 3 ends on
+    any of three): any of them ends a hypothesis; ``pad_id`` is the checkpoint's padding id,
+    else its (first) EOS: ragged prompts are right-padded with it and the padding is masked,
+    so its value never changes a result. An LM's prompts and outputs share one tokenizer:
+    ``source_tokenizer is target_tokenizer``.
+    """
+
+    model: Transformer | DecoderOnlyLM
     params: Any
-    start_id: int  # the decoder's first input token
-    end_id: int  # EOS
-    pad_id: int  # sources are right-padded with it
+    start_id: int | None  # the decoder's first input token; an LM's BOS (or None)
+    end_id: int | tuple[int, ...]  # EOS: one id, or several that each end a hypothesis
+    pad_id: int  # sources (prompts) are right-padded with it
     source_tokenizer: Any | None
     target_tokenizer: Any | None
-    family: str  # "marian", "m2m100", "bart", "mbart", "t5", "mt5", "opennmt-tf"
+    # "marian", "m2m100", "bart", "mbart", "t5", "mt5", "opennmt-tf"; "gpt2", "llama",
+    # "mistral", "qwen2", "gemma"
+    family: str
     path: Path
     generation: GenerationDefaults = GenerationDefaults()
     # Source prefixes the checkpoint declares, by task (config.json's task_specific_params: T5's
@@ -66,6 +90,11 @@ class Pretrained:
     @property
     def config(self) -> TransformerConfig:
         return self.model.config
+
+    @property
+    def is_language_model(self) -> bool:
+        """A decoder-only LM (``generate``), not a translation model (``translate``)."""
+        return isinstance(self.model, DecoderOnlyLM)
 
     @property
     def special_ids(self):
@@ -93,14 +122,22 @@ class Pretrained:
         """``DecodeOptions`` with this checkpoint's generation defaults: its suppressed tokens,
         its forced first token or ``target_lang``'s token (NLLB), ``max_length`` within the model's
         positions; then the decoding settings of an OpenNMT-tf run configuration ``onmt_config``
-        (a path: ``interop.opennmt_config``); ``options`` (``beam_size=4``, ...) win over both."""
+        (a path: ``interop.opennmt_config``); ``options`` (``beam_size=4``, ...) win over both.
+
+        A language model: ``max_length`` counts new tokens (``max_new_tokens``, 256 if none,
+        within the positions), ``min_length`` too (``min_new_tokens``); a checkpoint that samples
+        by default (``do_sample``) brings its ``sampling_topk``, ``sampling_temperature`` and
+        ``top_p`` unless ``options`` choose the search (``beam_size``, ``sampling_topk``,
+        ``sampling_temperature`` or ``top_p`` given)."""
         from jaxformer.decoding.texts import DecodeOptions
 
+        if self.is_language_model:
+            return self._lm_options(target_lang, onmt_config, options)
         if onmt_config is not None:
             from jaxformer.interop.opennmt_config import read_opennmt_config
 
             options = {**read_opennmt_config(onmt_config).decoding, **options}
-        defaults = {"suppress_ids": self.generation.suppress_ids}
+        defaults = {"suppress_ids": self.generation.suppress_ids, **self.generation.repetition()}
         if target_lang is not None:
             if self.target_tokenizer is None or not hasattr(self.target_tokenizer, "token_id"):
                 raise ValueError(f"target_lang={target_lang!r}: this model has no language tokens")
@@ -110,6 +147,91 @@ class Pretrained:
         limit = self.config.max_len
         defaults["max_length"] = min(self.generation.max_length or 256, limit)
         return DecodeOptions(**{**defaults, **options})
+
+    def _lm_options(self, target_lang, onmt_config, options: dict):
+        from jaxformer.decoding.texts import DecodeOptions
+
+        if target_lang is not None:
+            raise ValueError(f"target_lang={target_lang!r}: {self._lm_name}, without languages")
+        if onmt_config is not None:
+            raise ValueError(
+                f"onmt_config: {self._lm_name}; OpenNMT-tf run configurations are for its "
+                "translation models"
+            )
+        defaults: dict[str, Any] = {
+            "suppress_ids": self.generation.suppress_ids,
+            "max_length": min(self.generation.max_length or 256, self.config.max_len - 1),
+            "min_length": self.generation.min_length,
+            **self.generation.repetition(),
+        }
+        chooses = {"beam_size", "sampling_topk", "sampling_temperature", "top_p"} & set(options)
+        if self.generation.sampling and not chooses:
+            defaults |= self.generation.sampling
+        return DecodeOptions(**{**defaults, **options})
+
+    @property
+    def _lm_name(self) -> str:
+        return f"{self.path.name} is a decoder-only language model ({self.family})"
+
+    def generate(
+        self,
+        prompts,
+        options=None,
+        *,
+        return_prompt: bool = False,
+        batch_size: int = 32,
+        window: int | None = None,
+    ):
+        """Text in, text out for a language model: the continuation of each prompt, a
+        ``decoding.texts.Output`` per prompt (``texts``: the n-best, best first; ``scores``;
+        ``truncated``: stopped at ``max_length`` without EOS).
+
+        ``options``: a ``DecodeOptions`` (default: ``decode_options()``, the checkpoint's
+        generation defaults; ``max_length`` counts new tokens). ``return_prompt``: False (the
+        default) gives the new text only (the EOS and special tokens dropped; a continuation that
+        starts a word may start with its space, as Hugging Face's ``batch_decode`` of the new
+        tokens gives it); True gives the prompt and the continuation decoded together from their
+        ids (so a tokenizer that joins pieces across them, sentencepiece's ``▁``, joins them as
+        in one text). Each prompt is tokenized as the checkpoint's tokenizer does it (BOS first
+        where it adds one); prompts of different lengths share batches without changing each
+        other's results. ``iter_generate`` yields the outputs one by one, in order.
+        """
+        return list(
+            self.iter_generate(
+                prompts, options, return_prompt=return_prompt, batch_size=batch_size,
+                window=window,
+            )
+        )  # fmt: skip
+
+    def iter_generate(
+        self,
+        prompts,
+        options=None,
+        *,
+        return_prompt: bool = False,
+        batch_size: int = 32,
+        window: int | None = None,
+    ):
+        """``generate``, one output at a time in input order (``decoding.texts.iter_continuations``)."""
+        from jaxformer.decoding.texts import iter_continuations
+
+        if not self.is_language_model:
+            raise ValueError(
+                f"{self.path.name} is a translation model ({self.family}): use "
+                "pre.translate(lines); generate continues prompts with a decoder-only language "
+                "model"
+            )
+        if self.target_tokenizer is None:
+            raise ValueError(
+                f"{self.path} has no tokenizer.json; continue token ids with jaxformer.generate"
+            )
+        if options is None:
+            options = self.decode_options()
+        return iter_continuations(
+            self.model, self.params, self.target_tokenizer, prompts, options,
+            batch_size=batch_size, window=window, special_ids=self.special_ids,
+            return_prompt=return_prompt,
+        )  # fmt: skip
 
     def translate(
         self,
@@ -169,6 +291,11 @@ class Pretrained:
 
     def _source(self, source_lang: str | None, source_prefix: str | None):
         """The source tokenizer for ``source_lang`` and the prefix (a T5 without one warns)."""
+        if self.is_language_model:
+            raise ValueError(
+                f"{self._lm_name}: translate is for translation models; continue prompts with "
+                "pre.generate(prompts)"
+            )
         if self.source_tokenizer is None or self.target_tokenizer is None:
             raise ValueError(
                 f"{self.path} has no tokenizer files (an OpenNMT-tf checkpoint needs "
@@ -189,132 +316,11 @@ def _unk_id(tokenizer) -> int | None:
     return None if tokenizer is None else getattr(tokenizer, "unk_id", None)
 
 
-def load_pretrained(path: str | Path, **hints) -> Pretrained:
-    """A Hugging Face model directory or an OpenNMT-tf checkpoint, loaded without its framework.
+def __getattr__(name: str):
+    """``load_pretrained`` lives in ``registry.py`` (it imports every importer, which import this
+    module); ``from jaxformer.interop.pretrained import load_pretrained`` keeps working."""
+    if name == "load_pretrained":
+        from jaxformer.interop.registry import load_pretrained
 
-    Hints (Hugging Face): ``max_len`` (longest sequence; T5 has no position table, 1024 by default),
-    ``dtype`` (activations: "float32", "bfloat16"; parameters stay float32). OpenNMT-tf: see
-    ``opennmt_tf.load``.
-    """
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").exists():
-        return _load_huggingface(path, **hints)
-    from jaxformer.interop import opennmt_tf
-
-    if opennmt_tf.is_checkpoint(path):
-        return opennmt_tf.load(path, **hints)
-    if not path.exists():
-        raise FileNotFoundError(f"load_pretrained: {path} does not exist")
-    raise CheckpointError(
-        f"load_pretrained: {path} is neither a Hugging Face model directory (config.json with "
-        "*.safetensors) nor an OpenNMT-tf checkpoint (a directory with a `checkpoint` file or "
-        "ckpt-N.index files, or a checkpoint prefix such as run/ckpt-5000)"
-    )
-
-
-def check_hints(hints: dict, allowed: tuple[str, ...], what: str) -> None:
-    unknown = sorted(set(hints) - set(allowed))
-    if unknown:
-        raise TypeError(
-            f"load_pretrained: unknown hint(s) {unknown} for {what}; allowed: {allowed}"
-        )
-
-
-def shapes_of(model: Transformer) -> dict:
-    """The parameter tree the model expects, as shapes (nothing is computed)."""
-    from jaxformer.models.params import init_params
-
-    return jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
-
-
-def _load_huggingface(directory: Path, **hints) -> Pretrained:
-    check_hints(hints, HF_HINTS, "a Hugging Face model")
-    raw = hf.read_config(directory)
-    config = hf.to_config(raw, str(directory / "config.json"), hints.get("max_len"))
-    if "dtype" in hints:
-        config = config.replace(dtype=hints["dtype"])
-    model = Transformer(config)
-    tensors = hf.read_tensors(directory)
-    params = hf.to_params(tensors, config, raw["model_type"], shapes_of(model))
-    generation = hf.read_generation_config(directory)
-    ids = _special_ids(raw, generation, directory)
-    from jaxformer.interop import hf_tokenizers
-
-    rows = (config.source_vocab_size, config.vocab_size)
-    source, target = hf_tokenizers.load(directory, raw, ids, rows)
-    return Pretrained(
-        model=model,
-        params=jax.tree_util.tree_map(jax.numpy.asarray, params),
-        start_id=ids["start"],
-        end_id=ids["end"],
-        pad_id=ids["pad"],
-        source_tokenizer=source,
-        target_tokenizer=target,
-        family=raw["model_type"],
-        path=directory,
-        generation=_generation_defaults(raw, generation, ids),
-        task_prefixes=_task_prefixes(raw),
-    )
-
-
-def _task_prefixes(config: dict) -> dict[str, str]:
-    """``{task: prefix}`` from config.json's ``task_specific_params`` (T5 declares its tasks)."""
-    tasks = config.get("task_specific_params") or {}
-    if not isinstance(tasks, dict):
-        return {}
-    return {
-        task: settings["prefix"]
-        for task, settings in tasks.items()
-        if isinstance(settings, dict) and isinstance(settings.get("prefix"), str)
-    }
-
-
-def _special_ids(config: dict, generation: dict, directory: Path) -> dict[str, int]:
-    def pick(name: str) -> int:
-        value = generation.get(name, config.get(name))
-        if isinstance(value, list):  # several EOS ids: the first is the one models emit
-            value = value[0]
-        if not isinstance(value, int):
-            raise CheckpointError(f"{directory}: config.json has no integer {name!r}")
-        return value
-
-    return {
-        "start": pick("decoder_start_token_id"),
-        "end": pick("eos_token_id"),
-        "pad": pick("pad_token_id"),
-    }
-
-
-def _generation_defaults(config: dict, generation: dict, ids: dict) -> GenerationDefaults:
-    merged = {**config, **generation}
-    suppress, ignored = [], []
-    for words in merged.get("bad_words_ids") or []:
-        if len(words) == 1:
-            suppress.append(int(words[0]))
-        else:
-            ignored.append(f"bad_words_ids {words} (sequences of several tokens are not supported)")
-    for name in ("suppress_tokens", "begin_suppress_tokens"):
-        if merged.get(name):
-            ignored.append(f"{name}={merged[name]} (not supported)")
-    for name in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
-        if merged.get(name):
-            ignored.append(f"{name}={merged[name]} (not supported)")
-    if merged.get("repetition_penalty", 1.0) != 1.0:
-        ignored.append(f"repetition_penalty={merged['repetition_penalty']} (not supported)")
-    if merged.get("forced_eos_token_id") is not None:
-        ignored.append(
-            "forced_eos_token_id (a hypothesis that reaches max_length ends without EOS and is "
-            "reported as truncated)"
-        )
-    if merged.get("length_penalty", 1.0) != 1.0 or merged.get("num_beams", 1) > 1:
-        ignored.append(
-            f"length_penalty={merged.get('length_penalty', 1.0)} (Hugging Face divides by "
-            "length**alpha; jaxformer's length_penalty is GNMT's, pass it yourself)"
-        )
-    forced = merged.get("forced_bos_token_id")
-    return GenerationDefaults(
-        suppress_ids=tuple(sorted(set(suppress))),
-        forced_first_id=None if forced is None else int(forced),
-        max_length=merged.get("max_length"),
-        ignored=tuple(ignored),
-    )
+        return load_pretrained
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
