@@ -62,7 +62,8 @@ def test_install_hints_work_from_a_clone():
     from jaxformer.interop import __doc__ as interop_doc
 
     root = README.parent
-    files = [README, root / "jaxformer" / "cli.py", root / "jaxformer" / "data" / "tokenizers.py"]
+    files = [README, *sorted((root / "jaxformer" / "cli").glob("*.py"))]
+    files.append(root / "jaxformer" / "data" / "tokenizers.py")
     files.append(root / "jaxformer" / "interop" / "__init__.py")
     files += [
         root / "jaxformer" / "data" / "corpora.py",
