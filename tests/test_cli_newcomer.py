@@ -96,7 +96,7 @@ def test_help_shows_every_default(capsys):
             if any(action in g._group_actions for g in required_groups):
                 continue  # one of the group is required (translate: --workdir or --model)
             # The option's own entry in the help, up to the next option.
-            flag = action.option_strings[-1]
+            flag = action.option_strings[0]
             entry = re.search(rf"\n  {re.escape(flag)} .*?(?=\n  -|\n\n|\Z)", help_text, re.S)
             assert entry and "default" in entry.group(0), f"jaxformer {name} {flag}"
 

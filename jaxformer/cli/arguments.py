@@ -31,6 +31,7 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--sampling-temperature",
+        "--temperature",
         type=float,
         help="softmax temperature; needs sampling (--sampling-topk 0 or k > 1) (default: 1)",
     )
@@ -218,13 +219,33 @@ def add_translate(command) -> None:
 
 def add_generate(command) -> None:
     generate = command("generate", "continue prompts with a language model")
-    add_run(generate)
+    which = generate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--workdir", help="a directory `jaxformer train` wrote (or --model)")
+    which.add_argument(
+        "--model",
+        help="a Hugging Face decoder-only model directory (config.json + *.safetensors + "
+        "tokenizer.json: GPT-2, Llama, Mistral, Qwen2, Gemma) (or --workdir)",
+    )
+    add_run(generate, required=False)
     generate.add_argument("--prompt", action="append", help="repeatable (default: stdin lines)")
     add_output_options(generate, "prompt")
     generate.add_argument(
         "--batch-size", type=int, help="prompts decoded together, >= 1 (default: 32)"
     )
+    generate.add_argument(
+        "--return-prompt",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write each prompt before its continuation (--no-return-prompt: the continuation "
+        "alone) (default: on)",
+    )
     generate.add_argument("--with-scores", action="store_true", help="print 'score ||| text'")
+    group = generate.add_argument_group("--model (imported checkpoints)")
+    group.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="activations' dtype; parameters stay float32 (default: float32)",
+    )
     add_quantization_option(generate)
     add_unk_option(generate)
     add_search_options(generate)

@@ -166,14 +166,18 @@ def load_pretrained(args, onmt=None):
     from jaxformer.interop import load_pretrained
 
     refuse_unless(args, args.checkpoint is None, ("--checkpoint",), "to --workdir runs only")
-    hints = {h: getattr(args, a) for a, h in MODEL_HINTS.items() if getattr(args, a) is not None}
+    given = {a: getattr(args, a, None) for a in MODEL_HINTS}
+    hints = {h: given[a] for a, h in MODEL_HINTS.items() if given[a] is not None}
     if onmt is not None:
         for name, path in zip(
             ("source_vocabulary", "target_vocabulary"), onmt.vocabularies, strict=True
         ):
             if path is not None:
                 hints.setdefault(name, str(path))
-    if args.source_lang is not None and args.target_lang is None:
+    if (
+        getattr(args, "source_lang", None) is not None
+        and getattr(args, "target_lang", None) is None
+    ):
         raise UsageError("--source-lang needs --target-lang (the language forced first)")
     try:
         return load_pretrained(args.model, **hints)

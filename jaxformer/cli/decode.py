@@ -165,14 +165,47 @@ def quantized(model, params, quantization: str | None, rows: int):
 
 
 def cmd_generate(args) -> int:
-    from jaxformer.decoding.texts import iter_continuations
-
     check_at_least(args, "--batch-size", 1)
     check_output(args.output, {"--input": args.input})
-    run = load_run(args, "lm")
     prompts = args.prompt or read_lines(args.input)
     if not prompts:
         raise UsageError("no prompt: pass --prompt TEXT or lines on stdin / --input")
+    if args.model is not None:
+        make, options = _imported_lm(args)
+        echo = False  # the checkpoint's tokenizer decodes prompt and continuation together
+    else:
+        make, options = _trained_lm(args, prompts)
+        echo = args.return_prompt
+    return write_all(args, prompts, make, options, echo_inputs=echo, what="prompts")
+
+
+def _imported_lm(args):
+    """``--model DIR``: a decoder-only checkpoint's ``(make_outputs, options)``."""
+    refuse_unless(args, False, ("--onmt-config",), "to translation models only")
+    pre = load_pretrained(args)
+    if not pre.is_language_model:
+        raise UsageError(
+            f"--model {args.model} is a translation model ({pre.family}): use `jaxformer "
+            "translate`; generate continues prompts with a decoder-only language model"
+        )
+    for setting in pre.generation.ignored:
+        note(f"{pre.path.name}: not applied: {setting}")
+    options = search.decode_options(args, pre=pre)
+    size = search.batch_size(args, None)
+    model, params = quantized(pre.model, pre.params, args.quantization, size * options.beam_size)
+    pre = dataclasses.replace(pre, model=model, params=params)
+    make = lambda todo: pre.iter_generate(
+        todo, options, return_prompt=args.return_prompt, batch_size=size
+    )
+    return make, options
+
+
+def _trained_lm(args, prompts):
+    """``--workdir RUN``: a trained language model's ``(make_outputs, options)``."""
+    from jaxformer.decoding.texts import iter_continuations
+
+    refuse_unless(args, False, MODEL_ONLY, "to --model (imported checkpoints) only")
+    run = load_run(args, "lm")
     longest = max(len(run.target_tokenizer.encode(p)) for p in prompts)
     onmt = search.read_onmt(args)
     options = search.decode_options(
@@ -180,8 +213,8 @@ def cmd_generate(args) -> int:
     )
     size = search.batch_size(args, onmt)
     model, params = quantized(run.model, run.params, args.quantization, size * options.beam_size)
+    args.with_scores = search.with_scores(args, onmt)
     make = lambda todo: iter_continuations(
         model, params, run.target_tokenizer, todo, options, batch_size=size
     )
-    args.with_scores = search.with_scores(args, onmt)
-    return write_all(args, prompts, make, options, echo_inputs=True, what="prompts")
+    return make, options

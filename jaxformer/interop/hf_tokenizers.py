@@ -28,6 +28,7 @@ from typing import Any
 
 from jaxformer.data.tokenizers import Ids
 from jaxformer.interop.files import read_json_object, read_sentencepiece, read_tokenizer_json
+from jaxformer.interop.token_bytes import fast_tokenizer_bytes, piece_bytes
 from jaxformer.interop.weights import CheckpointError
 
 LANGUAGE_TOKEN = re.compile(r"(>>[^<>\s]+<<)")  # Marian's target-language tokens
@@ -69,6 +70,10 @@ class FastTokenizer:
 
     def decode(self, ids: Ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes in a decoded text (``token_bytes.py``; stop strings read them)."""
+        return fast_tokenizer_bytes(self.tokenizer)
 
     def unknown(self, text: str) -> list[str]:
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
@@ -129,6 +134,13 @@ class MarianTokenizer:
     def decode(self, ids: Ids) -> str:
         pieces = [self.pieces.get(int(i), "") for i in ids if int(i) not in self.specials]
         return self.model.decode_pieces(pieces)
+
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes in a decoded text (special ids: none); stop strings read them."""
+        return [
+            b"" if i in self.specials else piece_bytes(self.pieces.get(i, ""))
+            for i in range(self.vocab_size)
+        ]
 
     def unknown(self, text: str) -> list[str]:
         return [p for p in self._pieces(text) if p not in self.vocab]

@@ -109,6 +109,12 @@ class VocabularyTokenizer:
         words = [self.tokens[i] if i < len(self.tokens) else "<unk>" for i in ids]
         return " ".join(w for i, w in zip(ids, words, strict=True) if i > END_ID)
 
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes in a decoded text: its token after a space (the first word of a text
+        has none); special ids none. Stop strings read them."""
+        words = [b"" if i <= END_ID else f" {t}".encode() for i, t in enumerate(self.tokens)]
+        return [*words, b" <unk>"]
+
     def unknown(self, text: str) -> list[str]:
         index = self._index
         return [token for token in text.split() if token not in index]
