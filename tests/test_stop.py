@@ -92,3 +92,26 @@ def test_stop_strings_through_text_decoding():
     options = DecodeOptions(max_length=14, stop=[". "])
     output = _output((ids, np.array([[14]]), np.zeros((1, 1))), 0, tokenizer, options, ())
     assert output.texts == ["one two"] and not output.truncated  # stopped, not cut by the limit
+
+
+@pytest.mark.parametrize(
+    "fixture", ["hf_lm/gpt2", "hf_lm/mistral", "hf_lm/gemma", "hf/t5", "hf/bart", "hf/marian"]
+)
+def test_imported_tokenizers_give_the_bytes_they_decode_to(fixture):
+    """Byte-level BPE, sentencepiece pieces with byte fallback, Marian's vocabulary: a text's
+    tokens' bytes, joined, are its decoded text (up to the space a decoder drops at the start)."""
+    import json
+    from pathlib import Path
+
+    import jaxformer
+
+    directory = Path(__file__).parent / "data" / fixture
+    tokenizer = jaxformer.load_pretrained(directory).target_tokenizer
+    table = tokenizer.token_bytes()
+    goldens = json.loads((directory / "goldens.json").read_text())
+    texts = [c["text"] for c in goldens.get("tokenizer_cases", [])] or goldens["targets"]
+    texts += ["caf\u00e9 na\u00efve \u2014 ok", "emoji \U0001f600!"]
+    for text in texts:
+        ids = tokenizer.encode(text)
+        joined = b"".join(table[i] for i in ids).decode("utf-8", errors="replace")
+        assert joined.strip() == tokenizer.decode(ids).strip(), (text, ids)
