@@ -192,6 +192,8 @@ def main(out_dir: pathlib.Path):
 
     fit_arrays, info["fit"] = fit_on_the_mesh_of_the_config(out_dir)
     arrays.update(fit_arrays)
+    loaded_arrays, info["loaded"] = load_on_the_mesh(mesh)
+    arrays.update(loaded_arrays)
 
     np.savez(out_dir / "arrays.npz", **arrays)
     (out_dir / "info.json").write_text(json.dumps(info, indent=1))
@@ -247,6 +249,38 @@ def fit_on_the_mesh_of_the_config(out_dir: pathlib.Path) -> tuple[dict, dict]:
         "sharded_step_compilations": step_fn._cache_size(),
     }
     return arrays, info
+
+
+def load_on_the_mesh(mesh) -> tuple[dict, dict]:
+    """A Llama checkpoint (GQA: 4 heads, 2 key/value heads) loaded straight onto the mesh, against
+    the same checkpoint loaded on one device: parameters' placement, logits, greedy ids."""
+    directory = pathlib.Path(__file__).parent / "data" / "hf_lm" / "llama"
+    prompts = [p["ids"] for p in json.loads((directory / "goldens.json").read_text())["prompts"]]
+    arrays, placed = {}, {}
+    for name, where in (("one_device", None), ("mesh", mesh)):
+        pre = jaxformer.load_pretrained(directory, mesh=where)
+        width = max(map(len, prompts))
+        ids = np.full((len(prompts), width), pre.pad_id, np.int32)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+        inputs = jax.numpy.asarray(ids) if where is None else sharding.shard_batch(ids, mesh)
+        arrays[f"loaded/{name}/logits"] = np.asarray(
+            pre.model.apply({"params": pre.params}, inputs)
+        )
+        result = jaxformer.generate(
+            pre.model, pre.params, prompts, end_id=pre.end_id, max_length=12
+        )
+        arrays[f"loaded/{name}/greedy"] = np.asarray(result.ids)
+        if where is not None:
+            layer = pre.params["decoder"]["layer_0"]
+            placed = {
+                "query": shards(layer["self_attention"]["query"]["kernel"]),
+                "kv": shards(layer["self_attention"]["kv"]["kernel"]),
+                "out": shards(layer["self_attention"]["out"]["kernel"]),
+                "inner": shards(layer["ffn"]["inner"]["kernel"]),
+                "embedding": shards(pre.params["embedding"]["embedding"]),
+            }
+    return arrays, placed
 
 
 if __name__ == "__main__":

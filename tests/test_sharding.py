@@ -203,6 +203,25 @@ def test_fit_on_the_mesh_of_the_config_matches_one_device(worker):
     assert fit_info["placed"]["6"]["shard_shapes"] == [[6, 5]]
 
 
+def test_a_checkpoint_loads_straight_onto_the_mesh(worker):
+    """``load_pretrained(dir, mesh=...)``: each tensor placed in its slices as it is read (heads
+    and feed-forward columns over "model", key/value heads too), the same logits and greedy ids."""
+    arrays, info = worker
+    placed = info["loaded"]
+    assert placed["query"]["spec"] == [None, "model"] and placed["query"]["shard_shapes"] == [
+        [64, 2, 16]
+    ]
+    assert placed["kv"]["spec"] == [None, None, "model"] and placed["kv"]["shard_shapes"] == [
+        [64, 2, 1, 16]
+    ]
+    assert placed["out"]["spec"] == ["model"] and placed["inner"]["spec"] == [None, "model"]
+    assert placed["embedding"]["spec"] == [] and placed["query"]["devices"] == 8
+    np.testing.assert_allclose(
+        arrays["loaded/mesh/logits"], arrays["loaded/one_device/logits"], rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_array_equal(arrays["loaded/mesh/greedy"], arrays["loaded/one_device/greedy"])
+
+
 def test_a_checkpoint_saved_on_the_mesh_loads_on_one_device(worker):
     _, info = worker
     workdirs = info["fit"]["workdirs"]

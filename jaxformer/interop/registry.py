@@ -18,6 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
+import jax
+
 from jaxformer.interop import huggingface, opennmt_tf
 from jaxformer.interop.families import bart, gemma, gpt2, llama, m2m100, marian, qwen2, t5
 from jaxformer.interop.pretrained import Pretrained
@@ -46,8 +48,10 @@ def load_pretrained(
     """A Hugging Face model directory or an OpenNMT-tf checkpoint, loaded without its framework.
 
     ``param_dtype``: the parameters' dtype ("float32", "bfloat16", "float16"; activations follow
-    the ``dtype`` hint). ``mesh``: reserved for sharded loading (each tensor's slices placed
-    straight onto their devices); not implemented yet.
+    the ``dtype`` hint); a tensor stored in that dtype is never widened. ``mesh`` (a
+    ``jaxformer.sharding.make_mesh(data, model)``): each tensor, read one at a time, is placed in
+    slices on the mesh by the partition rules of ``jaxformer.training.sharding`` (each device
+    receives only its slice); ``generate`` then runs on the mesh (``shard_batch`` the inputs).
 
     Hints (Hugging Face): ``max_len`` (longest sequence; T5 has no position table, 1024 by
     default; other families are bounded by their position table), ``dtype`` (activations:
@@ -85,13 +89,21 @@ def known_model_types() -> list[str]:
 
 
 def _placement(mesh):
-    """Where each parameter goes as soon as it is built (``weights.assemble``'s ``place``)."""
-    if mesh is not None:
-        raise NotImplementedError(
-            "load_pretrained(mesh=...): sharded loading is not implemented yet; load on one "
-            "device and shard with jaxformer.sharding"
-        )
-    return to_device
+    """Where each parameter goes as soon as it is built (``weights.assemble``'s ``place``): the
+    default device, or its slices of ``mesh`` by the partition rules of ``training.sharding`` (heads
+    and feed-forward columns over ``"model"``; key/value heads too where ``"model"`` divides them):
+    ``jax.make_array_from_callback`` hands each device only its slice of the host array."""
+    if mesh is None:
+        return to_device
+    from jax.sharding import NamedSharding
+
+    from jaxformer.training.sharding import partition_spec
+
+    def place(path: str, array):
+        sharding = NamedSharding(mesh, partition_spec(path, array.shape, mesh))
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+    return place
 
 
 def _check_hints(hints: dict, allowed: tuple[str, ...], what: str) -> None:
