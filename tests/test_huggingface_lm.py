@@ -132,3 +132,16 @@ def test_generate_text_in_text_out(loaded):
     for prompt, greedy, output in zip(g["prompts"], g["greedy"]["ids"], whole, strict=True):
         if greedy == prompt["expected_new_ids"]:
             assert output.texts[0] == prompt["text"] + prompt["continuation"]
+
+
+def test_bfloat16_end_to_end_keeps_transformers_greedy_outputs():
+    """``param_dtype="bfloat16"``: weights read as stored (gemma's are bfloat16), never widened,
+    activations in bfloat16 too; the greedy outputs stay transformers' (float32) on every row."""
+    directory = DATA / "gemma"
+    goldens = json.loads((directory / "goldens.json").read_text())
+    pre = jaxformer.load_pretrained(directory, param_dtype="bfloat16")
+    assert pre.config.dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(pre.params)} == {jnp.dtype("bfloat16")}
+    rows, _ = _rows(pre, goldens, dec.GreedySearch())
+    same = sum(ours == theirs for ours, theirs in zip(rows, goldens["greedy"]["ids"], strict=True))
+    assert same >= len(rows) - 1, same

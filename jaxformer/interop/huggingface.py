@@ -156,8 +156,11 @@ def load(
 
     try:
         config = family.config(cfg, hints.get("max_len"))
-        if "dtype" in hints:
-            config = config.replace(dtype=hints["dtype"])
+        # Activations follow the parameters' dtype unless the dtype hint says otherwise:
+        # param_dtype="bfloat16" is bfloat16 end to end, no float32 copy of a weight ever made.
+        dtype = hints.get("dtype", param_dtype)
+        if dtype != config.dtype:
+            config = config.replace(dtype=dtype)
     except CheckpointError:
         raise
     except ValueError as error:  # TransformerConfig's own checks (rope_scaling's keys, ...)

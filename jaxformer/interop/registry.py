@@ -47,8 +47,10 @@ def load_pretrained(
 ) -> Pretrained:
     """A Hugging Face model directory or an OpenNMT-tf checkpoint, loaded without its framework.
 
-    ``param_dtype``: the parameters' dtype ("float32", "bfloat16", "float16"; activations follow
-    the ``dtype`` hint); a tensor stored in that dtype is never widened. ``mesh`` (a
+    ``param_dtype``: the parameters' dtype ("float32", "bfloat16", "float16"); a tensor stored in
+    that dtype is never widened, and the activations follow it unless the ``dtype`` hint says
+    otherwise (``param_dtype="bfloat16"``: weights, activations and KV cache in bfloat16; softmax,
+    logits and scores stay float32). ``mesh`` (a
     ``jaxformer.sharding.make_mesh(data, model)``): each tensor, read one at a time, is placed in
     slices on the mesh by the partition rules of ``jaxformer.training.sharding`` (each device
     receives only its slice); ``generate`` then runs on the mesh (``shard_batch`` the inputs).
