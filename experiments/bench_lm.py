@@ -239,7 +239,7 @@ def measure_load(mode: str, model_dir: pathlib.Path) -> dict:
 
         try:
             arrays = load_file(str(model_dir / "model.safetensors"))
-            held = sum(a.nbytes for a in arrays.values())
+            held = on_devices = sum(a.nbytes for a in arrays.values())
         except (TypeError, ValueError) as error:  # bfloat16 is not a numpy dtype
             return dict(mode=mode, error=str(error).splitlines()[0])
     else:
@@ -247,10 +247,12 @@ def measure_load(mode: str, model_dir: pathlib.Path) -> dict:
         dtype = "float32" if mode.startswith("float32") else "bfloat16"
         pre = jaxformer.load_pretrained(model_dir, param_dtype=dtype, mesh=mesh)
         jax.block_until_ready(pre.params)
-        held = sum(x.nbytes for x in jax.tree.leaves(pre.params))
+        leaves = jax.tree.leaves(pre.params)
+        held = sum(x.nbytes for x in leaves)
+        on_devices = sum(s.data.nbytes for x in leaves for s in x.addressable_shards)
     return dict(
         mode=mode, seconds=time.perf_counter() - start, peak_added_gb=peak_gb() - before,
-        params_gb=held / 1e9,
+        params_gb=held / 1e9, on_devices_gb=on_devices / 1e9,
     )  # fmt: skip
 
 
@@ -344,8 +346,8 @@ def markdown(result: dict) -> str:
     if result.get("memory"):
         lines += ["## Loading: peak memory added", ""]
         lines += markdown_table(
-            ["mode", "seconds", "peak added GB", "x checkpoint", "params GB"],
-            "lrrrr",
+            ["mode", "seconds", "peak added GB", "x checkpoint", "params GB", "on devices GB"],
+            "lrrrrr",
             [
                 [
                     m["mode"],
@@ -353,9 +355,10 @@ def markdown(result: dict) -> str:
                     f"{m.get('peak_added_gb', 0):.2f}",
                     f"{m.get('peak_over_checkpoint', 0):.2f}",
                     f"{m.get('params_gb', 0):.2f}",
+                    f"{m.get('on_devices_gb', 0):.2f}",
                 ]
                 if "error" not in m
-                else [m["mode"], m["error"], "", "", ""]
+                else [m["mode"], m["error"], "", "", "", ""]
                 for m in result["memory"]
             ],
         )
