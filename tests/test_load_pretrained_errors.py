@@ -327,7 +327,7 @@ def test_param_dtype_mesh_and_the_text_calls_of_the_other_kind(tmp_path):
     assert short.config.max_len == 32 and short.params["positions"]["embedding"].shape == (32, 32)
     with pytest.raises(ValueError, match="param_dtype must be one of"):
         jaxformer.load_pretrained(HF_LM / "gemma", param_dtype="int8")
-    with pytest.raises(NotImplementedError, match="mesh"):
+    with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh .*got object"):
         jaxformer.load_pretrained(HF_LM / "gemma", mesh=object())
     with pytest.raises(ValueError, match=r"decoder-only language model .*pre\.generate"):
         gemma.translate(["lo toru"])

@@ -97,8 +97,13 @@ def _placement(mesh):
     ``jax.make_array_from_callback`` hands each device only its slice of the host array."""
     if mesh is None:
         return to_device
-    from jax.sharding import NamedSharding
+    from jax.sharding import Mesh, NamedSharding
 
+    if not isinstance(mesh, Mesh):
+        raise ValueError(
+            f"mesh must be a jax.sharding.Mesh (jaxformer.sharding.make_mesh(data, model)), got "
+            f"{type(mesh).__name__}"
+        )
     from jaxformer.training.sharding import partition_spec
 
     def place(path: str, array):
