@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxformer import Transformer, generate, transformer_step_fn
+from jaxformer import DecoderOnlyLM, Transformer, generate, transformer_step_fn
 from jaxformer import decoding as dec
+from jaxformer.decoding.decode_options import DecodeOptions
+from jaxformer.serving import Engine
 
 from helpers import VARIANTS, make, source_batch
 
@@ -100,3 +102,109 @@ def test_generate_takes_penalties_temperature_top_p_and_min_length_as_data():
         dec.RandomSampler(top_p=0.5, nucleus=False)
     with pytest.raises(ValueError, match="coverage=True"):
         dec.BeamSearch(2, coverage_penalty=0.2, coverage=False)
+
+
+# The engine. One engine per model kind, shared by the tests below in order (each kind is an
+# xdist group: one worker builds and compiles it once, the other kind runs beside it).
+KINDS = {
+    "encoder_decoder": pytest.param("encoder_decoder", marks=pytest.mark.xdist_group("engine_ed")),
+    "lm": pytest.param("lm", marks=pytest.mark.xdist_group("engine_lm")),
+}
+WIDTH, MAX_LENGTH, MAX_INPUT = 3, 10, 20
+LENGTHS = (1, 6, 13, 20)  # input lengths drawn (few: each is a compile of generate alone)
+
+
+@functools.cache
+def kind_model(kind):
+    model, params = make(Transformer if kind == "encoder_decoder" else DecoderOnlyLM)
+    # Sharper distributions (a trained model's are): no choice is left to rounding noise.
+    params = {**params, "output": jax.tree.map(lambda w: 3 * w, params["output"])}
+    return model, params
+
+
+@functools.cache
+def kind_engine(kind):
+    model, params = kind_model(kind)
+    return Engine(
+        model, params, start_id=1, end_id=END, groups={1: 3, WIDTH: 2}, max_length=MAX_LENGTH,
+        max_input_length=MAX_INPUT, sampling_topk=0, coverage=kind == "encoder_decoder",
+        chunk_size=3 if kind == "lm" else 4, bucket=8, start=False,
+    )  # fmt: skip
+
+
+@functools.cache
+def alone(kind, inputs: tuple, options: DecodeOptions):
+    """``generate`` for one request alone (a batch of one, the same options)."""
+    model, params = kind_model(kind)
+    start = dict(start_id=1) if kind == "encoder_decoder" else {}
+    o = options
+    return generate(
+        model, params, [list(inputs)], end_id=END, max_length=o.max_length,
+        min_length=o.min_length, strategy=o.strategy, sampler=o.sampler, rng=o.rng, **start,
+    )  # fmt: skip
+
+
+def assert_as_alone(kind, inputs, options, got):
+    want = alone(kind, tuple(inputs), options)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got.log_probs, want.log_probs, atol=1e-5, rtol=0)
+    assert int(got.steps) == int(want.steps)
+
+
+def random_request(rng: np.random.Generator, kind: str):
+    """Inputs and options drawn as the property test draws them."""
+    size = int(rng.choice(LENGTHS))
+    inputs = tuple(int(i) for i in rng.integers(3, 32, size))
+    beam = int(rng.choice([1, WIDTH]))
+    max_length = int(rng.choice([4, MAX_LENGTH]))
+    kw = dict(beam_size=beam, max_length=max_length, min_length=int(rng.integers(0, 3)))
+    if beam > 1:
+        kw.update(length_penalty=float(rng.choice([0.0, 0.6])), n_best=int(rng.integers(1, 4)))
+        if kind == "encoder_decoder":
+            kw.update(coverage_penalty=float(rng.choice([0.0, 0.4])))
+    elif rng.random() < 0.5:  # seeded sampling, with or without a nucleus
+        kw.update(
+            sampling_topk=0, seed=int(rng.integers(100)),
+            sampling_temperature=float(rng.choice([0.7, 1.0])), top_p=float(rng.choice([1, 0.8])),
+        )  # fmt: skip
+    return inputs, DecodeOptions(**kw)
+
+
+@pytest.mark.parametrize("kind", KINDS.values())
+def test_every_request_gets_generates_result_for_it_alone(kind):
+    """Requests arrive between random chunks with random options and input lengths; whatever runs
+    beside them, each result is ``generate``'s for the request alone, and greedy and sampling
+    requests stream exactly their tokens."""
+    engine, rng = kind_engine(kind), np.random.default_rng(0 if kind == "lm" else 1)
+    requests = [random_request(rng, kind) for _ in range(12)]
+    arrivals = np.sort(rng.integers(0, 10, len(requests)))
+    handles, streamed, unfinished = [], [], []
+    for turn in range(100):
+        for i in np.flatnonzero(arrivals == turn):
+            streamed.append([])
+            handles.append(engine.submit(*requests[i], on_tokens=streamed[-1].extend))
+        unfinished.append(sum(not h.done() for h in handles))
+        if not engine.step() and len(handles) == len(requests):
+            break
+    assert max(unfinished) > 2 + 3  # more requests than groups: some waited for a free one
+    for (inputs, options), handle, tokens in zip(requests, handles, streamed, strict=True):
+        got = handle.result(timeout=0.0)
+        assert_as_alone(kind, inputs, options, got)
+        if options.beam_size == 1:
+            assert tokens == got.ids[0, 0, : got.lengths[0, 0]].tolist()
+        else:
+            assert tokens == []  # beam search: the result at the end
+
+
+@pytest.mark.parametrize("kind", KINDS.values())
+def test_the_chunk_compiles_once_and_the_prefill_once_per_bucket(kind):
+    engine = kind_engine(kind)
+    if not engine.traces["chunk"]:
+        test_every_request_gets_generates_result_for_it_alone(kind)
+    buckets = len({min(MAX_INPUT, -(-max(n, 1) // 8) * 8) for n in LENGTHS})
+    assert engine.traces["chunk"] == 1
+    for width in (1, WIDTH):
+        assert 1 <= engine.traces[f"admit[{width}]"] <= buckets
+        assert engine.traces[f"finalize[{width}]"] == 1
