@@ -5,7 +5,10 @@ options that are data (one compile of ``generate`` for every penalty, temperatur
 min_length, with the results of the static options).
 """
 
+import asyncio
+import concurrent.futures
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +27,9 @@ END = 2
 
 @pytest.mark.parametrize(
     "overrides",
-    [VARIANTS["pre_sinusoidal"], VARIANTS["post_relative"], dict(positions="learned"),
+    [VARIANTS["post_relative"], dict(positions="learned"),
      dict(relative_attention_num_buckets=8, relative_attention_max_distance=6, positions="none")],
-    ids=["sinusoidal", "shaw", "learned", "t5_buckets"],
+    ids=["shaw", "learned", "t5_buckets"],  # sinusoids: every engine test
 )  # fmt: skip
 def test_encoder_decoder_steps_at_per_row_positions_equal_the_full_pass(overrides):
     """Row r decodes position ``clip(s - lag[r], 0, 6)`` at step s (rewriting a slot is harmless)."""
@@ -208,3 +211,89 @@ def test_the_chunk_compiles_once_and_the_prefill_once_per_bucket(kind):
     for width in (1, WIDTH):
         assert 1 <= engine.traces[f"admit[{width}]"] <= buckets
         assert engine.traces[f"finalize[{width}]"] == 1
+
+
+@pytest.mark.parametrize("kind", [KINDS["lm"]])
+def test_cancelling_frees_the_slots_for_the_next_request(kind):
+    engine = kind_engine(kind)
+    prompt = tuple(range(3, 9))  # 6 tokens: a bucket the engine has compiled
+    long = DecodeOptions(max_length=MAX_LENGTH, min_length=MAX_LENGTH)  # runs all its steps
+    first = [engine.submit(prompt, long) for _ in range(3)]  # every greedy group taken
+    waiting = engine.submit(prompt, DecodeOptions(max_length=4))
+    never = engine.submit(prompt, DecodeOptions(max_length=4))
+    engine.step()
+    assert not any(h.done() for h in [*first, waiting, never])
+    assert never.cancel() and first[0].cancel()
+    engine.step()  # the cancelled request left before this chunk; ``waiting`` took its group
+    while engine.step():
+        pass
+    for handle in (first[0], never):
+        with pytest.raises(concurrent.futures.CancelledError):
+            handle.result(timeout=0.0)
+    # Their streams have ended: the cancelled request had streamed one chunk (3 steps).
+    assert list(first[0].tokens(timeout=0.0)) == [alone(kind, prompt, long).ids[0, 0, :3].tolist()]
+    assert list(never.tokens(timeout=0.0)) == []
+    for handle in (*first[1:], waiting):
+        assert_as_alone(kind, prompt, handle.options, handle.result(timeout=0.0))
+    assert waiting.cancel() is False  # finished: nothing left to cancel
+
+
+@pytest.mark.parametrize("kind", [KINDS["lm"]])
+def test_requests_the_engine_cannot_serve_are_refused_at_once(kind):
+    engine = kind_engine(kind)
+    refused = {
+        "beam_size=2": DecodeOptions(max_length=4, beam_size=2),
+        "exceeds the engine's": DecodeOptions(max_length=MAX_LENGTH + 1),
+        "sampling_topk=5": DecodeOptions(max_length=4, sampling_topk=5),
+        "suppress_ids": DecodeOptions(max_length=4, suppress_ids=[5]),
+        "stop": DecodeOptions(max_length=4, stop=["a"]),
+    }
+    for message, options in refused.items():
+        with pytest.raises(ValueError, match=message):
+            engine.submit([3, 4], options)
+    with pytest.raises(ValueError, match="max_input_length"):
+        engine.submit(list(range(3, 3 + MAX_INPUT + 1)), DecodeOptions(max_length=4))
+    with pytest.raises(ValueError, match="prompt ids must be in"):
+        engine.submit([3, 99], DecodeOptions(max_length=4))
+
+
+@pytest.mark.parametrize("kind", [KINDS["encoder_decoder"]])
+def test_threads_and_an_event_loop_submit_to_the_running_engine(kind):
+    engine = kind_engine(kind)
+    engine.start()
+    rng = np.random.default_rng(5)
+    requests = [random_request(rng, kind) for _ in range(6)]
+    results = [None] * len(requests)
+
+    def submit(i):
+        results[i] = engine.submit(*requests[i]).result(timeout=120.0)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for (inputs, options), got in zip(requests, results, strict=True):
+        assert_as_alone(kind, inputs, options, got)
+
+    greedy = (requests[0][0], DecodeOptions(max_length=MAX_LENGTH))
+
+    async def serve():
+        streamed = engine.submit(*greedy)
+        tokens = [t async for chunk in streamed.atokens() for t in chunk]
+        beam = engine.submit(*requests[1])
+        return tokens, await streamed.aresult(), await beam.aresult()
+
+    tokens, got, beam = asyncio.run(serve())
+    assert_as_alone(kind, *greedy, got)
+    assert tokens == got.ids[0, 0, : got.lengths[0, 0]].tolist()
+    assert_as_alone(kind, *requests[1], beam)
+
+    pending = [
+        engine.submit(requests[0][0], DecodeOptions(max_length=MAX_LENGTH)) for _ in range(8)
+    ]
+    engine.close()  # cancels what has not finished, and stops the thread
+    assert not engine._thread.is_alive()
+    assert all(h.done() for h in pending) and any(h.future.cancelled() for h in pending)
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit([3], DecodeOptions(max_length=4))
