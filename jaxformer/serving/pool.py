@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxformer.decoding.adapters import Adapter
+from jaxformer.decoding.decode_options import DecodeOptions
 from jaxformer.decoding.loop import Search, SearchData, SearchState, StepRecord, search_step
 from jaxformer.decoding.result import DecodingResult, finalize
 from jaxformer.decoding.samplers import BestSampler, RandomSampler
@@ -108,11 +109,6 @@ class Layout:
     def encoder_decoder(self) -> bool:
         return self.adapter.inputs.needs_start_id
 
-    @property
-    def cache_steps(self) -> int:
-        """``max_length`` as ``adapter.prepare`` takes it, so that every cache has one length."""
-        return self.max_length
-
     def strategy(self, width: int, length_penalty=0.0, coverage_penalty=0.0):
         if width == 1:
             return GreedySearch()
@@ -169,9 +165,9 @@ def _one_group(
     """The pool state of one group (a batch of one) holding a new request."""
     adapter = layout.adapter
     if layout.encoder_decoder:
-        prepared = adapter.prepare(params, inputs, None, layout.start_id, layout.cache_steps)
+        prepared = adapter.prepare(params, inputs, None, layout.start_id, layout.max_length)
     else:  # every prompt's cache has max_input_length - 1 + max_length slots
-        steps = layout.max_input_length - inputs.shape[1] + layout.cache_steps
+        steps = layout.max_input_length - inputs.shape[1] + layout.max_length
         prepared = adapter.prepare(params, inputs, length, None, steps)
     strategy = layout.strategy(width)
     coverage = None
@@ -241,8 +237,6 @@ def admit(
 def empty_pool(layout: Layout, pool: int, params) -> PoolState:
     """A pool of zeros, shaped by tracing the admission of a longest input (nothing is run)."""
     width, groups = layout.widths[pool], layout.groups[pool]
-    from jaxformer.decoding.decode_options import DecodeOptions
-
     shapes = jax.eval_shape(
         lambda p: _one_group(
             layout, width, p, jnp.zeros([1, layout.max_input_length], jnp.int32),
