@@ -1,6 +1,6 @@
 """jaxformer: pure-functional JAX/Flax Transformers with explicit KV caches and OpenNMT-tf-exact search.
 
-The layout follows the architecture (arrows run one way: models <- decoding <- training / interop <- cli):
+The layout follows the architecture (arrows run one way: models <- decoding <- training / interop / serving <- cli):
 
 - ``jaxformer.models``: configs, layers, attention, KV caches, the encoder-decoder, the decoder-only LM
   and the Hourglass LM.
@@ -9,6 +9,8 @@ The layout follows the architecture (arrows run one way: models <- decoding <- t
 - ``jaxformer.training``: losses, the train step, ``fit``, checkpoints, metrics, sharding.
 - ``jaxformer.data``: tokenizers, corpora, batching. ``jaxformer.interop``: export to CTranslate2,
   ``load_pretrained`` (Hugging Face directories and OpenNMT-tf checkpoints, without their frameworks).
+- ``jaxformer.serving``: the continuous-batching engine (``Engine``): many requests on fixed slots,
+  each with the result ``generate`` gives it alone.
 """
 
 from jaxformer import decoding

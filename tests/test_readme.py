@@ -32,6 +32,13 @@ def test_three_lines_to_decode_runs_as_pasted_and_prints():
     assert done.stdout.strip(), "the example prints nothing"
 
 
+def test_the_serving_engine_example_runs(capsys):
+    (code,) = python_blocks(section("Serving engine"))
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "new tokens:" in printed
+
+
 def test_sources_conventions_are_documented():
     text = section("Three lines to decode")
     assert "right-padded" in text and "pad_id" in text

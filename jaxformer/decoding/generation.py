@@ -26,13 +26,14 @@ from jaxformer.decoding.stop import StopTable
 from jaxformer.decoding.strategies import GreedySearch
 from jaxformer.typing import Array, Int, PRNGKey, PyTree
 
+# Static: what fixes shapes or the program. The strategy and sampler are pytrees whose penalties,
+# temperature and top-p are data, and ``min_length`` is data too (``loop.SearchData``): one program
+# serves every value, and the serving engine runs the same code with per-request values.
 STATIC = (
     "adapter",
     "start_id",
     "end_id",
     "max_length",
-    "min_length",
-    "strategy",
     "return_attention",
     "compat",
     "suppress_ids",
@@ -191,8 +192,9 @@ def generate(
     ``bad_words_ids=[[pad_id]]``, CTranslate2's ``suppress_sequences`` of single tokens; never
     ``end_id``. Both work with every strategy, sampler and ``compat`` mode (``dynamic_decode``'s
     module docstring has the details); the prefix's ids are data: one trace per prefix length.
-    The whole thing is one jit-compiled function per shape and option set; the sampler's temperature
-    is data, so changing it per call does not recompile. ``chunk_size``: decode steps between two
+    The whole thing is one jit-compiled function per shape and option set; the penalties, the
+    sampler's temperature and top-p (below 1) and ``min_length`` are data, so changing them per
+    call does not recompile. ``chunk_size``: decode steps between two
     checks for the early exit once every row has finished (``dynamic_decode``'s; None: one scan of
     ``max_length`` steps, no early exit); the results do not depend on it.
     ``repetition_penalty`` (CTRL's θ; 1: off) and ``no_repeat_ngram_size`` (0: off) discourage or

@@ -43,6 +43,16 @@ step). By default the steps run in chunks of ``chunk_size`` (8) scan steps insid
 chunk may reach past ``max_length``: those steps are idle, so one loop body serves every length and
 the step function is compiled once. ``chunk_size=None`` runs all ``max_length`` steps in one scan.
 
+One step is two functions: the model's step, then ``search_step`` (everything from 2. on, for all
+rows, given the step's logits and attention), which returns the parent row of every row so that the
+caller reorders the model state. ``dynamic_decode`` calls them in turn; the serving engine
+(``jaxformer.serving``) runs the model step once over all its slots and ``search_step`` under
+``jax.vmap`` over its requests. The options a step reads as data (``SearchData``: the strategy's
+penalties, the sampler's temperature and top-p, ``min_length``) are Python numbers when
+``dynamic_decode`` is called with them, and traced scalars when ``generate`` or the engine passes
+them: the same code either way (a number 0 skips its arithmetic; as data, a 0 leaves the scores
+as they are, bit for bit).
+
 The step function is traced once: the loop wraps it in ``jax.jit``, so the trace that
 ``jax.eval_shape`` makes to check its outputs against the rows and the options is the one the loop
 body reuses (for the ``base`` preset that saves about half a second of a first call's tracing).
@@ -70,7 +80,16 @@ from jaxformer.decoding.strategies import BeamSearch, GreedySearch
 from jaxformer.typing import Array, Bool, Float, Int, PRNGKey, PyTree
 
 EOS_PENALTY = -1e7  # added to the EOS logit before min_length, as OpenNMT-tf does
-__all__ = ["COMPAT_MODES", "EOS_PENALTY", "SearchState", "StepRecord", "dynamic_decode"]
+__all__ = [
+    "COMPAT_MODES",
+    "EOS_PENALTY",
+    "Search",
+    "SearchData",
+    "SearchState",
+    "StepRecord",
+    "dynamic_decode",
+    "search_step",
+]
 
 
 @struct.dataclass
@@ -101,17 +120,30 @@ class StepRecord(NamedTuple):
     trace: dict | None  # the teaching trace (``trace=True``)
 
 
+@struct.dataclass
+class SearchData:
+    """The options a step reads as data: each a Python number or a traced scalar.
+
+    The static parts (beam width, top-k, whether coverage or a nucleus is on) are in the pytree
+    structure of ``strategy`` and ``sampler``; their leaves are the penalties, the temperature and
+    ``top_p``. The engine holds one per request, stacked, and vmaps ``search_step`` over them.
+    """
+
+    strategy: Any  # GreedySearch / BeamSearch (length_penalty, coverage_penalty)
+    sampler: Any  # BestSampler / RandomSampler (temperature, top_p)
+    min_length: Any = 0  # int or int32[]: EOS is held back at steps t < min_length
+
+
 @dataclasses.dataclass(frozen=True)
 class Search:
-    """The static settings of one search (everything but arrays)."""
+    """The static settings of one search (everything but arrays; ``SearchData`` has the rest)."""
 
-    strategy: GreedySearch | BeamSearch
+    strategy: GreedySearch | BeamSearch  # its static parts: width, num_hypotheses, coverage
     sampler: Any
     end_ids: tuple[int, ...]  # any of them ends a hypothesis; the first is forced after the end
     batch: int
     vocab: int
     max_length: int
-    min_length: int
     compat: str | None
     return_attention: bool
     trace: bool
@@ -151,7 +183,7 @@ def dynamic_decode(
     strategy: GreedySearch | BeamSearch = GreedySearch(),
     sampler: Any = BestSampler(),
     max_length: int = 250,
-    min_length: int = 0,
+    min_length: int | Int[Array, ""] = 0,
     rng: PRNGKey | None = None,
     attention_size: int | None = None,
     return_attention: bool = False,
@@ -194,12 +226,14 @@ def dynamic_decode(
     generated one (an LM's whole prompt; default: the start ids), then what the row generated
     (``repetition.py`` has the formulas). ``stop`` (a ``stop.StopTable`` of stop strings) ends a
     hypothesis at the first token that completes one of them.
-    It runs eagerly or inside ``jax.jit``; every option is static except the sampler's temperature
-    and the prefix's ids.
+    It runs eagerly or inside ``jax.jit``. The strategy's penalties, the sampler's temperature and
+    top-p, ``min_length`` and the prefix's ids may be traced (data, see ``SearchData``); every
+    other option is static.
     """
     opt.check_search(
         strategy, sampler, max_length=max_length, min_length=min_length, compat=compat, rng=rng
     )
+    data = SearchData(strategy, sampler, min_length)
     end_id = opt.static_end_id(end_id)
     if compat and isinstance(end_id, tuple):
         raise ValueError(f"compat={compat!r} takes one end_id (OpenNMT-tf has one), got {end_id}")
@@ -230,11 +264,11 @@ def dynamic_decode(
         target_prefix, batch=search.batch, vocab=search.vocab, end_id=end_id, max_length=max_length
     )  # int32[B, P] or None
     search = dataclasses.replace(
-        search, max_length=max_length, min_length=min_length, compat=compat, trace=trace,
-        suppress_ids=suppress_ids, prefix_length=0 if prefix is None else prefix.shape[1],
+        search, max_length=max_length, compat=compat, trace=trace, suppress_ids=suppress_ids,
+        prefix_length=0 if prefix is None else prefix.shape[1],
         repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=no_repeat_ngram_size,
     )  # fmt: skip
-    body = _loop_body(step, search, prefix, stop)
+    body = _loop_body(step, search, data, prefix, stop)
     if chunk_size is None:
         steps = jnp.arange(max_length, dtype=jnp.int32)
         final, records = jax.lax.scan(body, initial, steps)
@@ -317,12 +351,10 @@ def _probe(step, initial: SearchState, end_id, strategy, sampler, attention_size
             )
     width = attention.shape[-1] if attention is not None else 0
     end_ids = end_id if isinstance(end_id, tuple) else (end_id,)
-    return Search(
-        strategy, sampler, end_ids, batch, vocab, 0, 0, None, return_attention, False, width
-    )
+    return Search(strategy, sampler, end_ids, batch, vocab, 0, None, return_attention, False, width)
 
 
-def _loop_body(step, search: Search, prefix=None, stop=None):
+def _loop_body(step, search: Search, data: SearchData, prefix=None, stop=None):
     """One step of the loop: ``_advance``, or nothing once every row has finished, leaf by leaf.
 
     The model step always runs and its state is kept: once every row has finished nothing reads that
@@ -333,7 +365,7 @@ def _loop_body(step, search: Search, prefix=None, stop=None):
     def body(state: SearchState, t) -> tuple[SearchState, StepRecord]:
         idle = jnp.all(state.finished) | (t >= search.max_length)
         t = jnp.minimum(t, search.max_length - 1)
-        new, record = _advance(step, search, state, t, prefix, stop)
+        new, record = _advance(step, search, state, t, data, prefix, stop)
         keep = lambda old, ran: jax.tree.map(lambda a, b: jnp.where(idle, a, b), old, ran)
         aside = dict(model_state=None, rng=None)  # the model state is not selected; rng is fixed
         picked = keep(state.replace(**aside), new.replace(**aside))
@@ -344,11 +376,34 @@ def _loop_body(step, search: Search, prefix=None, stop=None):
 
 
 def _advance(
-    step, search: Search, state: SearchState, t, prefix=None, stop=None
+    step, search: Search, state: SearchState, t, data: SearchData, prefix=None, stop=None
 ) -> tuple[SearchState, StepRecord]:
-    """Steps 1-4 of the module docstring for every row (``prefix``: int32[B, P] or None;
-    ``stop``: a ``StopTable`` or None)."""
+    """Steps 1-4 of the module docstring for every row: the model step, then ``search_step``,
+    then the model state reordered by the parent rows."""
     logits, model_state, attention = step(state.ids, t, state.model_state)
+    new, record, parents = search_step(search, state, logits, attention, t, data, prefix, stop)
+    model_state = model_state if search.width == 1 else reorder(model_state, parents)
+    return new.replace(model_state=model_state), record
+
+
+def search_step(
+    search: Search,
+    state: SearchState,
+    logits: Float[Array, "R V"],
+    attention: Float[Array, "R S"] | None,
+    t: Int[Array, ""],
+    data: SearchData,
+    prefix: Int[Array, "B P"] | None = None,
+    stop: StopTable | None = None,
+) -> tuple[SearchState, StepRecord, Int[Array, " R"]]:
+    """Steps 2-4 of the module docstring for every row, given the model step's outputs.
+
+    Pure and model-free: returns the new search state (its ``model_state`` None: the caller reorders
+    its own), the step's record and the parent row of every row (``[R]``, within each batch
+    entry). ``search`` is static; ``data`` holds the options read as data (the strategy and
+    sampler used here are ``data``'s); ``prefix``: int32[B, P] or None; ``stop``: a
+    ``StopTable`` or None.
+    """
     logits = logits.astype(jnp.float32)  # [R, V]
     if search.uses_history:
         logits = repetition.apply(
@@ -364,11 +419,11 @@ def _advance(
     eos[0, list(search.end_ids)] = 1.0
     first = jax.nn.one_hot(search.end_id, search.vocab, dtype=jnp.float32)[None]  # [1, V]
     forced = jnp.where(first > 0, 0.0, -jnp.inf)  # [1, V] log-probs of a forced EOS
-    early = t < search.min_length
+    early = t < data.min_length
     log_probs = jax.nn.log_softmax(jnp.where(early, logits + EOS_PENALTY * eos, logits), axis=-1)
     log_probs = jnp.where(~early & state.finished[:, None], forced, log_probs)  # [R, V]
     rng = None if state.rng is None else jax.random.fold_in(state.rng, t)
-    sel = search.strategy.select(log_probs, state, attention, search.sampler, rng)
+    sel = data.strategy.select(log_probs, state, attention, data.sampler, rng)
     if not search.compat:
         sel = _freeze_finished_entries(sel, state, search)
     if prefix is not None:
@@ -399,7 +454,7 @@ def _advance(
         cum_log_probs=jnp.where(parent_finished, frozen, sel.cum_log_probs),
         scores=sel.scores,
         accumulated_attention=None if accumulated is None else accumulated[parents],
-        model_state=model_state if search.width == 1 else reorder(model_state, parents),
+        model_state=None,
         rng=state.rng,
         history=history,
         filled=filled,
@@ -411,7 +466,8 @@ def _advance(
         # OpenNMT-tf stacks the attention in the row order from before the reorder.
         record_attention = attention if search.compat else attention[parents]
     trace = _trace(log_probs, sel, new) if search.trace else None
-    return new, StepRecord(sel.word_ids, sel.beam_ids, jnp.bool_(True), record_attention, trace)
+    record = StepRecord(sel.word_ids, sel.beam_ids, jnp.bool_(True), record_attention, trace)
+    return new, record, parents
 
 
 def _trace(log_probs, sel, new: SearchState) -> dict:

@@ -58,8 +58,15 @@ def require_probability(name: str, value) -> float:
     return float(value)
 
 
+def _is_data(value) -> bool:
+    """An array or a tracer (an option passed as data, checked by whoever made it)."""
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
 def check_lengths(max_length, min_length) -> None:
     require_int("max_length", max_length, 1)
+    if _is_data(min_length) and np.ndim(min_length) == 0:
+        return  # data (generate and the serving engine check theirs before tracing)
     if not _is_int(min_length):
         raise ValueError(
             f"min_length must be an int in [0, max_length={max_length}], got {min_length!r}"

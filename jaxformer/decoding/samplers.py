@@ -6,9 +6,12 @@ top ``topk`` scores (all when 0), divide by the temperature, draw categorical sa
 ``with_replacement=False`` draws distinct candidates instead (Gumbel-top-k), and ``top_p < 1`` keeps only
 the nucleus (Holtzman et al. 2020) of the tempered top-k distribution.
 
-Samplers are pytrees: options that change shapes or the algorithm (``topk``, ``top_p``,
-``with_replacement``) are static, the temperature is data. A jitted function that takes the sampler as
-an argument (``jaxformer.generate`` does) compiles once and serves every temperature.
+Samplers are pytrees: options that change shapes or the algorithm (``topk``, ``with_replacement``,
+whether there is a nucleus at all) are static; the temperature and ``top_p`` are data. A jitted
+function that takes the sampler as an argument (``jaxformer.generate`` does) compiles once and serves
+every temperature, and every ``top_p < 1`` (``top_p = 1`` without top-k samples in the vocabulary's
+own order, a different draw from the same key than the sorted order a nucleus needs: that choice,
+``nucleus``, is static).
 """
 
 from __future__ import annotations
@@ -85,14 +88,17 @@ class RandomSampler:
     """Sample from the top ``topk`` candidates (0: all) at ``temperature``.
 
     ``top_p`` (nucleus) and ``with_replacement=False`` (Gumbel-top-k, distinct picks) go beyond
-    OpenNMT-tf; their defaults reproduce it. ``temperature`` may be a traced scalar (checked > 0 only
-    when it is a Python number).
+    OpenNMT-tf; their defaults reproduce it. ``temperature`` and ``top_p`` may be traced scalars
+    (checked only when they are Python numbers). ``nucleus`` (static) says whether ``top_p`` applies:
+    by default, whether it is below 1; a traced ``top_p`` needs it said. With ``nucleus`` and a
+    ``top_p`` of 1 nothing is cut, but the draw is from the candidates in sorted order.
     """
 
     topk: int = struct.field(pytree_node=False, default=0)
     temperature: Any = 1.0  # float, or a float32 scalar array
-    top_p: float = struct.field(pytree_node=False, default=1.0)
+    top_p: Any = 1.0  # float, or a float32 scalar array
     with_replacement: bool = struct.field(pytree_node=False, default=True)
+    nucleus: bool | None = struct.field(pytree_node=False, default=None)
     needs_rng = True
 
     def __post_init__(self):
@@ -102,7 +108,12 @@ class RandomSampler:
             )
         if isinstance(self.temperature, int | float):  # a traced temperature is data
             require_number("RandomSampler: temperature", self.temperature, positive=True)
-        require_probability("RandomSampler: top_p", self.top_p)
+        if isinstance(self.top_p, int | float):
+            require_probability("RandomSampler: top_p", self.top_p)
+            if self.nucleus is None:
+                object.__setattr__(self, "nucleus", self.top_p < 1.0)
+            elif not self.nucleus and self.top_p < 1.0:
+                raise ValueError(f"RandomSampler: top_p={self.top_p} needs nucleus=True")
 
     def __call__(
         self, scores: Float[Array, "R X"], num_samples: int, rng: PRNGKey
@@ -111,13 +122,18 @@ class RandomSampler:
         _check_count("topk", self.topk, candidates)
         if not self.with_replacement:
             _check_count("beam_size (distinct samples)", num_samples, self.topk or candidates)
-        restrict = self.topk > 0 or self.top_p < 1.0
+        if self.nucleus is None:
+            raise ValueError(
+                "RandomSampler: a traced top_p needs nucleus=True or False (whether the draw is "
+                "from the sorted candidates is static)"
+            )
+        restrict = self.topk > 0 or self.nucleus
         if restrict:
             top_scores, top_ids = jax.lax.top_k(scores, self.topk or candidates)  # sorted
             logits = top_scores / self.temperature
         else:
             logits = scores / self.temperature
-        if self.top_p < 1.0:
+        if self.nucleus:
             probs = jax.nn.softmax(logits, axis=-1)
             mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of better candidates
             logits = jnp.where(mass_before < self.top_p, logits, -jnp.inf)  # keeps at least one

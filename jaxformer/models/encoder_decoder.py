@@ -7,7 +7,8 @@ Used purely: ``model.apply({"params": params}, ..., method=Transformer.METHOD)``
 - ``init_memory(encoded, src_valid) -> Memory``: every decoder layer's cross-attention K/V, computed once.
 - ``init_cache(batch, max_length) -> DecoderCache``: the preallocated self-attention K/V.
 - ``decode_step(ids [R], step, cache, memory) -> (logits [R, V], cache, attention [R, S])``: one token
-  per row at position ``step``; R may be W rows per memory entry (beam search shares the memory). The
+  per row at position ``step``, a scalar or ``int32[R]`` (each row at its own position: the serving
+  engine's slots); R may be W rows per memory entry (beam search shares the memory). The
   returned attention is the first head of the last layer's cross-attention (OpenNMT-tf's default
   alignment).
 - ``__call__(src_ids, tgt_in_ids)``: the training forward pass, ``logits [B, T, V]``.
@@ -138,11 +139,11 @@ class Transformer(nn.Module):
     def decode_step(
         self,
         ids: Int[Array, " R"],
-        step: int | Int[Array, ""],
+        step: int | Int[Array, ""] | Int[Array, " R"],
         cache: DecoderCache,
         memory: Memory,
     ) -> tuple[Float[Array, "R V"], DecoderCache, Float[Array, "R S"]]:
         step = jnp.asarray(step, jnp.int32)
-        x = self._embed_target(ids[:, None], step[None])  # [R, 1, D]
+        x = self._embed_target(ids[:, None], step[None] if step.ndim == 0 else step[:, None])
         y, cache, probs = self.decoder.step(x, step, cache, memory)  # [R, 1, D], [R, N, 1, S]
         return self._logits(y[:, 0]), cache, probs[:, 0, 0]
