@@ -314,13 +314,3 @@ class Pretrained:
 
 def _unk_id(tokenizer) -> int | None:
     return None if tokenizer is None else getattr(tokenizer, "unk_id", None)
-
-
-def __getattr__(name: str):
-    """``load_pretrained`` lives in ``registry.py`` (it imports every importer, which import this
-    module); ``from jaxformer.interop.pretrained import load_pretrained`` keeps working."""
-    if name == "load_pretrained":
-        from jaxformer.interop.registry import load_pretrained
-
-        return load_pretrained
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
