@@ -289,9 +289,12 @@ def test_threads_and_an_event_loop_submit_to_the_running_engine(kind):
     assert tokens == got.ids[0, 0, : got.lengths[0, 0]].tolist()
     assert_as_alone(kind, *requests[1], beam)
 
-    pending = [
-        engine.submit(requests[0][0], DecodeOptions(max_length=MAX_LENGTH)) for _ in range(8)
-    ]
+    # More greedy requests at once than greedy groups: each finished group takes a waiting one.
+    many = [engine.submit(*greedy) for _ in range(8)]
+    for handle in many:
+        assert_as_alone(kind, *greedy, handle.result(timeout=120.0))
+
+    pending = [engine.submit(*greedy) for _ in range(8)]
     engine.close()  # cancels what has not finished, and stops the thread
     assert not engine._thread.is_alive()
     assert all(h.done() for h in pending) and any(h.future.cancelled() for h in pending)

@@ -171,6 +171,16 @@ def add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def add_engine_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        action="store_true",
+        help="decode through the continuous-batching engine: --batch-size slots (of --beam-size "
+        "rows each), a finished line's slot taken by the next line at once; the same results "
+        "(default: length-sorted batches)",
+    )
+
+
 def add_quantization_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantization",
@@ -210,6 +220,7 @@ def add_translate(command) -> None:
     add_output_options(translate, "source")
     add_text_options(translate)
     translate.add_argument("--with-scores", action="store_true", help="print 'score ||| text'")
+    add_engine_option(translate)
     add_quantization_option(translate)
     add_unk_option(translate)
     add_search_options(translate)
@@ -225,6 +236,7 @@ def add_generate(command) -> None:
         "--batch-size", type=int, help="prompts decoded together, >= 1 (default: 32)"
     )
     generate.add_argument("--with-scores", action="store_true", help="print 'score ||| text'")
+    add_engine_option(generate)
     add_quantization_option(generate)
     add_unk_option(generate)
     add_search_options(generate)

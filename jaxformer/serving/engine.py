@@ -63,6 +63,22 @@ class _Slot:
     n_best: int
 
 
+UNSERVED = (  # DecodeOptions the engine does not serve yet, with their neutral values
+    ("target_prefix", ()),
+    ("suppress_ids", ()),
+    ("repetition_penalty", 1.0),
+    ("no_repeat_ngram_size", 0),
+    ("stop", ()),
+)
+
+
+def check_served(options: DecodeOptions) -> None:
+    """Refuses the options no engine serves yet (``generate`` and static batching do)."""
+    for name, neutral in UNSERVED:
+        if getattr(options, name) != neutral:
+            raise ValueError(f"{name}: not served by the engine (decode without it)")
+
+
 class Engine:
     """Continuous batching over fixed slots (the module docstring has the whole story).
 
@@ -151,6 +167,7 @@ class Engine:
         self._inbox: queue.Queue[Handle | None] = queue.Queue()
         self._closing = False
         self._finish_first = False
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="jaxformer-engine", daemon=True)
         if start:
             self._thread.start()
@@ -202,7 +219,11 @@ class Engine:
         handle = Handle(array, options, on_tokens)
         handle._engine = self
         if self._closing:
-            raise RuntimeError("the engine is closed")
+            raise RuntimeError(
+                "the engine is closed"
+                if self._error is None
+                else f"the engine failed: {self._error!r}"
+            )
         self._inbox.put(handle)
         return handle
 
@@ -238,15 +259,7 @@ class Engine:
             raise ValueError("top_p < 1: this engine was made with nucleus=False")
         if o.coverage_penalty != 0 and not layout.coverage:
             raise ValueError("coverage_penalty: this engine was made without coverage=True")
-        for name, default in (
-            ("target_prefix", ()),
-            ("suppress_ids", ()),
-            ("repetition_penalty", 1.0),
-            ("no_repeat_ngram_size", 0),
-            ("stop", ()),
-        ):
-            if getattr(o, name) != default:
-                raise ValueError(f"{name}: not served by the engine (use generate)")
+        check_served(o)
         return array.astype(np.int32)
 
     # Stopping (any thread).
@@ -289,11 +302,14 @@ class Engine:
     def _run(self) -> None:
         try:
             while True:
-                self._collect(block=not self._busy() and not self._closing)
+                idle = not self._busy() and not self._waiting  # nothing to do but wait
+                self._collect(block=idle and not self._closing)
                 if self._closing and not (self._finish_first and (self._busy() or self._waiting)):
                     break
                 self._turn()
         except BaseException as error:  # handed to every caller still waiting
+            self._error = error
+            self._closing = True
             self._fail(error)
             raise
         finally:
@@ -414,4 +430,4 @@ class Engine:
             handle._finish(error=error)
 
 
-__all__ = ["Engine", "Handle"]
+__all__ = ["UNSERVED", "Engine", "Handle", "check_served"]
