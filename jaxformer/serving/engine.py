@@ -42,7 +42,6 @@ import threading
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.decoding import options as opt
@@ -77,6 +76,12 @@ def check_served(options: DecodeOptions) -> None:
     for name, neutral in UNSERVED:
         if getattr(options, name) != neutral:
             raise ValueError(f"{name}: not served by the engine (decode without it)")
+
+
+@functools.lru_cache(maxsize=1024)
+def _key(seed: int):
+    """``jax.random.key(seed)`` (what ``DecodeOptions.rng`` makes), made once per seed."""
+    return jax.random.key(seed)
 
 
 class Engine:
@@ -186,9 +191,9 @@ class Engine:
                 layout, pool, params, state, group, inputs, length, data, rng, max_length
             )
 
-        def finalize(pool, state, group):
+        def finalize(pool, state):
             self.traces[f"finalize[{layout.widths[pool]}]"] += 1
-            return pools.finalize_group(layout, pool, state, group)
+            return pools.finalize_groups(layout, pool, state)
 
         jit = functools.partial(jax.jit, compiler_options=options)
         self._chunk = jit(chunk, donate_argnums=1)
@@ -349,15 +354,18 @@ class Engine:
     def _admit_waiting(self) -> None:
         """Admit waiting requests in their order of arrival while their pool has a free group
         (a request whose pool is full does not hold back the others)."""
+        free = [
+            collections.deque(g for g, s in enumerate(slots) if s is None) for slots in self._slots
+        ]
         still = collections.deque()
-        while self._waiting:
+        while self._waiting and any(free):
             handle = self._waiting.popleft()
             pool = self.layout.widths.index(handle.options.beam_size)
-            free = [g for g, slot in enumerate(self._slots[pool]) if slot is None]
-            if not free:
+            if free[pool]:
+                self._admit_one(pool, free[pool].popleft(), handle)
+            else:
                 still.append(handle)
-                continue
-            self._admit_one(pool, free[0], handle)
+        still.extend(self._waiting)
         self._waiting = still
 
     def _admit_one(self, pool: int, group: int, handle: Handle) -> None:
@@ -368,11 +376,11 @@ class Engine:
         inputs[0, :size] = handle.inputs
         width_of_pool = layout.widths[pool]
         data = pools.request_data(layout, width_of_pool, o)
-        rng = o.rng if o.rng is not None else jax.random.key(0)
+        rng = _key(o.seed if o.sampling_topk != 1 else 0)  # DecodeOptions.rng, made once a seed
         states = list(self._states)
         states[pool] = self._admit[pool](
-            self._params, states[pool], jnp.int32(group), inputs,
-            jnp.asarray([max(size, 1)], jnp.int32), data, rng, jnp.int32(o.max_length),
+            self._params, states[pool], np.int32(group), inputs,
+            np.asarray([max(size, 1)], np.int32), data, rng, np.int32(o.max_length),
         )  # fmt: skip
         self._states = tuple(states)
         self._slots[pool][group] = _Slot(handle, o.max_length, o.n_best)
@@ -383,14 +391,16 @@ class Engine:
         tokens, report = jax.device_get((tokens, report))
         for pool, slots in enumerate(self._slots):
             _, done = report[pool]
+            finished = [g for g, slot in enumerate(slots) if slot is not None and done[g]]
+            results = jax.device_get(self._finalize[pool](self._states[pool])) if finished else None
             for group, slot in enumerate(slots):
                 if slot is None:
                     continue
                 if self.layout.widths[pool] == 1:
                     self._stream(slot.handle, tokens[pool][:, group])
-                if done[group]:
+                if group in finished:
                     slots[group] = None
-                    slot.handle._finish(self._result(pool, group, slot))
+                    slot.handle._finish(self._result(results, group, slot))
 
     def _stream(self, handle: Handle, tokens: np.ndarray) -> None:
         new = []
@@ -401,16 +411,17 @@ class Engine:
         if new:
             handle._push(new)
 
-    def _result(self, pool: int, group: int, slot: _Slot) -> DecodingResult:
-        r = jax.device_get(self._finalize[pool](self._states[pool], jnp.int32(group)))
+    @staticmethod
+    def _result(results: DecodingResult, group: int, slot: _Slot) -> DecodingResult:
+        """Group ``group``'s result cut to its request's ``n_best`` and ``max_length``."""
         n, length = slot.n_best, slot.max_length
         return DecodingResult(
-            ids=r.ids[:, :n, :length],
-            lengths=r.lengths[:, :n],
-            log_probs=r.log_probs[:, :n],
-            scores=r.scores[:, :n],
+            ids=results.ids[group, :, :n, :length],
+            lengths=results.lengths[group, :, :n],
+            log_probs=results.log_probs[group, :, :n],
+            scores=results.scores[group, :, :n],
             attention=None,
-            steps=r.steps,
+            steps=results.steps[group],
         )
 
     def _fail(self, error: BaseException | None) -> None:

@@ -40,6 +40,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxformer.decoding.adapters import Adapter
@@ -145,18 +146,17 @@ class PoolState:
 
 
 def request_data(layout: Layout, width: int, options) -> SearchData:
-    """A request's ``SearchData`` (float32 / int32 / bool scalars) from its ``DecodeOptions``."""
-    sampling = options.sampling_topk != 1
-    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    """A request's ``SearchData`` (NumPy float32 / int32 / bool scalars: they travel with the
+    admission's call, no transfer of their own) from its ``DecodeOptions``."""
     sampler = RequestSampler(
-        jnp.asarray(sampling),
-        f32(options.sampling_temperature),
-        f32(options.top_p),
+        np.bool_(options.sampling_topk != 1),
+        np.float32(options.sampling_temperature),
+        np.float32(options.top_p),
         topk=layout.sampling_topk,
         nucleus=layout.nucleus,
     )
-    strategy = layout.strategy(width, f32(options.length_penalty), f32(options.coverage_penalty))
-    return SearchData(strategy, sampler, jnp.asarray(options.min_length, jnp.int32))
+    penalties = np.float32(options.length_penalty), np.float32(options.coverage_penalty)
+    return SearchData(layout.strategy(width, *penalties), sampler, np.int32(options.min_length))
 
 
 def _one_group(
@@ -322,6 +322,13 @@ def chunk(layout: Layout, params, states: tuple, actives: tuple):
     return states, tokens, report
 
 
+def finalize_groups(layout: Layout, pool: int, state: PoolState) -> DecodingResult:
+    """``finalize_group`` for every group at once (one call however many finished: the caller
+    keeps those it wants), leaves ``[G, 1, W, ...]``."""
+    groups = jnp.arange(layout.groups[pool])
+    return jax.vmap(lambda g: finalize_group(layout, pool, state, g))(groups)
+
+
 def finalize_group(layout: Layout, pool: int, state: PoolState, group) -> DecodingResult:
     """The hypotheses of ``group``'s request, best first, as ``generate`` returns a batch of one
     (``[1, W, T]``: the caller cuts them to its ``max_length`` and ``num_hypotheses``)."""
@@ -346,6 +353,7 @@ __all__ = [
     "chunk",
     "empty_pool",
     "finalize_group",
+    "finalize_groups",
     "pool_step",
     "request_data",
 ]
