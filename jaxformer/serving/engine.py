@@ -15,8 +15,9 @@ and coverage penalties, temperature, top-p, ``min_length``, ``max_length`` (up t
 the seed and ``n_best``; what fixes shapes or the program is the engine's: the widths and group
 counts, ``max_length`` and ``max_input_length`` (every cache's size), ``sampling_topk`` (one top-k
 for all sampling requests, or no sampling), whether a nucleus (``top_p < 1``) and the coverage
-penalty may be asked for at all. Nothing else is compiled per request but the prefill, once per
-input bucket (inputs are padded to a multiple of ``bucket`` tokens; the padding is masked).
+penalty may be asked for at all. Nothing is compiled per request; the admission (the prefill of
+the requests admitted between two chunks, together) once per input bucket (inputs are padded to a
+multiple of ``bucket`` tokens; the padding is masked) and per number admitted (a power of two).
 
 **A request's result is the one ``generate`` gives for it alone** (a batch of one, same options):
 the same ids and lengths, log-probs and scores to rounding (``pool.py`` says why), whatever else
@@ -79,9 +80,9 @@ def check_served(options: DecodeOptions) -> None:
 
 
 @functools.lru_cache(maxsize=1024)
-def _key(seed: int):
-    """``jax.random.key(seed)`` (what ``DecodeOptions.rng`` makes), made once per seed."""
-    return jax.random.key(seed)
+def _key_data(seed: int) -> np.ndarray:
+    """The data of ``jax.random.key(seed)`` (what ``DecodeOptions.rng`` makes), once per seed."""
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
 
 class Engine:
@@ -94,7 +95,8 @@ class Engine:
     (each sampling step then also sorts the vocabulary); ``coverage``: whether beam requests may
     set a coverage penalty (the attention accumulator). ``chunk_size``: steps between two looks
     at the requests (results do not depend on it). ``bucket``: inputs are padded to a multiple
-    of it (one prefill compile per bucket).
+    of it (one prefill compile per bucket and number of requests admitted together, a power of
+    two).
     """
 
     def __init__(
@@ -177,7 +179,7 @@ class Engine:
         if start:
             self._thread.start()
 
-    # Programs (compiled once per layout; the admission once per input bucket).
+    # Programs (compiled once per layout; the admission once per input bucket and size).
     def _programs(self) -> None:
         layout, options = self.layout, cpu_compiler_options()
 
@@ -185,10 +187,10 @@ class Engine:
             self.traces["chunk"] += 1
             return pools.chunk(layout, params, states, actives)
 
-        def admit(pool, params, state, group, inputs, length, data, rng, max_length):
+        def admit(pool, params, state, groups, inputs, lengths, data, keys, max_lengths):
             self.traces[f"admit[{layout.widths[pool]}]"] += 1
             return pools.admit(
-                layout, pool, params, state, group, inputs, length, data, rng, max_length
+                layout, pool, params, state, groups, inputs, lengths, data, keys, max_lengths
             )
 
         def finalize(pool, state):
@@ -353,37 +355,52 @@ class Engine:
 
     def _admit_waiting(self) -> None:
         """Admit waiting requests in their order of arrival while their pool has a free group
-        (a request whose pool is full does not hold back the others)."""
+        (a request whose pool is full does not hold back the others), one call per pool."""
         free = [
             collections.deque(g for g, s in enumerate(slots) if s is None) for slots in self._slots
         ]
+        admitted: list[list[tuple[int, Handle]]] = [[] for _ in self._slots]
         still = collections.deque()
         while self._waiting and any(free):
             handle = self._waiting.popleft()
             pool = self.layout.widths.index(handle.options.beam_size)
             if free[pool]:
-                self._admit_one(pool, free[pool].popleft(), handle)
+                admitted[pool].append((free[pool].popleft(), handle))
             else:
                 still.append(handle)
         still.extend(self._waiting)
         self._waiting = still
+        for pool, requests in enumerate(admitted):
+            if requests:
+                self._admit_all(pool, requests)
 
-    def _admit_one(self, pool: int, group: int, handle: Handle) -> None:
-        layout, o = self.layout, handle.options
-        size = handle.inputs.size
-        width = min(layout.max_input_length, max(1, -(-size // self.bucket)) * self.bucket)
-        inputs = np.full([1, width], layout.adapter.inputs.pad_id, np.int32)
-        inputs[0, :size] = handle.inputs
-        width_of_pool = layout.widths[pool]
-        data = pools.request_data(layout, width_of_pool, o)
-        rng = _key(o.seed if o.sampling_topk != 1 else 0)  # DecodeOptions.rng, made once a seed
+    def _admit_all(self, pool: int, requests: list[tuple[int, Handle]]) -> None:
+        """One admission call for ``requests`` (``(group, handle)``), padded to a power of two
+        (padding rows go to group G: dropped), inputs to the longest one's bucket."""
+        layout = self.layout
+        count = 1 << (len(requests) - 1).bit_length()  # the admission size: a power of two
+        longest = max(handle.inputs.size for _, handle in requests)
+        width = min(layout.max_input_length, max(1, -(-longest // self.bucket)) * self.bucket)
+        inputs = np.full([count, width], layout.adapter.inputs.pad_id, np.int32)
+        lengths = np.ones([count], np.int32)
+        groups = np.full([count], layout.groups[pool], np.int32)
+        max_lengths = np.ones([count], np.int32)
+        datas, keys = [], []
+        for row, (group, handle) in enumerate(requests):
+            o, size = handle.options, handle.inputs.size
+            inputs[row, :size] = handle.inputs
+            lengths[row], groups[row], max_lengths[row] = max(size, 1), group, o.max_length
+            datas.append(pools.request_data(layout, layout.widths[pool], o))
+            keys.append(_key_data(o.seed if o.sampling_topk != 1 else 0))  # DecodeOptions.rng's
+            self._slots[pool][group] = _Slot(handle, o.max_length, o.n_best)
+        datas += datas[:1] * (count - len(requests))
+        keys += keys[:1] * (count - len(requests))
+        data = jax.tree.map(lambda *x: np.stack(x), *datas)
         states = list(self._states)
         states[pool] = self._admit[pool](
-            self._params, states[pool], np.int32(group), inputs,
-            np.asarray([max(size, 1)], np.int32), data, rng, np.int32(o.max_length),
-        )  # fmt: skip
+            self._params, states[pool], groups, inputs, lengths, data, np.stack(keys), max_lengths
+        )
         self._states = tuple(states)
-        self._slots[pool][group] = _Slot(handle, o.max_length, o.n_best)
 
     def _step(self) -> None:
         actives = tuple(np.asarray([slot is not None for slot in slots]) for slots in self._slots)
