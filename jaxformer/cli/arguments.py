@@ -181,6 +181,16 @@ def add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def add_engine_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        action="store_true",
+        help="decode through the continuous-batching engine: --batch-size slots (of --beam-size "
+        "rows each), a finished line's slot taken by the next line at once; the same results "
+        "(default: length-sorted batches)",
+    )
+
+
 def add_quantization_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantization",
@@ -220,6 +230,7 @@ def add_translate(command) -> None:
     add_output_options(translate, "source")
     add_text_options(translate)
     translate.add_argument("--with-scores", action="store_true", help="print 'score ||| text'")
+    add_engine_option(translate)
     add_quantization_option(translate)
     add_unk_option(translate)
     add_search_options(translate)
@@ -249,6 +260,7 @@ def add_generate(command) -> None:
         "alone) (default: on)",
     )
     generate.add_argument("--with-scores", action="store_true", help="print 'score ||| text'")
+    add_engine_option(generate)
     group = generate.add_argument_group("--model (imported checkpoints)")
     group.add_argument(
         "--dtype",
