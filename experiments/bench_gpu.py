@@ -3,7 +3,7 @@ PyTorch (float16), and the fraction of the HBM roofline one decode step reaches.
 
 Command:  python experiments/bench_gpu.py --device cuda --out-dir DIR   (a machine with an NVIDIA
                     GPU; not run on one yet: estimated 4-6 minutes on an H200, compiles included;
-                    experiments/README.md "GPU run" has the command for the `run` device tool,
+                    experiments/README.md "Running bench_gpu.py on a lent GPU" has the command for the `run` device tool,
                     with CTranslate2 carried as a wheel)
           python experiments/bench_gpu.py --smoke   (CPU, tiny sizes, every code path, into a temp
                     dir; half a minute to a minute on this project's 2 shared cores)

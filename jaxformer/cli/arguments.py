@@ -310,8 +310,8 @@ def add_export(command) -> None:
     export = command(
         "export",
         "write the model for another engine",
-        "write the model for another engine (README.md, 'Export to CTranslate2', shows how to "
-        "use it)",
+        "write the model for another engine (docs/training.md, 'Export to CTranslate2', shows "
+        "how to use it)",
     )
     export.add_argument("format", choices=EXPORT_FORMATS, help="the engine")
     add_run(export)

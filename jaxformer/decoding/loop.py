@@ -200,7 +200,7 @@ def dynamic_decode(
 ) -> DecodingResult:
     """Decode with ``step_fn(ids [R], step, state[, shared]) -> (logits [R, V], state[, attention [R, S]])``.
 
-    The contract of ``step_fn`` (README.md, "The step-function contract", has it in full): ``ids``
+    The contract of ``step_fn`` (docs/search.md, "The step-function contract", has it in full): ``ids``
     int32[R] is the token each row emitted last (``start_ids`` repeated W times at step 0), R = B*W
     rows laid out [b0w0, b0w1, ..., b1w0, ...]; ``step`` is a traced int32 scalar; ``state`` is
     ``initial_state`` tiled to R rows and reordered by the beams after every step (scalar leaves are

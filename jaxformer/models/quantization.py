@@ -23,7 +23,7 @@ Two ways to hold the weights:
 - float32 parameters (any trained or loaded model): each product quantizes its weight inside the
   compiled program. In a decode loop XLA hoists that out of a chunk's scan but not out of the loop
   over chunks, so the weights are quantized again every 8 steps (``base`` batch 64 / beam 4 on a
-  2-core CPU: 3-6% of a step, ``experiments/README.md``).
+  2-core CPU: 3-6% of a step, ``docs/models.md``).
 - ``quantize_params(params)`` once: every projection's ``kernel`` becomes int8 and gets its
   per-column ``scale`` beside it (``{"kernel": int8, "bias": ..., "int8": {"scale": float32}}``);
   the products then read them as they are. Meant for batched decoding: a product of fewer than
