@@ -293,7 +293,8 @@ def test_the_code_blocks_run_as_written(page, tmp_path):
     printed = run_page(page, tmp_path)
     if page in EXPECTED:
         EXPECTED[page](printed)
-    assert repository_changes() <= before, f"{page}: its blocks wrote into the repository"
+    written = repository_changes() - before
+    assert not written, f"{page}: its blocks wrote into the repository: {sorted(written)}"
 
 
 def test_the_pages_are_those_of_the_readme_map():
