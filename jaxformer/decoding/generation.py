@@ -302,13 +302,3 @@ def _check_positions(adapter: Adapter, input_length: int, max_length: int) -> No
             f"max_length={max_length} needs {positions} positions, more than the model's "
             f"max_len={spec.max_len}; allowed here: max_length <= {allowed}"
         )
-
-
-def transformer_step_fn(model, params):
-    """The search's step function for an encoder-decoder ``Transformer``.
-
-    ``step_fn(ids, step, cache, memory)``: run ``dynamic_decode(step_fn, start_ids, end_id, cache,
-    shared=memory, ...)`` with ``cache = model.init_cache(B, max_length)`` and ``memory =
-    model.init_memory(*model.encode(src_ids))``: the cache follows the beams, the memory does not.
-    """
-    return step_function(adapter_for(model), params)
