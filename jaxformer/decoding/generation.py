@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.decoding import options as opt
-from jaxformer.decoding.adapters import Adapter, adapter_for, step_function
+from jaxformer.decoding.adapters import Adapter, InputSpec, adapter_for, step_function
 from jaxformer.decoding.loop import run_search
 from jaxformer.decoding.result import DecodingResult
 from jaxformer.decoding.samplers import BestSampler
@@ -187,7 +187,7 @@ def generate(
     inputs, lengths = _as_batch(adapter, inputs, prompt_lengths)
     if max_length is None:
         max_length = default_max_length(adapter, inputs.shape[1])
-    _check_for_family(spec, start_id, return_attention, target_prefix)
+    check_for_family(spec, start_id, return_attention=return_attention, target_prefix=target_prefix)
     options = opt.check_search(
         strategy, sampler, end_id=end_id, max_length=max_length, min_length=min_length,
         compat=compat, rng=rng, chunk_size=chunk_size, repetition_penalty=repetition_penalty,
@@ -279,8 +279,11 @@ def _check_lengths(spec, inputs, prompt_lengths) -> Array | None:
     return jnp.asarray(lengths, jnp.int32)
 
 
-def _check_for_family(spec, start_id, return_attention, target_prefix) -> None:
-    """The options that a model family takes or needs (its ``InputSpec``)."""
+def check_for_family(
+    spec: InputSpec, start_id, *, return_attention: bool = False, target_prefix=None
+) -> None:
+    """The options that a model family takes or needs (its ``InputSpec``): ``generate``'s and
+    the serving engine's."""
     if not spec.needs_start_id and return_attention:
         raise ValueError("a decoder-only LM has no source to return attention over")
     if spec.needs_start_id and start_id is None:

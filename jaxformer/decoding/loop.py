@@ -448,6 +448,29 @@ def search_step(
     sampler used here are ``data``'s); ``prefix``: int32[B, P] or None; ``stop``: a
     ``StopTable`` or None.
     """
+    logits = _masked_logits(search, state, logits)  # [R, V]
+    attention = attention.astype(jnp.float32) if search.wants_attention else None  # [R, S]
+    log_probs = _log_probs(search, state, logits, t, data.min_length)  # [R, V]
+    rng = None if state.rng is None else jax.random.fold_in(state.rng, t)
+    sel = data.strategy.select(log_probs, state, attention, data.sampler, rng)
+    if not search.compat:
+        sel = _freeze_finished_entries(sel, state, search)
+    if prefix is not None:
+        sel = _force_prefix(sel, state, search, prefix, t)
+    parents = sel.beam_indices  # [R]
+    new = _next_state(search, state, sel, stop)
+    record_attention = None
+    if search.return_attention:
+        # Default: the attention of the row that generated each token (the parent row).
+        # OpenNMT-tf stacks the attention in the row order from before the reorder.
+        record_attention = attention if search.compat else attention[parents]
+    trace = _trace(log_probs, sel, new) if search.trace else None
+    record = StepRecord(sel.word_ids, sel.beam_ids, jnp.bool_(True), record_attention, trace)
+    return new, record, parents
+
+
+def _masked_logits(search: Search, state: SearchState, logits) -> Float[Array, "R V"]:
+    """The step's logits in float32, after the repetition options and ``suppress_ids``."""
     logits = logits.astype(jnp.float32)  # [R, V]
     if search.uses_history:
         logits = repetition.apply(
@@ -458,20 +481,24 @@ def search_step(
         suppressed = np.zeros([1, search.vocab], bool)  # [1, V]
         suppressed[0, list(search.suppress_ids)] = True
         logits = jnp.where(suppressed, -jnp.inf, logits)  # [R, V]
-    attention = attention.astype(jnp.float32) if search.wants_attention else None  # [R, S]
+    return logits
+
+
+def _log_probs(search: Search, state: SearchState, logits, t, min_length) -> Float[Array, "R V"]:
+    """Step 2's end ids, then the log-softmax: every end id held back before ``min_length``
+    (``EOS_PENALTY``); from then on a finished row emits the first end id at no cost."""
     eos = np.zeros([1, search.vocab], np.float32)  # [1, V]: 1 at every end id
     eos[0, list(search.end_ids)] = 1.0
     first = jax.nn.one_hot(search.end_id, search.vocab, dtype=jnp.float32)[None]  # [1, V]
     forced = jnp.where(first > 0, 0.0, -jnp.inf)  # [1, V] log-probs of a forced EOS
-    early = t < data.min_length
+    early = t < min_length
     log_probs = jax.nn.log_softmax(jnp.where(early, logits + EOS_PENALTY * eos, logits), axis=-1)
-    log_probs = jnp.where(~early & state.finished[:, None], forced, log_probs)  # [R, V]
-    rng = None if state.rng is None else jax.random.fold_in(state.rng, t)
-    sel = data.strategy.select(log_probs, state, attention, data.sampler, rng)
-    if not search.compat:
-        sel = _freeze_finished_entries(sel, state, search)
-    if prefix is not None:
-        sel = _force_prefix(sel, state, search, prefix, t)
+    return jnp.where(~early & state.finished[:, None], forced, log_probs)  # [R, V]
+
+
+def _next_state(search: Search, state: SearchState, sel, stop) -> SearchState:
+    """Step 4: the rows after the pick ``sel``, gathered by their parent rows (``model_state``
+    None: the caller reorders its own)."""
     parents = sel.beam_indices  # [R]
     grown = jnp.where(state.finished, state.lengths, state.lengths + 1)  # [R]
     parent_finished = state.finished[parents]  # [R]
@@ -491,7 +518,7 @@ def search_step(
         history, filled = repetition.append(
             state.history[parents], state.filled[parents], sel.word_ids
         )
-    new = SearchState(
+    return SearchState(
         ids=sel.word_ids,
         finished=finished,
         lengths=grown[parents],
@@ -504,14 +531,6 @@ def search_step(
         filled=filled,
         stop_state=stop_state,
     )
-    record_attention = None
-    if search.return_attention:
-        # Default: the attention of the row that generated each token (the parent row).
-        # OpenNMT-tf stacks the attention in the row order from before the reorder.
-        record_attention = attention if search.compat else attention[parents]
-    trace = _trace(log_probs, sel, new) if search.trace else None
-    record = StepRecord(sel.word_ids, sel.beam_ids, jnp.bool_(True), record_attention, trace)
-    return new, record, parents
 
 
 def _trace(log_probs, sel, new: SearchState) -> dict:
