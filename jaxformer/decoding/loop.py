@@ -272,7 +272,7 @@ def run_search(
     wants_attention = return_attention or strategy.uses_coverage
     vocab, attention_width = _probe(step, initial, strategy.width, attention_size, wants_attention)
     batch = start_ids.shape[0]
-    if options.vocab != vocab:
+    if options.vocab != vocab:  # here, not in check_search: V is the traced step function's
         options = opt.checked_against(options, vocab=vocab, batch=batch, stop=stop)
     search = _settings(options, batch, attention_width, return_attention, trace)
     data = SearchData(strategy, options.sampler, options.min_length)
