@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer import Transformer, init_params, load_pretrained, preset, transformer_step_fn
+from jaxformer import Transformer, init_params, load_pretrained, preset
 from jaxformer import decoding as dec
 
 START_ID, END_ID = 1, 2
@@ -73,7 +73,7 @@ def run(
     memory = model.apply({"params": params}, encoded, valid, method=Transformer.init_memory)
     cache = model.apply({"params": params}, 1, steps, method=Transformer.init_cache)
     result = dec.dynamic_decode(
-        transformer_step_fn(model, params),
+        dec.step_function(dec.adapter_for(model), params),  # the model's decode_step
         jnp.full([1], START_ID, jnp.int32),
         END_ID,
         cache,

@@ -14,7 +14,7 @@ The layout follows the architecture (arrows run one way: models <- decoding <- t
 """
 
 from jaxformer import decoding
-from jaxformer.decoding.generation import generate, transformer_step_fn
+from jaxformer.decoding.generation import generate
 from jaxformer.interop.pretrained import Pretrained
 from jaxformer.interop.registry import load_pretrained
 from jaxformer.models.cache import DecoderCache, KVCache
@@ -27,7 +27,6 @@ from jaxformer.models.hourglass import (
     HourglassConfig,
     HourglassLM,
     hourglass_preset,
-    hourglass_step_fn,
 )
 from jaxformer.models.params import init_params
 from jaxformer.models.presets import PRESETS, preset
@@ -48,10 +47,8 @@ __all__ = [
     "decoding",
     "generate",
     "hourglass_preset",
-    "hourglass_step_fn",
     "init_params",
     "load_pretrained",
     "preset",
     "sharding",
-    "transformer_step_fn",
 ]

@@ -22,7 +22,6 @@ from jaxformer import (
     hourglass_preset,
     init_params,
     preset,
-    transformer_step_fn,
 )
 from jaxformer import decoding as dec
 from jaxformer.decoding.generation import _run
@@ -236,7 +235,7 @@ def test_attention_size_that_does_not_match_the_source_is_refused(seq2seq):
     memory, valid = model.apply({"params": params}, jnp.asarray(SRC), method=Transformer.encode)
     cache = model.apply({"params": params}, 3, 8, method=Transformer.init_cache)
     kv = model.apply({"params": params}, memory, valid, method=Transformer.init_memory)
-    step_fn = transformer_step_fn(model, params)
+    step_fn = dec.step_function(dec.adapter_for(model), params)
     start = jnp.ones([3], jnp.int32)
     for kwargs in (
         dict(return_attention=True, attention_size=7),

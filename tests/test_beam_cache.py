@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from jaxformer import generate
-from jaxformer.decoding import BeamSearch, dynamic_decode
-from jaxformer.decoding.generation import transformer_step_fn
+from jaxformer.decoding import BeamSearch, adapter_for, dynamic_decode, step_function
 from jaxformer.decoding.state import reorder, tile_batch
 from jaxformer.models.cache import BeamKVCache, KVCache
 
@@ -130,7 +129,7 @@ def test_beam_search_equals_the_copying_search_with_a_tiled_memory(overrides):
     encoded, valid = model.apply({"params": params}, src, method=Transformer.encode)
     cache = model.apply({"params": params}, 3, 9, method=Transformer.init_cache)
     memory = model.apply({"params": params}, encoded, valid, method=Transformer.init_memory)
-    step = transformer_step_fn(model, params)
+    step = step_function(adapter_for(model), params)
 
     def plain_step(ids, t, state):  # the memory is state here: tiled to every row, reordered
         cache, memory = state

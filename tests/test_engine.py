@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxformer import DecoderOnlyLM, Transformer, generate, transformer_step_fn
+from jaxformer import DecoderOnlyLM, Transformer, generate
 from jaxformer import decoding as dec
 from jaxformer.decoding.decode_options import DecodeOptions
 from jaxformer.serving import Engine
@@ -82,7 +82,7 @@ def test_generate_takes_penalties_temperature_top_p_and_min_length_as_data():
     @functools.partial(jax.jit, static_argnums=(0, 1))
     def static(alpha, minimum):  # the options as Python numbers, inside dynamic_decode
         return dec.dynamic_decode(
-            transformer_step_fn(model, params), jnp.ones([3], jnp.int32), END, cache,
+            dec.step_function(dec.adapter_for(model), params), jnp.ones([3], jnp.int32), END, cache,
             dec.BeamSearch(3, alpha), max_length=6, min_length=minimum, shared=memory,
         )  # fmt: skip
 

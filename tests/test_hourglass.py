@@ -20,7 +20,6 @@ from jaxformer.models.hourglass import (
     HourglassLM,
     Level,
     hourglass_preset,
-    hourglass_step_fn,
     parse_hierarchy,
 )
 
@@ -202,9 +201,8 @@ def test_cached_greedy_equals_greedy_recomputing_the_full_pass():
     want = rows[:, 1:]
     end_id = int(want[0, 4])  # a token the model emits, so that a row ends before max_length
     cache = model.apply({"params": params}, 6, MAX_STEPS, method=HourglassLM.init_cache)
-    got = dec.dynamic_decode(
-        hourglass_step_fn(model, params), start, end_id, cache, max_length=MAX_STEPS
-    )
+    step = step_function(adapter_for(model), params)  # state: (cache, offset 0: no prompt)
+    got = dec.dynamic_decode(step, start, end_id, (cache, jnp.int32(0)), max_length=MAX_STEPS)
     for row, ids in zip(want, np.asarray(got.ids[:, 0]), strict=True):
         stop = np.flatnonzero(row == end_id)
         n = stop[0] if stop.size else MAX_STEPS
@@ -218,10 +216,10 @@ def test_beam_search_runs_on_the_cache_and_its_scores_match_the_full_pass():
     start, width = np.asarray([1, 5]), 3
     cache = model.apply({"params": params}, 2, MAX_STEPS, method=HourglassLM.init_cache)
     result = dec.dynamic_decode(
-        hourglass_step_fn(model, params),
+        step_function(adapter_for(model), params),
         start,
         3,
-        cache,
+        (cache, jnp.int32(0)),  # the LM adapter's state: the cache and the offset (no prompt)
         strategy=dec.BeamSearch(width),
         max_length=MAX_STEPS,
     )

@@ -14,6 +14,7 @@ from jaxformer.decoding.adapters import (
     Prepared,
     adapter_for,
     register_adapter,
+    step_function,
 )
 from jaxformer.decoding.gather_tree import gather_tree, gather_tree_from_array
 from jaxformer.decoding.generation import CPU_COMPILER_OPTIONS, cpu_compiler_options, generate
@@ -42,5 +43,6 @@ __all__ = [
     "generate",
     "register_adapter",
     "reorder",
+    "step_function",
     "tile_batch",
 ]

@@ -18,29 +18,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.decoding import options as opt
-from jaxformer.decoding.adapters import Adapter, adapter_for, step_function
-from jaxformer.decoding.loop import dynamic_decode
+from jaxformer.decoding.adapters import Adapter, InputSpec, adapter_for, step_function
+from jaxformer.decoding.loop import run_search
 from jaxformer.decoding.result import DecodingResult
 from jaxformer.decoding.samplers import BestSampler
 from jaxformer.decoding.stop import StopTable
 from jaxformer.decoding.strategies import GreedySearch
 from jaxformer.typing import Array, Int, PRNGKey, PyTree
 
-# Static: what fixes shapes or the program. The strategy and sampler are pytrees whose penalties,
-# temperature and top-p are data, and ``min_length`` is data too (``loop.SearchData``): one program
-# serves every value, and the serving engine runs the same code with per-request values.
-STATIC = (
-    "adapter",
-    "start_id",
-    "end_id",
-    "max_length",
-    "return_attention",
-    "compat",
-    "suppress_ids",
-    "chunk_size",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-)
+# Static: what fixes shapes or the program, with the static fields of the checked options
+# (``opt.SearchOptions``). Their strategy and sampler are pytrees whose penalties, temperature and
+# top-p are data, and ``min_length`` is data too (``loop.SearchData``): one program serves every
+# value, and the serving engine runs the same code with per-request values.
+STATIC = ("adapter", "start_id", "return_attention")
 
 
 # XLA options for decoding loops on CPU. A step reads each layer's KV cache, then writes one slot of
@@ -109,34 +99,22 @@ _run._cache_size = lambda: _jitted(jax.default_backend())._cache_size()  # compi
 
 
 def _decode(
-    adapter, params, inputs, lengths, rng, sampler, target_prefix, stop=None, *, start_id, end_id,
-    max_length, min_length, strategy, return_attention, compat, suppress_ids, chunk_size,
-    repetition_penalty=1.0, no_repeat_ngram_size=0,
+    adapter, params, inputs, lengths, options: opt.SearchOptions, stop=None, *, start_id,
+    return_attention,
 ):  # fmt: skip
-    prepared = adapter.prepare(params, inputs, lengths, start_id, max_length)
+    prepared = adapter.prepare(params, inputs, lengths, start_id, options.max_length)
     context = None  # the history the repetition options read: an LM's prompt, else the start
     if not adapter.inputs.needs_start_id:
         full = jnp.full(inputs.shape[:1], inputs.shape[1], jnp.int32)
         context = (inputs, full if lengths is None else lengths)
-    return dynamic_decode(
+    return run_search(
         step_function(adapter, params),
         prepared.start_ids,
-        end_id,
         prepared.state,
-        strategy=strategy,
-        sampler=sampler,
-        max_length=max_length,
-        min_length=min_length,
-        rng=rng,
+        options,
         attention_size=prepared.attention_size,
         return_attention=return_attention,
-        compat=compat,
         shared=prepared.shared,  # the memory is never tiled nor reordered
-        target_prefix=target_prefix,
-        suppress_ids=suppress_ids,
-        chunk_size=chunk_size,
-        repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
         context=context,
         stop=stop,
     )
@@ -205,31 +183,22 @@ def generate(
     text callers cut the match off with ``cut_at_stop``).
     """
     adapter = adapter_for(model)
-    end_id = opt.static_end_id(end_id)  # a tuple: any of its ids ends a hypothesis
-    if compat and isinstance(end_id, tuple):
-        raise ValueError(f"compat={compat!r} takes one end_id (OpenNMT-tf has one), got {end_id}")
+    spec = adapter.inputs
     inputs, lengths = _as_batch(adapter, inputs, prompt_lengths)
     if max_length is None:
         max_length = default_max_length(adapter, inputs.shape[1])
-    _check_options(adapter, inputs, locals())
-    spec = adapter.inputs
-    if suppress_ids != ():
-        suppress_ids = opt.check_suppress_ids(suppress_ids, spec.target_vocab_size, end_id)
-    if target_prefix is not None and not spec.needs_start_id:
-        raise ValueError(
-            f"target_prefix is for encoder-decoder models; a decoder-only LM's {spec.name} already "
-            "forces its tokens (append the prefix to the prompt)"
-        )
-    target_prefix = opt.check_target_prefix(
-        target_prefix, batch=inputs.shape[0], vocab=spec.target_vocab_size, end_id=end_id,
-        max_length=max_length,
+    check_for_family(spec, start_id, return_attention=return_attention, target_prefix=target_prefix)
+    options = opt.check_search(
+        strategy, sampler, end_id=end_id, max_length=max_length, min_length=min_length,
+        compat=compat, rng=rng, chunk_size=chunk_size, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, suppress_ids=suppress_ids,
+        target_prefix=target_prefix, vocab=spec.target_vocab_size, batch=inputs.shape[0],
+        start_id=start_id if spec.needs_start_id else None, stop=stop,
     )  # fmt: skip
+    _check_positions(adapter, inputs.shape[1], max_length)
     return _run(
-        adapter, params, inputs, lengths, rng, sampler, target_prefix, stop, start_id=start_id,
-        end_id=end_id, max_length=max_length, min_length=min_length, strategy=strategy,
-        return_attention=return_attention, compat=compat, suppress_ids=suppress_ids,
-        chunk_size=chunk_size, repetition_penalty=float(repetition_penalty),
-        no_repeat_ngram_size=no_repeat_ngram_size,
+        adapter, params, inputs, lengths, options, stop, start_id=start_id,
+        return_attention=return_attention,
     )  # fmt: skip
 
 
@@ -310,39 +279,29 @@ def _check_lengths(spec, inputs, prompt_lengths) -> Array | None:
     return jnp.asarray(lengths, jnp.int32)
 
 
-def _check_options(adapter: Adapter, inputs, args: dict) -> None:
-    """Every option checked against the model's vocabulary and maximum length, before tracing."""
-    spec, strategy, sampler = adapter.inputs, args["strategy"], args["sampler"]
-    max_length, min_length = args["max_length"], args["min_length"]
-    if not spec.needs_start_id and args["return_attention"]:
+def check_for_family(
+    spec: InputSpec, start_id, *, return_attention: bool = False, target_prefix=None
+) -> None:
+    """The options that a model family takes or needs (its ``InputSpec``): ``generate``'s and
+    the serving engine's."""
+    if not spec.needs_start_id and return_attention:
         raise ValueError("a decoder-only LM has no source to return attention over")
-    if spec.needs_start_id and args["start_id"] is None:
+    if spec.needs_start_id and start_id is None:
         raise ValueError(f"a model with a {spec.name} needs start_id (the target's start token)")
-    opt.check_types(strategy, sampler)
-    opt.check_chunk_size(args["chunk_size"])
-    opt.check_repetition(args["repetition_penalty"], args["no_repeat_ngram_size"])
-    start_id = args["start_id"] if spec.needs_start_id else None
-    opt.check_vocabulary(
-        spec.target_vocab_size, strategy, sampler, end_id=args["end_id"], start_id=start_id
-    )
-    opt.check_search(
-        strategy, sampler, max_length=max_length, min_length=min_length,
-        compat=args["compat"], rng=args["rng"],
-    )  # fmt: skip
-    positions = adapter.positions(inputs.shape[1], max_length)
+    if target_prefix is not None and not spec.needs_start_id:
+        raise ValueError(
+            f"target_prefix is for encoder-decoder models; a decoder-only LM's {spec.name} already "
+            "forces its tokens (append the prefix to the prompt)"
+        )
+
+
+def _check_positions(adapter: Adapter, input_length: int, max_length: int) -> None:
+    """``max_length`` (checked) against the positions the model has after the inputs."""
+    spec = adapter.inputs
+    positions = adapter.positions(input_length, max_length)
     if positions > spec.max_len:
         allowed = spec.max_len - positions + max_length
         raise ValueError(
             f"max_length={max_length} needs {positions} positions, more than the model's "
             f"max_len={spec.max_len}; allowed here: max_length <= {allowed}"
         )
-
-
-def transformer_step_fn(model, params):
-    """The search's step function for an encoder-decoder ``Transformer``.
-
-    ``step_fn(ids, step, cache, memory)``: run ``dynamic_decode(step_fn, start_ids, end_id, cache,
-    shared=memory, ...)`` with ``cache = model.init_cache(B, max_length)`` and ``memory =
-    model.init_memory(*model.encode(src_ids))``: the cache follows the beams, the memory does not.
-    """
-    return step_function(adapter_for(model), params)

@@ -88,6 +88,7 @@ __all__ = [
     "SearchState",
     "StepRecord",
     "dynamic_decode",
+    "run_search",
     "search_step",
 ]
 
@@ -230,50 +231,57 @@ def dynamic_decode(
     top-p, ``min_length`` and the prefix's ids may be traced (data, see ``SearchData``); every
     other option is static.
     """
-    opt.check_search(
-        strategy, sampler, max_length=max_length, min_length=min_length, compat=compat, rng=rng
-    )
-    data = SearchData(strategy, sampler, min_length)
-    end_id = opt.static_end_id(end_id)
-    if compat and isinstance(end_id, tuple):
-        raise ValueError(f"compat={compat!r} takes one end_id (OpenNMT-tf has one), got {end_id}")
-    opt.check_chunk_size(chunk_size)
+    options = opt.check_search(
+        strategy, sampler, end_id=end_id, max_length=max_length, min_length=min_length,
+        compat=compat, rng=rng, chunk_size=chunk_size, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, suppress_ids=suppress_ids,
+        target_prefix=target_prefix,
+    )  # fmt: skip
+    return run_search(
+        step_fn, start_ids, initial_state, options, attention_size=attention_size,
+        return_attention=return_attention, trace=trace, shared=shared, context=context, stop=stop,
+    )  # fmt: skip
+
+
+def run_search(
+    step_fn,
+    start_ids: Int[Array | np.ndarray, " B"],
+    initial_state: PyTree,
+    options: opt.SearchOptions,
+    *,
+    attention_size: int | None = None,
+    return_attention: bool = False,
+    trace: bool = False,
+    shared: PyTree = None,
+    context: tuple | None = None,
+    stop: StopTable | None = None,
+) -> DecodingResult:
+    """``dynamic_decode`` with options already checked (``opt.check_search``; ``generate`` also
+    checked them against its model's vocabulary). What has not been checked against the step
+    function's vocabulary V (``options.vocab`` None or another V) is checked here: V is known
+    once the step function is traced."""
+    strategy = options.strategy
     if strategy.uses_coverage and attention_size is None:
         raise ValueError("coverage_penalty needs attention_size (the source length S)")
     start_ids = _check_start_ids(start_ids)
     check_batch_axis(initial_state, start_ids.shape[0])
     step = jax.jit(_with_shared(step_fn, shared))  # traced once: the probe's trace is reused
-    initial = _initial_search_state(start_ids, initial_state, strategy, attention_size, rng)
-    search = _probe(step, initial, end_id, strategy, sampler, attention_size, return_attention)
-    opt.check_repetition(repetition_penalty, no_repeat_ngram_size)
-    if repetition_penalty != 1.0 or no_repeat_ngram_size:
-        if context is None:
-            context = (start_ids[:, None], jnp.ones_like(start_ids))
-        history, filled = repetition.initial_history(*context, strategy.width, max_length)
-        initial = initial.replace(history=history, filled=filled)
-    if stop is not None:
-        if stop.vocab_size != search.vocab:
-            raise ValueError(
-                f"stop: a table over {stop.vocab_size} token ids, but the model's vocabulary has "
-                f"{search.vocab}"
-            )
-        initial = initial.replace(stop_state=jnp.zeros_like(initial.lengths))
-    if suppress_ids != ():
-        suppress_ids = opt.check_suppress_ids(suppress_ids, search.vocab, end_id)
-    prefix = opt.check_target_prefix(
-        target_prefix, batch=search.batch, vocab=search.vocab, end_id=end_id, max_length=max_length
-    )  # int32[B, P] or None
-    search = dataclasses.replace(
-        search, max_length=max_length, compat=compat, trace=trace, suppress_ids=suppress_ids,
-        prefix_length=0 if prefix is None else prefix.shape[1],
-        repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=no_repeat_ngram_size,
-    )  # fmt: skip
-    body = _loop_body(step, search, data, prefix, stop)
-    if chunk_size is None:
-        steps = jnp.arange(max_length, dtype=jnp.int32)
+    initial = _initial_search_state(
+        start_ids, initial_state, options, attention_size, context, stop
+    )
+    wants_attention = return_attention or strategy.uses_coverage
+    vocab, attention_width = _probe(step, initial, strategy.width, attention_size, wants_attention)
+    batch = start_ids.shape[0]
+    if options.vocab != vocab:  # here, not in check_search: V is the traced step function's
+        options = opt.checked_against(options, vocab=vocab, batch=batch, stop=stop)
+    search = _settings(options, batch, attention_width, return_attention, trace)
+    data = SearchData(strategy, options.sampler, options.min_length)
+    body = _loop_body(step, search, data, options.target_prefix, stop)
+    if options.chunk_size is None:
+        steps = jnp.arange(search.max_length, dtype=jnp.int32)
         final, records = jax.lax.scan(body, initial, steps)
     else:
-        final, records = _chunked_loop(body, initial, search, chunk_size)
+        final, records = _chunked_loop(body, initial, search, options.chunk_size)
     return finalize(records, final, search)
 
 
@@ -296,9 +304,17 @@ def _with_shared(step_fn, shared):
     return step
 
 
-def _initial_search_state(start_ids, initial_state, strategy, attention_size, rng) -> SearchState:
+def _initial_search_state(
+    start_ids, initial_state, options: opt.SearchOptions, attention_size, context, stop
+) -> SearchState:
+    strategy = options.strategy
     batch, width = start_ids.shape[0], strategy.width
     rows = batch * width
+    history = filled = None
+    if options.repetition_penalty != 1.0 or options.no_repeat_ngram_size:
+        if context is None:  # the start ids
+            context = (start_ids[:, None], jnp.ones_like(start_ids))
+        history, filled = repetition.initial_history(*context, width, options.max_length)
     return SearchState(
         ids=jnp.repeat(start_ids, width),  # [R]
         finished=jnp.zeros([rows], bool),
@@ -309,18 +325,22 @@ def _initial_search_state(start_ids, initial_state, strategy, attention_size, rn
             jnp.zeros([rows, attention_size], jnp.float32) if strategy.uses_coverage else None
         ),
         model_state=tile_batch(initial_state, width),
-        rng=rng,
+        rng=options.rng,
+        history=history,  # [R, C + max_length]
+        filled=filled,  # [R]
+        stop_state=None if stop is None else jnp.zeros([rows], jnp.int32),
     )
 
 
-def _probe(step, initial: SearchState, end_id, strategy, sampler, attention_size, return_attention):
-    """The step's output shapes (traced, not run), checked against the rows and the options."""
-    rows, batch = initial.ids.shape[0], initial.ids.shape[0] // strategy.width
+def _probe(step, initial: SearchState, width, attention_size, wants_attention) -> tuple[int, int]:
+    """The step's output shapes (traced, not run), checked against the rows and the options: the
+    vocabulary V, and the width S of the attention (0 without; checked when the search needs it)."""
+    rows, batch = initial.ids.shape[0], initial.ids.shape[0] // width
     logits, state, attention = jax.eval_shape(step, initial.ids, jnp.int32(0), initial.model_state)
     if len(logits.shape) != 2 or logits.shape[0] != rows:
         raise ValueError(
             f"step_fn returned logits of shape {logits.shape}; expected [{rows}, V] "
-            f"(one row per search row: batch {batch} x beam width {strategy.width})"
+            f"(one row per search row: batch {batch} x beam width {width})"
         )
     expected = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), initial.model_state)
     returned = jax.tree.map(lambda x: (x.shape, x.dtype), state)
@@ -330,28 +350,52 @@ def _probe(step, initial: SearchState, end_id, strategy, sampler, attention_size
             f"given; got {jax.tree.structure(returned)} for {jax.tree.structure(expected)}"
         )
     vocab = logits.shape[1]
-    opt.check_vocabulary(vocab, strategy, sampler, end_id=end_id)
     if not isinstance(initial.ids, jax.core.Tracer):  # concrete ids can be checked before running
         low, high = int(jnp.min(initial.ids)), int(jnp.max(initial.ids))
         if low < 0 or high >= vocab:
             raise ValueError(f"start_ids must be in [0, {vocab}), got values in [{low}, {high}]")
-    if return_attention or strategy.uses_coverage:
-        if attention is None:
-            raise ValueError(
-                "return_attention / coverage_penalty need a step_fn that returns attention"
-            )
-        if attention.shape[0] != rows or len(attention.shape) != 2:
-            raise ValueError(
-                f"step_fn returned attention of shape {attention.shape}; expected [{rows}, S]"
-            )
-        if attention_size is not None and attention.shape[-1] != attention_size:
-            raise ValueError(
-                f"attention_size={attention_size} does not match the step function's attention "
-                f"width {attention.shape[-1]}"
-            )
-    width = attention.shape[-1] if attention is not None else 0
-    end_ids = end_id if isinstance(end_id, tuple) else (end_id,)
-    return Search(strategy, sampler, end_ids, batch, vocab, 0, None, return_attention, False, width)
+    if wants_attention:
+        _check_attention(attention, rows, attention_size)
+    return vocab, 0 if attention is None else attention.shape[-1]
+
+
+def _check_attention(attention, rows: int, attention_size: int | None) -> None:
+    if attention is None:
+        raise ValueError(
+            "return_attention / coverage_penalty need a step_fn that returns attention"
+        )
+    if attention.shape[0] != rows or len(attention.shape) != 2:
+        raise ValueError(
+            f"step_fn returned attention of shape {attention.shape}; expected [{rows}, S]"
+        )
+    if attention_size is not None and attention.shape[-1] != attention_size:
+        raise ValueError(
+            f"attention_size={attention_size} does not match the step function's attention "
+            f"width {attention.shape[-1]}"
+        )
+
+
+def _settings(
+    options: opt.SearchOptions, batch: int, attention_width: int, return_attention, trace
+) -> Search:
+    """The static settings of the search (``options`` checked against its vocabulary)."""
+    end_id, prefix = options.end_id, options.target_prefix
+    return Search(
+        strategy=options.strategy,
+        sampler=options.sampler,
+        end_ids=end_id if isinstance(end_id, tuple) else (end_id,),
+        batch=batch,
+        vocab=options.vocab,
+        max_length=options.max_length,
+        compat=options.compat,
+        return_attention=return_attention,
+        trace=trace,
+        attention_width=attention_width,
+        suppress_ids=options.suppress_ids,
+        prefix_length=0 if prefix is None else prefix.shape[1],
+        repetition_penalty=options.repetition_penalty,
+        no_repeat_ngram_size=options.no_repeat_ngram_size,
+    )
 
 
 def _loop_body(step, search: Search, data: SearchData, prefix=None, stop=None):
@@ -404,6 +448,29 @@ def search_step(
     sampler used here are ``data``'s); ``prefix``: int32[B, P] or None; ``stop``: a
     ``StopTable`` or None.
     """
+    logits = _masked_logits(search, state, logits)  # [R, V]
+    attention = attention.astype(jnp.float32) if search.wants_attention else None  # [R, S]
+    log_probs = _log_probs(search, state, logits, t, data.min_length)  # [R, V]
+    rng = None if state.rng is None else jax.random.fold_in(state.rng, t)
+    sel = data.strategy.select(log_probs, state, attention, data.sampler, rng)
+    if not search.compat:
+        sel = _freeze_finished_entries(sel, state, search)
+    if prefix is not None:
+        sel = _force_prefix(sel, state, search, prefix, t)
+    parents = sel.beam_indices  # [R]
+    new = _next_state(search, state, sel, stop)
+    record_attention = None
+    if search.return_attention:
+        # Default: the attention of the row that generated each token (the parent row).
+        # OpenNMT-tf stacks the attention in the row order from before the reorder.
+        record_attention = attention if search.compat else attention[parents]
+    trace = _trace(log_probs, sel, new) if search.trace else None
+    record = StepRecord(sel.word_ids, sel.beam_ids, jnp.bool_(True), record_attention, trace)
+    return new, record, parents
+
+
+def _masked_logits(search: Search, state: SearchState, logits) -> Float[Array, "R V"]:
+    """The step's logits in float32, after the repetition options and ``suppress_ids``."""
     logits = logits.astype(jnp.float32)  # [R, V]
     if search.uses_history:
         logits = repetition.apply(
@@ -414,20 +481,24 @@ def search_step(
         suppressed = np.zeros([1, search.vocab], bool)  # [1, V]
         suppressed[0, list(search.suppress_ids)] = True
         logits = jnp.where(suppressed, -jnp.inf, logits)  # [R, V]
-    attention = attention.astype(jnp.float32) if search.wants_attention else None  # [R, S]
+    return logits
+
+
+def _log_probs(search: Search, state: SearchState, logits, t, min_length) -> Float[Array, "R V"]:
+    """Step 2's end ids, then the log-softmax: every end id held back before ``min_length``
+    (``EOS_PENALTY``); from then on a finished row emits the first end id at no cost."""
     eos = np.zeros([1, search.vocab], np.float32)  # [1, V]: 1 at every end id
     eos[0, list(search.end_ids)] = 1.0
     first = jax.nn.one_hot(search.end_id, search.vocab, dtype=jnp.float32)[None]  # [1, V]
     forced = jnp.where(first > 0, 0.0, -jnp.inf)  # [1, V] log-probs of a forced EOS
-    early = t < data.min_length
+    early = t < min_length
     log_probs = jax.nn.log_softmax(jnp.where(early, logits + EOS_PENALTY * eos, logits), axis=-1)
-    log_probs = jnp.where(~early & state.finished[:, None], forced, log_probs)  # [R, V]
-    rng = None if state.rng is None else jax.random.fold_in(state.rng, t)
-    sel = data.strategy.select(log_probs, state, attention, data.sampler, rng)
-    if not search.compat:
-        sel = _freeze_finished_entries(sel, state, search)
-    if prefix is not None:
-        sel = _force_prefix(sel, state, search, prefix, t)
+    return jnp.where(~early & state.finished[:, None], forced, log_probs)  # [R, V]
+
+
+def _next_state(search: Search, state: SearchState, sel, stop) -> SearchState:
+    """Step 4: the rows after the pick ``sel``, gathered by their parent rows (``model_state``
+    None: the caller reorders its own)."""
     parents = sel.beam_indices  # [R]
     grown = jnp.where(state.finished, state.lengths, state.lengths + 1)  # [R]
     parent_finished = state.finished[parents]  # [R]
@@ -447,7 +518,7 @@ def search_step(
         history, filled = repetition.append(
             state.history[parents], state.filled[parents], sel.word_ids
         )
-    new = SearchState(
+    return SearchState(
         ids=sel.word_ids,
         finished=finished,
         lengths=grown[parents],
@@ -460,14 +531,6 @@ def search_step(
         filled=filled,
         stop_state=stop_state,
     )
-    record_attention = None
-    if search.return_attention:
-        # Default: the attention of the row that generated each token (the parent row).
-        # OpenNMT-tf stacks the attention in the row order from before the reorder.
-        record_attention = attention if search.compat else attention[parents]
-    trace = _trace(log_probs, sel, new) if search.trace else None
-    record = StepRecord(sel.word_ids, sel.beam_ids, jnp.bool_(True), record_attention, trace)
-    return new, record, parents
 
 
 def _trace(log_probs, sel, new: SearchState) -> dict:

@@ -1,15 +1,25 @@
-"""Every check of a decoding option, in one place.
+"""Every check of a decoding option, in one place, and the checked configuration of one search.
 
-``dynamic_decode``, ``generate``, the strategies and samplers, text inference (``DecodeOptions``) and
-the CLI all call these, so an option is refused with the same message wherever it is given: the
-parameter's name, what is allowed, and what was given. Checks run in Python, before tracing.
+``dynamic_decode``, ``generate``, the strategies and samplers, text inference (``DecodeOptions``),
+the serving engine and the CLI all call these, so an option is refused with the same message
+wherever it is given: the parameter's name, what is allowed, and what was given. Checks run in
+Python, before tracing.
+
+A search's options are checked once, into a ``SearchOptions`` that the loop takes and does not
+check again: ``check_search`` checks every option on its own and, given the target vocabulary V
+and the batch size, what needs them (ids, beam width, top-k, suppressed ids, the target prefix,
+the stop table). ``generate`` knows its model's V and checks everything before tracing;
+``dynamic_decode`` checks the rest with ``checked_against`` once V is known from the traced step
+function.
 """
 
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import numpy as np
+from flax import struct
 
 COMPAT_MODES = (None, "opennmt-tf")
 
@@ -102,14 +112,89 @@ def static_end_id(end_id) -> int | tuple[int, ...]:
     return ids[0] if len(ids) == 1 else ids
 
 
-def check_search(strategy, sampler, *, max_length, min_length, compat, rng) -> None:
-    """The options every search takes, checked before anything is traced."""
+@struct.dataclass
+class SearchOptions:
+    """One search's options, checked (made by ``check_search``; ``checked_against`` completes it).
+
+    A pytree: the strategy and sampler (whose penalties, temperature and top-p are data),
+    ``min_length``, ``rng`` and the target prefix are its leaves; the rest is static (it fixes
+    shapes or the program), so ``generate`` passes one to its jitted search and compiles once per
+    static part. Made directly, nothing is checked: make one with ``check_search``.
+    """
+
+    strategy: Any  # GreedySearch / BeamSearch
+    sampler: Any  # BestSampler / RandomSampler
+    end_id: int | tuple[int, ...] = struct.field(pytree_node=False)  # ``static_end_id``'s form
+    max_length: int = struct.field(pytree_node=False)
+    min_length: Any = 0  # int, or int32[] data
+    compat: str | None = struct.field(pytree_node=False, default=None)
+    rng: Any = None  # PRNG key, or None
+    chunk_size: int | None = struct.field(pytree_node=False, default=8)
+    repetition_penalty: float = struct.field(pytree_node=False, default=1.0)
+    no_repeat_ngram_size: int = struct.field(pytree_node=False, default=0)
+    suppress_ids: tuple[int, ...] | list[int] = struct.field(pytree_node=False, default=())
+    target_prefix: Any = None  # int32[B, P], or None (and until checked: what the caller gave)
+    # The vocabulary the options were checked against (``checked_against``); None: not yet.
+    vocab: int | None = struct.field(pytree_node=False, default=None)
+
+
+def check_search(
+    strategy, sampler, *, end_id, max_length, min_length=0, compat=None, rng=None,
+    chunk_size=None, repetition_penalty=1.0, no_repeat_ngram_size=0, suppress_ids=(),
+    target_prefix=None, vocab=None, batch=None, start_id=None, stop=None,
+) -> SearchOptions:  # fmt: skip
+    """A search's options, checked before anything is traced: every option on its own, and with
+    ``vocab`` (the target vocabulary V; ``generate`` knows its model's) and ``batch`` what needs
+    them too (``checked_against``). Without ``vocab``, ``suppress_ids`` and ``target_prefix``
+    are kept as given (``dynamic_decode``: its loop checks them once V is known)."""
+    end_id = static_end_id(end_id)  # a tuple: any of its ids ends a hypothesis
+    if compat and isinstance(end_id, tuple):
+        raise ValueError(f"compat={compat!r} takes one end_id (OpenNMT-tf has one), got {end_id}")
     check_types(strategy, sampler)
+    check_chunk_size(chunk_size)
+    check_repetition(repetition_penalty, no_repeat_ngram_size)
+    if vocab is not None:
+        check_vocabulary(vocab, strategy, sampler, end_id=end_id, start_id=start_id)
     check_lengths(max_length, min_length)
     if compat not in COMPAT_MODES:
         raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
     if sampler.needs_rng and rng is None:
         raise ValueError(f"{type(sampler).__name__} needs rng=jax.random.key(...)")
+    options = SearchOptions(
+        strategy, sampler, end_id, max_length, min_length, compat, rng, chunk_size,
+        float(repetition_penalty), no_repeat_ngram_size, suppress_ids, target_prefix,
+    )  # fmt: skip
+    return options if vocab is None else _checked_ids(options, vocab, batch, stop)
+
+
+def checked_against(
+    options: SearchOptions, *, vocab: int, batch: int, start_id=None, stop=None
+) -> SearchOptions:
+    """``options`` checked against the target vocabulary V and the batch size: ``end_id`` and
+    ``start_id`` (None: not checked), the beam width, top-k, ``suppress_ids``, the target prefix
+    and ``stop`` (a ``stop.StopTable`` or None); ``suppress_ids`` and the prefix in the forms the
+    loop takes."""
+    check_vocabulary(
+        vocab, options.strategy, options.sampler, end_id=options.end_id, start_id=start_id
+    )
+    return _checked_ids(options, vocab, batch, stop)
+
+
+def _checked_ids(options: SearchOptions, vocab: int, batch: int, stop) -> SearchOptions:
+    """``checked_against`` after ``check_vocabulary``: the stop table, suppressed ids, prefix."""
+    if stop is not None and stop.vocab_size != vocab:
+        raise ValueError(
+            f"stop: a table over {stop.vocab_size} token ids, but the model's vocabulary has "
+            f"{vocab}"
+        )
+    end_id, suppress_ids = options.end_id, options.suppress_ids
+    if suppress_ids != ():
+        suppress_ids = check_suppress_ids(suppress_ids, vocab, end_id)
+    prefix = check_target_prefix(
+        options.target_prefix, batch=batch, vocab=vocab, end_id=end_id,
+        max_length=options.max_length,
+    )  # fmt: skip
+    return options.replace(suppress_ids=suppress_ids, target_prefix=prefix, vocab=vocab)
 
 
 def check_vocabulary(vocab: int, strategy, sampler, **ids) -> None:

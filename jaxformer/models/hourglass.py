@@ -418,12 +418,3 @@ class HourglassLM(nn.Module):
         x = self.embedding(ids[:, None], positions)  # [R, 1, D]
         y, cache = self.hourglass.step(x, step, cache)
         return self._logits(y[:, 0]), cache, None
-
-
-def hourglass_step_fn(model: HourglassLM, params):
-    """``dynamic_decode``'s step function for an Hourglass LM: the cache is the state."""
-
-    def step_fn(ids, step, cache):
-        return model.apply({"params": params}, ids, step, cache, method=HourglassLM.decode_step)
-
-    return step_fn

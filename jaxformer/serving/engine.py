@@ -48,7 +48,7 @@ import numpy as np
 from jaxformer.decoding import options as opt
 from jaxformer.decoding.adapters import adapter_for
 from jaxformer.decoding.decode_options import DecodeOptions
-from jaxformer.decoding.generation import cpu_compiler_options
+from jaxformer.decoding.generation import check_for_family, cpu_compiler_options
 from jaxformer.decoding.result import DecodingResult
 from jaxformer.decoding.strategies import GreedySearch
 from jaxformer.serving import pool as pools
@@ -85,6 +85,42 @@ def _key_data(seed: int) -> np.ndarray:
     return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
 
+def _check_settings(
+    adapter, groups: dict, *, end_id, start_id, max_length, max_input_length, sampling_topk,
+    chunk_size, bucket,
+) -> tuple[tuple[int, ...], int | None]:  # fmt: skip
+    """``Engine``'s settings checked against the model: its end ids, and its start id (None for a
+    decoder-only LM)."""
+    spec = adapter.inputs
+    if not groups:
+        raise ValueError("groups must map widths to group counts, e.g. {1: 8, 4: 2}")
+    for width, count in groups.items():
+        opt.require_int("groups: a width", width, 1)
+        opt.require_int(f"groups[{width}]", count, 1)
+    opt.require_int("max_length", max_length, 1)
+    opt.require_int("max_input_length", max_input_length, 1)
+    opt.require_int("chunk_size", chunk_size, 1)
+    opt.require_int("bucket", bucket, 1)
+    if sampling_topk is not None:
+        opt.require_int("sampling_topk", sampling_topk, 0, spec.target_vocab_size)
+    end_id = opt.static_end_id(end_id)
+    check_for_family(spec, start_id)
+    start_id = start_id if spec.needs_start_id else None
+    opt.check_vocabulary(
+        spec.target_vocab_size, GreedySearch(), None, end_id=end_id, start_id=start_id
+    )
+    if max(groups) > spec.target_vocab_size:
+        raise ValueError(f"a width of {max(groups)} exceeds the vocabulary")
+    positions = adapter.positions(max_input_length, max_length)
+    if positions > spec.max_len or max_input_length > spec.max_len:
+        raise ValueError(
+            f"max_input_length={max_input_length} and max_length={max_length} need "
+            f"{max(positions, max_input_length)} positions, more than the model's "
+            f"max_len={spec.max_len}"
+        )
+    return (end_id if isinstance(end_id, tuple) else (end_id,)), start_id
+
+
 class Engine:
     """Continuous batching over fixed slots (the module docstring has the whole story).
 
@@ -117,38 +153,13 @@ class Engine:
         start: bool = True,
     ):
         adapter = adapter_for(model)
-        spec = adapter.inputs
         groups = {1: 8} if groups is None else dict(groups)
-        if not groups:
-            raise ValueError("groups must map widths to group counts, e.g. {1: 8, 4: 2}")
-        for width, count in groups.items():
-            opt.require_int("groups: a width", width, 1)
-            opt.require_int(f"groups[{width}]", count, 1)
-        opt.require_int("max_length", max_length, 1)
-        opt.require_int("max_input_length", max_input_length, 1)
-        opt.require_int("chunk_size", chunk_size, 1)
-        opt.require_int("bucket", bucket, 1)
-        if sampling_topk is not None:
-            opt.require_int("sampling_topk", sampling_topk, 0, spec.target_vocab_size)
-        end_id = opt.static_end_id(end_id)
-        end_ids = end_id if isinstance(end_id, tuple) else (end_id,)
-        start_id = start_id if spec.needs_start_id else None
-        opt.check_vocabulary(
-            spec.target_vocab_size, GreedySearch(), None, end_id=end_id, start_id=start_id
-        )
-        if spec.needs_start_id and start_id is None:
-            raise ValueError(
-                f"a model with a {spec.name} needs start_id (the target's start token)"
-            )
-        if max(groups) > spec.target_vocab_size:
-            raise ValueError(f"a width of {max(groups)} exceeds the vocabulary")
-        positions = adapter.positions(max_input_length, max_length)
-        if positions > spec.max_len or max_input_length > spec.max_len:
-            raise ValueError(
-                f"max_input_length={max_input_length} and max_length={max_length} need "
-                f"{max(positions, max_input_length)} positions, more than the model's "
-                f"max_len={spec.max_len}"
-            )
+        end_ids, start_id = _check_settings(
+            adapter, groups, end_id=end_id, start_id=start_id, max_length=max_length,
+            max_input_length=max_input_length, sampling_topk=sampling_topk,
+            chunk_size=chunk_size, bucket=bucket,
+        )  # fmt: skip
+        spec = adapter.inputs
         widths = tuple(sorted(groups))
         self.layout = Layout(
             adapter=adapter,
