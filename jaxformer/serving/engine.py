@@ -15,8 +15,11 @@ and coverage penalties, temperature, top-p, ``min_length``, ``max_length`` (up t
 the seed and ``n_best``; what fixes shapes or the program is the engine's: the widths and group
 counts, ``max_length`` and ``max_input_length`` (every cache's size), ``sampling_topk`` (one top-k
 for all sampling requests, or no sampling), whether a nucleus (``top_p < 1``) and the coverage
-penalty may be asked for at all. Nothing else is compiled per request but the prefill, once per
-input bucket (inputs are padded to a multiple of ``bucket`` tokens; the padding is masked).
+penalty may be asked for at all, the tokens every request suppresses (``suppress_ids``: Marian's
+padding) and the length of every request's forced target prefix (``prefix_length``: 1 for NLLB's
+target language, whose token is each request's). Nothing else is compiled per request but the
+prefill, once per input bucket (inputs are padded to a multiple of ``bucket`` tokens; the padding
+is masked).
 
 **A request's result is the one ``generate`` gives for it alone** (a batch of one, same options):
 the same ids and lengths, log-probs and scores to rounding (``pool.py`` says why), whatever else
@@ -73,7 +76,10 @@ class Engine:
     (each sampling step then also sorts the vocabulary); ``coverage``: whether beam requests may
     set a coverage penalty (the attention accumulator). ``chunk_size``: steps between two looks
     at the requests (results do not depend on it). ``bucket``: inputs are padded to a multiple
-    of it (one prefill compile per bucket).
+    of it (one prefill compile per bucket). ``suppress_ids``: the token ids no request generates
+    (each request's ``DecodeOptions.suppress_ids`` must be these); ``prefix_length``: P, the
+    length of every request's ``target_prefix`` (encoder-decoder models: forced tokens after the
+    start token, e.g. NLLB's target language; their ids are the request's).
     """
 
     def __init__(
@@ -92,6 +98,8 @@ class Engine:
         chunk_size: int = 8,
         bucket: int = 16,
         start: bool = True,
+        suppress_ids: Sequence[int] = (),
+        prefix_length: int = 0,
     ):
         adapter = adapter_for(model)
         spec = adapter.inputs
@@ -117,6 +125,13 @@ class Engine:
             raise ValueError(
                 f"a model with a {spec.name} needs start_id (the target's start token)"
             )
+        opt.require_int("prefix_length", prefix_length, 0)
+        if prefix_length and not spec.needs_start_id:
+            raise ValueError("prefix_length: a target prefix is for encoder-decoder models")
+        if prefix_length >= max_length:
+            raise ValueError(f"prefix_length={prefix_length} must be below max_length={max_length}")
+        if suppress_ids:
+            suppress_ids = opt.check_suppress_ids(suppress_ids, spec.target_vocab_size, end_id)
         if max(groups) > spec.target_vocab_size:
             raise ValueError(f"a width of {max(groups)} exceeds the vocabulary")
         positions = adapter.positions(max_input_length, max_length)
@@ -140,6 +155,8 @@ class Engine:
             nucleus=nucleus and sampling_topk is not None,
             coverage=coverage and any(w > 1 for w in widths),
             chunk_size=chunk_size,
+            suppress_ids=tuple(suppress_ids),
+            prefix_length=prefix_length,
         )
         self.bucket = bucket
         self.traces: collections.Counter[str] = collections.Counter()  # per program, per trace
@@ -163,10 +180,10 @@ class Engine:
             self.traces["chunk"] += 1
             return pools.chunk(layout, params, states, actives)
 
-        def admit(pool, params, state, group, inputs, length, data, rng, max_length):
+        def admit(pool, params, state, group, inputs, length, data, rng, max_length, prefix):
             self.traces[f"admit[{layout.widths[pool]}]"] += 1
             return pools.admit(
-                layout, pool, params, state, group, inputs, length, data, rng, max_length
+                layout, pool, params, state, group, inputs, length, data, rng, max_length, prefix
             )
 
         def finalize(pool, state, group):
@@ -238,6 +255,7 @@ class Engine:
             raise ValueError("top_p < 1: this engine was made with nucleus=False")
         if o.coverage_penalty != 0 and not layout.coverage:
             raise ValueError("coverage_penalty: this engine was made without coverage=True")
+        o = self._forced(o)
         for name, default in (
             ("target_prefix", ()),
             ("suppress_ids", ()),
@@ -248,6 +266,25 @@ class Engine:
             if getattr(o, name) != default:
                 raise ValueError(f"{name}: not served by the engine (use generate)")
         return array.astype(np.int32)
+
+    def _forced(self, o: DecodeOptions) -> DecodeOptions:
+        """Checks ``target_prefix`` and ``suppress_ids`` against the engine's (``prefix_length``
+        and ``suppress_ids``, the same for every request) and returns ``o`` without them."""
+        layout = self.layout
+        if (o.target_prefix or layout.prefix_length) and len(o.target_prefix) != (
+            layout.prefix_length
+        ):
+            raise ValueError(
+                f"target_prefix of {len(o.target_prefix)} tokens: this engine forces "
+                f"prefix_length={layout.prefix_length}"
+            )
+        if any(not 0 <= i < layout.vocab or i in layout.end_ids for i in o.target_prefix):
+            raise ValueError(f"target_prefix: ids in [0, {layout.vocab}) other than the end ids")
+        if tuple(sorted(set(o.suppress_ids))) != layout.suppress_ids:
+            raise ValueError(
+                f"suppress_ids={o.suppress_ids}: this engine suppresses {layout.suppress_ids}"
+            )
+        return dataclasses.replace(o, target_prefix=(), suppress_ids=())
 
     # Stopping (any thread).
     def close(self, finish: bool = False, timeout: float | None = None) -> None:
@@ -353,10 +390,11 @@ class Engine:
         width_of_pool = layout.widths[pool]
         data = pools.request_data(layout, width_of_pool, o)
         rng = o.rng if o.rng is not None else jax.random.key(0)
+        prefix = np.asarray([o.target_prefix], np.int32).reshape(1, layout.prefix_length)
         states = list(self._states)
         states[pool] = self._admit[pool](
             self._params, states[pool], jnp.int32(group), inputs,
-            jnp.asarray([max(size, 1)], jnp.int32), data, rng, jnp.int32(o.max_length),
+            jnp.asarray([max(size, 1)], jnp.int32), data, rng, jnp.int32(o.max_length), prefix,
         )  # fmt: skip
         self._states = tuple(states)
         self._slots[pool][group] = _Slot(handle, o.max_length, o.n_best)

@@ -104,6 +104,11 @@ class Layout:
     nucleus: bool  # requests may ask for top_p < 1
     coverage: bool  # the coverage accumulator (requests may ask for a coverage penalty)
     chunk_size: int
+    # Every request's: token ids never generated, and the length P of its forced target prefix
+    # (encoder-decoder only; NLLB's target language, BART's forced first token). The prefix's
+    # ids are each request's data (``PoolState.prefix``).
+    suppress_ids: tuple[int, ...] = ()
+    prefix_length: int = 0
 
     @property
     def encoder_decoder(self) -> bool:
@@ -122,7 +127,7 @@ class Layout:
         attention = self.max_input_length if strategy.uses_coverage else 0
         return Search(
             strategy, None, self.end_ids, 1, self.vocab, self.max_length, None, False, False,
-            attention,
+            attention, self.suppress_ids, self.prefix_length,
         )  # fmt: skip
 
 
@@ -138,6 +143,7 @@ class PoolState:
     max_length: Any  # int32[G] its request's max_length
     word_ids: Any  # int32[G, T, W] the step records of its request
     beam_ids: Any  # int32[G, T, W]
+    prefix: Any  # int32[G, P] the target prefix forced on its request's first P steps
 
     @property
     def done(self) -> Bool[Array, " G"]:
@@ -160,7 +166,7 @@ def request_data(layout: Layout, width: int, options) -> SearchData:
 
 
 def _one_group(
-    layout: Layout, width: int, params, inputs, length, data: SearchData, rng, max_length
+    layout: Layout, width: int, params, inputs, length, data: SearchData, rng, max_length, prefix
 ) -> PoolState:
     """The pool state of one group (a batch of one) holding a new request."""
     adapter = layout.adapter
@@ -202,6 +208,7 @@ def _one_group(
         max_length=jnp.asarray(max_length, jnp.int32)[None],
         word_ids=idle.word_ids,
         beam_ids=idle.beam_ids,
+        prefix=jnp.asarray(prefix, jnp.int32).reshape(1, layout.prefix_length),
     )
 
 
@@ -228,9 +235,12 @@ def admit(
     data,
     rng,
     max_length,
+    prefix,
 ) -> PoolState:
-    """``state`` with a new request in ``group`` (traced): its prefill, options and fresh records."""
-    one = _one_group(layout, layout.widths[pool], params, inputs, length, data, rng, max_length)
+    """``state`` with a new request in ``group`` (traced): its prefill, options, target prefix
+    (int32[1, P]) and fresh records."""
+    width = layout.widths[pool]
+    one = _one_group(layout, width, params, inputs, length, data, rng, max_length, prefix)
     return jax.tree.map(lambda p, o: _put(p, o, group), state, one)
 
 
@@ -241,7 +251,7 @@ def empty_pool(layout: Layout, pool: int, params) -> PoolState:
         lambda p: _one_group(
             layout, width, p, jnp.zeros([1, layout.max_input_length], jnp.int32),
             jnp.ones([1], jnp.int32), request_data(layout, width, DecodeOptions()),
-            jax.random.key(0), 1,
+            jax.random.key(0), 1, jnp.zeros([1, layout.prefix_length], jnp.int32),
         ),
         params,
     )  # fmt: skip
@@ -271,12 +281,13 @@ def pool_step(layout: Layout, pool: int, params, state: PoolState, active: Bool[
     else:
         attention = None
 
-    def group_step(state, logits, attention, t, data):
-        new, record, parents = search_step(static, state, logits, attention, t, data)
+    def group_step(state, logits, attention, t, data, prefix):
+        prefix = prefix[None] if layout.prefix_length else None  # [P] --> [1, P]
+        new, record, parents = search_step(static, state, logits, attention, t, data, prefix)
         return new, record.word_ids, record.beam_ids, parents
 
     new, word_ids, beam_ids, parents = jax.vmap(group_step)(
-        search, logits, attention, t, state.data
+        search, logits, attention, t, state.data, state.prefix
     )  # [G, W] each
     keep = lambda old, ran: jnp.where(running.reshape((groups,) + (1,) * (old.ndim - 1)), ran, old)
     unkeyed = dict(rng=None, model_state=None)
