@@ -300,6 +300,14 @@ class Engine:
                 pass
             self._fail(None)
 
+    def occupancy(self) -> tuple[int, dict[int, int]]:
+        """``(requests waiting for a group, {width: groups decoding a request})``: a snapshot for
+        monitoring, read from any thread."""
+        waiting = len(self._waiting) + self._inbox.qsize()  # (the inbox may hold wake-ups too)
+        slots = self._slots
+        busy = {w: sum(s is not None for s in slots[p]) for p, w in enumerate(self.layout.widths)}
+        return waiting, busy
+
     def __enter__(self) -> Engine:
         return self
 
