@@ -269,3 +269,22 @@ def test_the_help_examples_keep_their_line_continuations(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert "--target-vocabulary tgt.txt \\\n        --model-type TransformerBase" in text
+
+
+# --- generate --model --engine ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt_flag", ["--return-prompt", "--no-return-prompt"])
+def test_generate_a_checkpoint_through_the_engine_writes_what_static_batches_write(
+    capsys, monkeypatch, prompt_flag
+):
+    """``generate --model DIR --engine``: the same lines (and prompts echoed or not) as without."""
+    prompts = "Hello\nThe weather today is\nA\n"
+    argv = ["generate", "--model", str(DATA / "hf_lm" / "gpt2"), "--max-length", "6"]
+    argv += ["--batch-size", "2", prompt_flag]
+    status, static, _ = run(capsys, monkeypatch, argv, prompts)
+    assert status == 0 and len(static.splitlines()) == 3
+    status, engine, _ = run(capsys, monkeypatch, [*argv, "--engine"], prompts)
+    assert status == 0 and engine == static
+    starts = [line.startswith(p) for line, p in zip(static.splitlines(), prompts.split("\n"))]
+    assert all(starts) == (prompt_flag == "--return-prompt")

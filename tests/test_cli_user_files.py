@@ -159,3 +159,65 @@ def test_generate_writes_each_prompt_as_it_comes(capsys, monkeypatch, tmp_path_f
     )
     status, _, _ = run(capsys, monkeypatch, [*argv, "--resume"], "\n".join(prompts) + "\n")
     assert status == 0 and len(target.read_text().splitlines()) == 36
+
+
+def _interrupt_writing_at(monkeypatch, line: int):
+    """``Output.write`` raises KeyboardInterrupt (Ctrl-C) when asked for its ``line``-th line."""
+    from jaxformer.cli import files
+
+    real, calls = files.Output.write, [0]
+
+    def write(self, lines):
+        calls[0] += 1
+        if calls[0] == line:
+            raise KeyboardInterrupt
+        return real(self, lines)
+
+    monkeypatch.setattr(files.Output, "write", write)
+
+
+def test_the_engine_writes_the_file_static_batches_write_and_resumes(
+    workdir, capsys, monkeypatch, tmp_path
+):
+    """``translate --engine``: every line through the continuous-batching engine, the same file;
+    Ctrl-C keeps the lines written (the engine stops), ``--resume --engine`` finishes it."""
+    lines = [str(n) for n in (7, 1234, 56, 9, 880, 31, 2, 4045, 123456, 17)] * 3 + [""]
+    source, target = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text("\n".join(lines) + "\n")
+    argv = ["translate", "--workdir", str(workdir), "--max-length", "16", "--batch-size", "3"]
+    argv += ["--input", str(source), "--beam-size", "2", "--n-best", "2", "--with-scores"]
+    status, expected, _ = run(capsys, monkeypatch, argv)
+    assert status == 0 and len(expected.splitlines()) == 2 * len(lines)
+    status, out, _ = run(capsys, monkeypatch, [*argv, "--engine"])
+    assert status == 0
+    for got, want in zip(out.splitlines(), expected.splitlines(), strict=True):
+        (score, text), (want_score, want_text) = got.split(" ||| "), want.split(" ||| ")
+        assert text == want_text and abs(float(score) - float(want_score)) <= 1e-5
+
+    with monkeypatch.context() as patch:
+        _interrupt_writing_at(patch, 12)
+        status, _, err = run(capsys, monkeypatch, [*argv, "--engine", "--output", str(target)])
+    assert status == 130 and "interrupted: 11 of 31 lines written to" in err
+    assert target.read_text().splitlines() == out.splitlines()[:22]
+    status, _, err = run(
+        capsys, monkeypatch, [*argv, "--engine", "--output", str(target), "--resume"]
+    )
+    assert status == 0 and "11 of 31 lines are in" in err
+    assert target.read_text() == out
+    status, _, err = run(capsys, monkeypatch, [*argv, "--engine", "--target-prefix", "x"])
+    assert status == 2 and "--engine: target_prefix" in err
+
+
+def test_generate_through_the_engine_continues_as_static_batches_do(
+    capsys, monkeypatch, tmp_path_factory
+):
+    from cli_run import trained_lm
+
+    workdir = trained_lm(tmp_path_factory)
+    capsys.readouterr()  # what training printed, if this test trained the run
+    prompts = "\n".join(["ROMEO.", "To be", "What", "O", "the lazy"] * 2) + "\n"
+    argv = ["generate", "--workdir", str(workdir), "--max-length", "6", "--batch-size", "2"]
+    status, expected, _ = run(capsys, monkeypatch, argv, prompts)
+    assert status == 0
+    status, out, _ = run(capsys, monkeypatch, [*argv, "--engine"], prompts)
+    assert status == 0 and out == expected

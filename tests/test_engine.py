@@ -202,14 +202,15 @@ def test_every_request_gets_generates_result_for_it_alone(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS.values())
-def test_the_chunk_compiles_once_and_the_prefill_once_per_bucket(kind):
+def test_the_chunk_compiles_once_and_the_prefill_once_per_bucket_and_size(kind):
     engine = kind_engine(kind)
     if not engine.traces["chunk"]:
         test_every_request_gets_generates_result_for_it_alone(kind)
     buckets = len({min(MAX_INPUT, -(-max(n, 1) // 8) * 8) for n in LENGTHS})
     assert engine.traces["chunk"] == 1
-    for width in (1, WIDTH):
-        assert 1 <= engine.traces[f"admit[{width}]"] <= buckets
+    for width, groups in ((1, 3), (WIDTH, 2)):
+        sizes = groups.bit_length() + (groups & (groups - 1) != 0)  # 1, 2, 4 ... >= groups
+        assert 1 <= engine.traces[f"admit[{width}]"] <= buckets * sizes
         assert engine.traces[f"finalize[{width}]"] == 1
 
 
@@ -289,9 +290,12 @@ def test_threads_and_an_event_loop_submit_to_the_running_engine(kind):
     assert tokens == got.ids[0, 0, : got.lengths[0, 0]].tolist()
     assert_as_alone(kind, *requests[1], beam)
 
-    pending = [
-        engine.submit(requests[0][0], DecodeOptions(max_length=MAX_LENGTH)) for _ in range(8)
-    ]
+    # More greedy requests at once than greedy groups: each finished group takes a waiting one.
+    many = [engine.submit(*greedy) for _ in range(8)]
+    for handle in many:
+        assert_as_alone(kind, *greedy, handle.result(timeout=120.0))
+
+    pending = [engine.submit(*greedy) for _ in range(8)]
     engine.close()  # cancels what has not finished, and stops the thread
     assert not engine._thread.is_alive()
     assert all(h.done() for h in pending) and any(h.future.cancelled() for h in pending)

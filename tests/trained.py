@@ -17,7 +17,7 @@ from jaxformer.data.corpora import number_pairs, split_pairs
 from jaxformer.data.tokenizers import CharTokenizer, encode_all
 from jaxformer.training.step import TrainConfig, create_train_state, make_train_step
 
-STEPS = 600
+STEPS = 1000
 BATCH = 32
 OPTIMISED = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
 
@@ -40,7 +40,7 @@ def trained_number_model():
         ffn_dropout=0.0,
     )
     model = Transformer(config)
-    train_config = TrainConfig(learning_rate=2.0, warmup_steps=100, clip_norm=1.0)
+    train_config = TrainConfig(learning_rate=2.0, warmup_steps=200, clip_norm=1.0)
     token_pairs = list(
         zip(
             encode_all(src_tok, [s for s, _ in split.train]),

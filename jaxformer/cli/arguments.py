@@ -16,7 +16,12 @@ EXPORT_FORMATS = ("ctranslate2",)
 
 def add_search_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("search")
-    add = group.add_argument
+    _add_strategy_options(group.add_argument)
+    _add_output_shape_options(group.add_argument)
+
+
+def _add_strategy_options(add) -> None:
+    """How the next token is chosen: beams and their penalties, sampling."""
     add("--beam-size", type=int, help="1: greedy search (default: 1)")
     add("--length-penalty", type=float, help="GNMT length penalty alpha, beam search (default: 0)")
     add(
@@ -41,6 +46,11 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
         help="nucleus sampling: keep the best candidates holding this probability mass; needs "
         "sampling (default: 1, all)",
     )
+    add("--seed", type=int, help="sampling seed (default: 0)")
+
+
+def _add_output_shape_options(add) -> None:
+    """What an output may be: its lengths, repeats, stop strings; where defaults come from."""
     add("--min-length", type=int, help="no end token before this many tokens (default: 0)")
     add(
         "--max-length",
@@ -61,7 +71,6 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
         help="no n-gram of this size twice in a hypothesis (an LM's prompt included) "
         "(default: 0, off)",
     )
-    add("--seed", type=int, help="sampling seed (default: 0)")
     add(
         "--stop",
         action="append",
@@ -172,6 +181,16 @@ def add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def add_engine_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        action="store_true",
+        help="decode through the continuous-batching engine: --batch-size slots (of --beam-size "
+        "rows each), a finished line's slot taken by the next line at once; the same results "
+        "(default: length-sorted batches)",
+    )
+
+
 def add_quantization_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantization",
@@ -211,6 +230,7 @@ def add_translate(command) -> None:
     add_output_options(translate, "source")
     add_text_options(translate)
     translate.add_argument("--with-scores", action="store_true", help="print 'score ||| text'")
+    add_engine_option(translate)
     add_quantization_option(translate)
     add_unk_option(translate)
     add_search_options(translate)
@@ -240,6 +260,7 @@ def add_generate(command) -> None:
         "alone) (default: on)",
     )
     generate.add_argument("--with-scores", action="store_true", help="print 'score ||| text'")
+    add_engine_option(generate)
     group = generate.add_argument_group("--model (imported checkpoints)")
     group.add_argument(
         "--dtype",

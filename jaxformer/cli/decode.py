@@ -1,8 +1,9 @@
 """``jaxformer translate`` and ``jaxformer generate``: lines in, results out, each written as it comes.
 
 Results are written in input order, each as soon as every earlier line's is (the decoders sort by
-length within windows of lines, never over the whole file). Ctrl-C keeps what was written, says how
-much, and exits 130; ``--resume`` continues after the lines an earlier run wrote to ``--output``.
+length within windows of lines, never over the whole file; with ``--engine`` the lines go one by
+one through the serving engine, a finished line's slots taken by the next at once). Ctrl-C keeps
+what was written, says how much, and exits 130; ``--resume`` continues after the lines an earlier run wrote to ``--output``.
 """
 
 from __future__ import annotations
@@ -57,9 +58,11 @@ def _imported(args, lines):
     if args.source_prefix is None and pre.wants_prefix:
         warn(pre.prefix_warning().replace("source_prefix= / ", ""))
     args.with_scores = search.with_scores(args, onmt)
+    engine = _engine(args, pre.model, pre.params, options, size, pre.special_ids)
     make = lambda todo: pre.iter_translate(
         todo, options, source_lang=args.source_lang, target_lang=args.target_lang,
         batch_size=size, truncate=args.truncate, source_prefix=args.source_prefix or "",
+        engine_for=engine,
     )  # fmt: skip
     return make, options
 
@@ -76,12 +79,29 @@ def _trained(args, lines):
     )
     size = search.batch_size(args, onmt)
     model, params = quantized(run.model, run.params, args.quantization, size * options.beam_size)
+    engine = _engine(args, model, params, options, size)
     make = lambda todo: iter_translations(
         model, params, run.source_tokenizer, run.target_tokenizer, todo, options,
         batch_size=size, truncate=args.truncate, source_prefix=args.source_prefix or "",
+        engine_for=engine,
     )  # fmt: skip
     args.with_scores = search.with_scores(args, onmt)
     return make, options
+
+
+def _engine(args, model, params, options, slots: int, special_ids=None):
+    """``--engine``: the serving engine's factory for these options (None without the flag)."""
+    if not getattr(args, "engine", False):
+        return None
+    from jaxformer.decoding.decode_options import SpecialIds
+    from jaxformer.serving import engine_for
+
+    try:
+        return engine_for(
+            model, params, options, slots=slots, special_ids=special_ids or SpecialIds()
+        )
+    except ValueError as error:
+        raise UsageError(f"--engine: {error}") from None
 
 
 def write_all(
@@ -194,8 +214,9 @@ def _imported_lm(args):
     size = search.batch_size(args, None)
     model, params = quantized(pre.model, pre.params, args.quantization, size * options.beam_size)
     pre = dataclasses.replace(pre, model=model, params=params)
+    engine = _engine(args, model, params, options, size, pre.special_ids)
     make = lambda todo: pre.iter_generate(
-        todo, options, return_prompt=args.return_prompt, batch_size=size
+        todo, options, return_prompt=args.return_prompt, batch_size=size, engine_for=engine
     )
     return make, options
 
@@ -214,7 +235,8 @@ def _trained_lm(args, prompts):
     size = search.batch_size(args, onmt)
     model, params = quantized(run.model, run.params, args.quantization, size * options.beam_size)
     args.with_scores = search.with_scores(args, onmt)
+    engine = _engine(args, model, params, options, size)
     make = lambda todo: iter_continuations(
-        model, params, run.target_tokenizer, todo, options, batch_size=size
+        model, params, run.target_tokenizer, todo, options, batch_size=size, engine_for=engine
     )
     return make, options

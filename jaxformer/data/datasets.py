@@ -22,6 +22,7 @@ from jaxformer.data.batching import (
     bucket_batches,
     lm_windows,
 )
+from jaxformer.data.config import DataConfig
 from jaxformer.data.corpora import (
     Pair,
     Split,
@@ -39,7 +40,6 @@ from jaxformer.data.tokenizers import (
     encode_all,
     load_tokenizer,
 )
-from jaxformer.training.experiment import DataConfig
 
 LENGTH_STEP = 16  # bucket boundaries: multiples of 16 tokens up to data.max_length
 

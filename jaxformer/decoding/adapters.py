@@ -130,10 +130,10 @@ class LanguageModelAdapter:
 
     def step(self, params, ids, step, state, shared):
         cache, offset = state
-        logits, cache, _ = self.model.apply(
+        logits, cache, attention = self.model.apply(
             {"params": params}, ids, offset + step, cache, method=type(self.model).decode_step
         )
-        return logits, (cache, offset)
+        return logits, (cache, offset), attention  # the protocol's three (no source: None)
 
 
 ADAPTERS: dict[type, type] = {

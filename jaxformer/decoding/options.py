@@ -76,9 +76,9 @@ def check_lengths(max_length, min_length) -> None:
 
 
 def check_types(strategy, sampler) -> None:
-    from jaxformer.decoding.strategies import BeamSearch, GreedySearch
-
-    if not isinstance(strategy, GreedySearch | BeamSearch):
+    """A strategy and a sampler by what they do (``strategies.py``, ``samplers.py`` import this
+    module, not the other way round)."""
+    if not all(hasattr(strategy, name) for name in ("width", "select", "initial_log_probs")):
         raise TypeError(f"strategy must be GreedySearch() or BeamSearch(...), got {strategy!r}")
     if not callable(sampler) or not hasattr(sampler, "needs_rng"):
         raise TypeError(f"sampler must be BestSampler() or RandomSampler(...), got {sampler!r}")

@@ -14,10 +14,15 @@ works the same way: it sorts what it has read (``read_batch_size``), never the w
 Empty inputs are not decoded: ``empty()`` gives their output. A row's result does not depend on the
 other rows of its batch (the search's guarantee), so windows and batches change nothing but speed;
 only a sampled search's random keys follow the batches (one key per batch, in decoding order).
+
+``in_order_submitted`` does the same for a decoder that runs beside the caller and takes items one
+at a time (the serving engine's continuous batching): it keeps ``window`` items submitted ahead of
+the next one to yield, so the decoder always has work while outputs leave in input order.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -108,3 +113,31 @@ def in_order(
         while following in done:  # a window of empty items only
             yield following, done.pop(following)
             following += 1
+
+
+def in_order_submitted(
+    items: Sequence[Sequence[int]],
+    submit: Callable[[int], Any],
+    output: Callable[[int, Any], Any],
+    empty: Callable[[int], Any] | None,
+    *,
+    window: int,
+) -> Iterator[tuple[int, Any]]:
+    """``(index, output)`` for every item in input order, each as soon as it and all earlier items
+    are done. ``submit(i)`` hands item i to a decoder running on its own and returns a handle
+    (``result()`` blocks until it is decoded; ``cancel()``); ``output(i, result)`` makes item i's
+    output. At most ``window`` items are in flight, counted from the next one to yield: a long
+    item holds back the writing of later ones, not their decoding. Closing the iterator early (an
+    interrupted caller) cancels what is in flight. Empty items are not submitted (``empty(i)``)."""
+    require_int("window", window, 1)
+    flight: collections.deque = collections.deque()  # (index, handle or None), in input order
+    try:
+        for i in range(len(items)):
+            flight.append((i, submit(i) if len(items[i]) else None))
+            while flight and (len(flight) >= window or i == len(items) - 1):
+                index, handle = flight.popleft()
+                yield index, empty(index) if handle is None else output(index, handle.result())
+    finally:
+        for _, handle in flight:
+            if handle is not None:
+                handle.cancel()

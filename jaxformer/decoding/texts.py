@@ -23,7 +23,8 @@ can tell the user rather than return a translation of ``<unk>`` without a word.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -36,7 +37,7 @@ from jaxformer.data.tokenizers import (
 )
 from jaxformer.decoding.decode_options import DecodeOptions, SpecialIds
 from jaxformer.decoding.generation import generate
-from jaxformer.decoding.ordered import in_order, sorted_batches
+from jaxformer.decoding.ordered import WINDOW_BATCHES, in_order, in_order_submitted, sorted_batches
 from jaxformer.decoding.stop import cut_at_stop, table_for
 
 
@@ -117,6 +118,7 @@ def iter_translations(
     special_ids: SpecialIds = SpecialIds(),
     source_prefix: str = "",
     window: int | None = None,
+    engine_for: Callable[[int], Any] | None = None,
 ) -> Iterator[Output]:
     """The translation of each line, in input order, each as soon as every earlier one is done.
 
@@ -127,7 +129,10 @@ def iter_translations(
     German: ``). ``Output.unknown`` names the symbols of each line that the source vocabulary lacks
     (they were translated as ``<unk>``); ``Output.input_truncated`` says ``truncate`` cut the line.
     ``special_ids``: the start, end, padding and unknown ids of the tokenizers (jaxformer's by
-    default; ``Pretrained.translate`` passes a checkpoint's).
+    default; ``Pretrained.translate`` passes a checkpoint's). ``engine_for(longest)``: a serving
+    engine (``jaxformer.serving.engine_for``) for sources of at most ``longest`` tokens; the lines
+    then go through it one by one (continuous batching) instead of in sorted batches: the same
+    results, a sampled line drawing with ``options.seed``'s key whatever its neighbours.
     """
     lines = check_lines(lines)
     _check_batch_size(batch_size)
@@ -145,8 +150,30 @@ def iter_translations(
         ]
 
     empty = lambda i: Output([""] * options.n_best, [0.0] * options.n_best, False, unknown[i])
+    if engine_for is not None:
+        alone = lambda i, r: _output(_arrays(r), 0, tgt_tokenizer, options, unknown[i], cut[i])
+        return _through(
+            engine_for, sources, options, alone, empty, window or WINDOW_BATCHES * batch_size
+        )
     batching = dict(batch_size=batch_size, window=window, pad_id=special_ids.pad)
     return (output for _, output in in_order(sources, decode, empty, **batching))
+
+
+def _through(engine_for, items, options, output, empty, in_flight: int) -> Iterator[Output]:
+    """The outputs of ``items`` decoded one by one by a serving engine, in input order, at most
+    ``in_flight`` of them submitted ahead of the next one out."""
+    engine = engine_for(max((len(x) for x in items), default=1))
+    try:
+        submit = lambda i: engine.submit(items[i], options)
+        ordered = in_order_submitted(items, submit, output, empty, window=in_flight)
+        yield from (out for _, out in ordered)
+    finally:
+        engine.close()
+
+
+def _arrays(result) -> tuple:
+    """A batch-of-one result as ``_decode_batch`` returns a batch."""
+    return jax.device_get((result.ids, result.lengths, result.scores))
 
 
 def translate_texts(
@@ -312,9 +339,11 @@ def iter_continuations(
     window: int | None = None,
     special_ids: SpecialIds = SpecialIds(),
     return_prompt: bool = False,
+    engine_for: Callable[[int], Any] | None = None,
 ) -> Iterator[Output]:
     """Language models: the continuation of each prompt (at least one token each), in input order,
-    each as soon as every earlier one is done (windows and batches as ``iter_translations``').
+    each as soon as every earlier one is done (windows and batches, or ``engine_for``, as
+    ``iter_translations``').
 
     Prompts of different lengths share a batch (right-padded; each row continues at its own
     positions, so its result does not depend on the others). ``return_prompt``: each text is the
@@ -344,6 +373,13 @@ def iter_continuations(
 
     prompt = lambda i: encoded[i] if return_prompt else ()
 
+    if engine_for is not None:
+        alone = lambda i, r: _output(
+            _arrays(r), 0, tokenizer, options, unknown[i], prompt=prompt(i)
+        )
+        return _through(
+            engine_for, encoded, options, alone, None, window or WINDOW_BATCHES * batch_size
+        )
     batching = dict(batch_size=batch_size, window=window, pad_id=special_ids.pad)
     batching |= dict(max_width=widest, filler=(special_ids.pad,))
     return (output for _, output in in_order(encoded, decode, None, **batching))

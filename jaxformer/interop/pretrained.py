@@ -211,8 +211,10 @@ class Pretrained:
         return_prompt: bool = False,
         batch_size: int = 32,
         window: int | None = None,
+        engine_for=None,
     ):
-        """``generate``, one output at a time in input order (``decoding.texts.iter_continuations``)."""
+        """``generate``, one output at a time in input order (``decoding.texts.iter_continuations``;
+        static batches, or through ``engine_for``'s serving engine)."""
         from jaxformer.decoding.texts import iter_continuations
 
         if not self.is_language_model:
@@ -230,7 +232,7 @@ class Pretrained:
         return iter_continuations(
             self.model, self.params, self.target_tokenizer, prompts, options,
             batch_size=batch_size, window=window, special_ids=self.special_ids,
-            return_prompt=return_prompt,
+            return_prompt=return_prompt, engine_for=engine_for,
         )  # fmt: skip
 
     def translate(
@@ -275,9 +277,11 @@ class Pretrained:
         truncate: bool = False,
         source_prefix: str | None = None,
         window: int | None = None,
+        engine_for=None,
     ):
         """``translate``, one output at a time in input order (``decoding.texts.iter_translations``:
-        lines sorted by length within windows of ``window`` lines)."""
+        lines sorted by length within windows of ``window`` lines, or through ``engine_for``'s
+        serving engine)."""
         from jaxformer.decoding.texts import iter_translations
 
         source, prefix = self._source(source_lang, source_prefix)
@@ -286,7 +290,7 @@ class Pretrained:
         return iter_translations(
             self.model, self.params, source, self.target_tokenizer, lines, options,
             batch_size=batch_size, truncate=truncate, special_ids=self.special_ids,
-            source_prefix=prefix, window=window,
+            source_prefix=prefix, window=window, engine_for=engine_for,
         )  # fmt: skip
 
     def _source(self, source_lang: str | None, source_prefix: str | None):
@@ -314,13 +318,3 @@ class Pretrained:
 
 def _unk_id(tokenizer) -> int | None:
     return None if tokenizer is None else getattr(tokenizer, "unk_id", None)
-
-
-def __getattr__(name: str):
-    """``load_pretrained`` lives in ``registry.py`` (it imports every importer, which import this
-    module); ``from jaxformer.interop.pretrained import load_pretrained`` keeps working."""
-    if name == "load_pretrained":
-        from jaxformer.interop.registry import load_pretrained
-
-        return load_pretrained
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

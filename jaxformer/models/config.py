@@ -343,15 +343,3 @@ class TransformerConfig:
 
     def replace(self, **changes) -> TransformerConfig:
         return dataclasses.replace(self, **changes)
-
-
-_MOVED_TO_PRESETS = ("OPENNMT_TF", "OPENNMT_TF_PRESETS", "PRESETS", "preset")
-
-
-def __getattr__(name: str):
-    """The presets live in ``presets.py``; imports of them from here keep working."""
-    if name in _MOVED_TO_PRESETS:
-        from jaxformer.models import presets
-
-        return getattr(presets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

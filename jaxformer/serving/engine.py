@@ -17,9 +17,10 @@ counts, ``max_length`` and ``max_input_length`` (every cache's size), ``sampling
 for all sampling requests, or no sampling), whether a nucleus (``top_p < 1``) and the coverage
 penalty may be asked for at all, the tokens every request suppresses (``suppress_ids``: Marian's
 padding) and the length of every request's forced target prefix (``prefix_length``: 1 for NLLB's
-target language, whose token is each request's). Nothing else is compiled per request but the
-prefill, once per input bucket (inputs are padded to a multiple of ``bucket`` tokens; the padding
-is masked).
+target language, whose token is each request's). Nothing is compiled per request; the admission
+(the prefill of the requests admitted between two chunks, together) once per input bucket (inputs
+are padded to a multiple of ``bucket`` tokens; the padding is masked) and per number admitted (a
+power of two).
 
 **A request's result is the one ``generate`` gives for it alone** (a batch of one, same options):
 the same ids and lengths, log-probs and scores to rounding (``pool.py`` says why), whatever else
@@ -45,7 +46,6 @@ import threading
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.decoding import options as opt
@@ -66,6 +66,28 @@ class _Slot:
     n_best: int
 
 
+UNSERVED = (  # DecodeOptions the engine does not serve yet, with their neutral values
+    ("target_prefix", ()),
+    ("suppress_ids", ()),
+    ("repetition_penalty", 1.0),
+    ("no_repeat_ngram_size", 0),
+    ("stop", ()),
+)
+
+
+def check_served(options: DecodeOptions) -> None:
+    """Refuses the options no engine serves yet (``generate`` and static batching do)."""
+    for name, neutral in UNSERVED:
+        if getattr(options, name) != neutral:
+            raise ValueError(f"{name}: not served by the engine (decode without it)")
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_data(seed: int) -> np.ndarray:
+    """The data of ``jax.random.key(seed)`` (what ``DecodeOptions.rng`` makes), once per seed."""
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))
+
+
 class Engine:
     """Continuous batching over fixed slots (the module docstring has the whole story).
 
@@ -76,10 +98,11 @@ class Engine:
     (each sampling step then also sorts the vocabulary); ``coverage``: whether beam requests may
     set a coverage penalty (the attention accumulator). ``chunk_size``: steps between two looks
     at the requests (results do not depend on it). ``bucket``: inputs are padded to a multiple
-    of it (one prefill compile per bucket). ``suppress_ids``: the token ids no request generates
-    (each request's ``DecodeOptions.suppress_ids`` must be these); ``prefix_length``: P, the
-    length of every request's ``target_prefix`` (encoder-decoder models: forced tokens after the
-    start token, e.g. NLLB's target language; their ids are the request's).
+    of it (one prefill compile per bucket and number of requests admitted together, a power of
+    two). ``suppress_ids``: the token ids no request generates (each request's
+    ``DecodeOptions.suppress_ids`` must be these); ``prefix_length``: P, the length of every
+    request's ``target_prefix`` (encoder-decoder models: forced tokens after the start token,
+    e.g. NLLB's target language; their ids are the request's).
     """
 
     def __init__(
@@ -168,11 +191,12 @@ class Engine:
         self._inbox: queue.Queue[Handle | None] = queue.Queue()
         self._closing = False
         self._finish_first = False
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="jaxformer-engine", daemon=True)
         if start:
             self._thread.start()
 
-    # Programs (compiled once per layout; the admission once per input bucket).
+    # Programs (compiled once per layout; the admission once per input bucket and size).
     def _programs(self) -> None:
         layout, options = self.layout, cpu_compiler_options()
 
@@ -180,15 +204,16 @@ class Engine:
             self.traces["chunk"] += 1
             return pools.chunk(layout, params, states, actives)
 
-        def admit(pool, params, state, group, inputs, length, data, rng, max_length, prefix):
+        def admit(pool, params, state, groups, inputs, lengths, data, keys, max_lengths, prefixes):
             self.traces[f"admit[{layout.widths[pool]}]"] += 1
             return pools.admit(
-                layout, pool, params, state, group, inputs, length, data, rng, max_length, prefix
-            )
+                layout, pool, params, state, groups, inputs, lengths, data, keys, max_lengths,
+                prefixes,
+            )  # fmt: skip
 
-        def finalize(pool, state, group):
+        def finalize(pool, state):
             self.traces[f"finalize[{layout.widths[pool]}]"] += 1
-            return pools.finalize_group(layout, pool, state, group)
+            return pools.finalize_groups(layout, pool, state)
 
         jit = functools.partial(jax.jit, compiler_options=options)
         self._chunk = jit(chunk, donate_argnums=1)
@@ -219,7 +244,11 @@ class Engine:
         handle = Handle(array, options, on_tokens)
         handle._engine = self
         if self._closing:
-            raise RuntimeError("the engine is closed")
+            raise RuntimeError(
+                "the engine is closed"
+                if self._error is None
+                else f"the engine failed: {self._error!r}"
+            )
         self._inbox.put(handle)
         return handle
 
@@ -255,16 +284,7 @@ class Engine:
             raise ValueError("top_p < 1: this engine was made with nucleus=False")
         if o.coverage_penalty != 0 and not layout.coverage:
             raise ValueError("coverage_penalty: this engine was made without coverage=True")
-        o = self._forced(o)
-        for name, default in (
-            ("target_prefix", ()),
-            ("suppress_ids", ()),
-            ("repetition_penalty", 1.0),
-            ("no_repeat_ngram_size", 0),
-            ("stop", ()),
-        ):
-            if getattr(o, name) != default:
-                raise ValueError(f"{name}: not served by the engine (use generate)")
+        check_served(self._forced(o))
         return array.astype(np.int32)
 
     def _forced(self, o: DecodeOptions) -> DecodeOptions:
@@ -334,11 +354,14 @@ class Engine:
     def _run(self) -> None:
         try:
             while True:
-                self._collect(block=not self._busy() and not self._closing)
+                idle = not self._busy() and not self._waiting  # nothing to do but wait
+                self._collect(block=idle and not self._closing)
                 if self._closing and not (self._finish_first and (self._busy() or self._waiting)):
                     break
                 self._turn()
         except BaseException as error:  # handed to every caller still waiting
+            self._error = error
+            self._closing = True
             self._fail(error)
             raise
         finally:
@@ -377,35 +400,55 @@ class Engine:
 
     def _admit_waiting(self) -> None:
         """Admit waiting requests in their order of arrival while their pool has a free group
-        (a request whose pool is full does not hold back the others)."""
+        (a request whose pool is full does not hold back the others), one call per pool."""
+        free = [
+            collections.deque(g for g, s in enumerate(slots) if s is None) for slots in self._slots
+        ]
+        admitted: list[list[tuple[int, Handle]]] = [[] for _ in self._slots]
         still = collections.deque()
-        while self._waiting:
+        while self._waiting and any(free):
             handle = self._waiting.popleft()
             pool = self.layout.widths.index(handle.options.beam_size)
-            free = [g for g, slot in enumerate(self._slots[pool]) if slot is None]
-            if not free:
+            if free[pool]:
+                admitted[pool].append((free[pool].popleft(), handle))
+            else:
                 still.append(handle)
-                continue
-            self._admit_one(pool, free[0], handle)
+        still.extend(self._waiting)
         self._waiting = still
+        for pool, requests in enumerate(admitted):
+            if requests:
+                self._admit_all(pool, requests)
 
-    def _admit_one(self, pool: int, group: int, handle: Handle) -> None:
-        layout, o = self.layout, handle.options
-        size = handle.inputs.size
-        width = min(layout.max_input_length, max(1, -(-size // self.bucket)) * self.bucket)
-        inputs = np.full([1, width], layout.adapter.inputs.pad_id, np.int32)
-        inputs[0, :size] = handle.inputs
-        width_of_pool = layout.widths[pool]
-        data = pools.request_data(layout, width_of_pool, o)
-        rng = o.rng if o.rng is not None else jax.random.key(0)
-        prefix = np.asarray([o.target_prefix], np.int32).reshape(1, layout.prefix_length)
+    def _admit_all(self, pool: int, requests: list[tuple[int, Handle]]) -> None:
+        """One admission call for ``requests`` (``(group, handle)``), padded to a power of two
+        (padding rows go to group G: dropped), inputs to the longest one's bucket."""
+        layout = self.layout
+        count = 1 << (len(requests) - 1).bit_length()  # the admission size: a power of two
+        longest = max(handle.inputs.size for _, handle in requests)
+        width = min(layout.max_input_length, max(1, -(-longest // self.bucket)) * self.bucket)
+        inputs = np.full([count, width], layout.adapter.inputs.pad_id, np.int32)
+        lengths = np.ones([count], np.int32)
+        groups = np.full([count], layout.groups[pool], np.int32)
+        max_lengths = np.ones([count], np.int32)
+        prefixes = np.zeros([count, layout.prefix_length], np.int32)
+        datas, keys = [], []
+        for row, (group, handle) in enumerate(requests):
+            o, size = handle.options, handle.inputs.size
+            inputs[row, :size] = handle.inputs
+            lengths[row], groups[row], max_lengths[row] = max(size, 1), group, o.max_length
+            prefixes[row] = o.target_prefix
+            datas.append(pools.request_data(layout, layout.widths[pool], o))
+            keys.append(_key_data(o.seed if o.sampling_topk != 1 else 0))  # DecodeOptions.rng's
+            self._slots[pool][group] = _Slot(handle, o.max_length, o.n_best)
+        datas += datas[:1] * (count - len(requests))
+        keys += keys[:1] * (count - len(requests))
+        data = jax.tree.map(lambda *x: np.stack(x), *datas)
         states = list(self._states)
         states[pool] = self._admit[pool](
-            self._params, states[pool], jnp.int32(group), inputs,
-            jnp.asarray([max(size, 1)], jnp.int32), data, rng, jnp.int32(o.max_length), prefix,
+            self._params, states[pool], groups, inputs, lengths, data, np.stack(keys), max_lengths,
+            prefixes,
         )  # fmt: skip
         self._states = tuple(states)
-        self._slots[pool][group] = _Slot(handle, o.max_length, o.n_best)
 
     def _step(self) -> None:
         actives = tuple(np.asarray([slot is not None for slot in slots]) for slots in self._slots)
@@ -413,14 +456,16 @@ class Engine:
         tokens, report = jax.device_get((tokens, report))
         for pool, slots in enumerate(self._slots):
             _, done = report[pool]
+            finished = [g for g, slot in enumerate(slots) if slot is not None and done[g]]
+            results = jax.device_get(self._finalize[pool](self._states[pool])) if finished else None
             for group, slot in enumerate(slots):
                 if slot is None:
                     continue
                 if self.layout.widths[pool] == 1:
                     self._stream(slot.handle, tokens[pool][:, group])
-                if done[group]:
+                if group in finished:
                     slots[group] = None
-                    slot.handle._finish(self._result(pool, group, slot))
+                    slot.handle._finish(self._result(results, group, slot))
 
     def _stream(self, handle: Handle, tokens: np.ndarray) -> None:
         new = []
@@ -431,16 +476,17 @@ class Engine:
         if new:
             handle._push(new)
 
-    def _result(self, pool: int, group: int, slot: _Slot) -> DecodingResult:
-        r = jax.device_get(self._finalize[pool](self._states[pool], jnp.int32(group)))
+    @staticmethod
+    def _result(results: DecodingResult, group: int, slot: _Slot) -> DecodingResult:
+        """Group ``group``'s result cut to its request's ``n_best`` and ``max_length``."""
         n, length = slot.n_best, slot.max_length
         return DecodingResult(
-            ids=r.ids[:, :n, :length],
-            lengths=r.lengths[:, :n],
-            log_probs=r.log_probs[:, :n],
-            scores=r.scores[:, :n],
+            ids=results.ids[group, :, :n, :length],
+            lengths=results.lengths[group, :, :n],
+            log_probs=results.log_probs[group, :, :n],
+            scores=results.scores[group, :, :n],
             attention=None,
-            steps=r.steps,
+            steps=results.steps[group],
         )
 
     def _fail(self, error: BaseException | None) -> None:
@@ -460,4 +506,4 @@ class Engine:
             handle._finish(error=error)
 
 
-__all__ = ["Engine", "Handle"]
+__all__ = ["UNSERVED", "Engine", "Handle", "check_served"]

@@ -4,14 +4,16 @@ A pool is G groups of W rows (the slots); a request occupies one group. The engi
 width it serves: W = 1 for greedy search and sampling, W = the beam width for beam search. Every
 array has the same shape whatever runs, so each program below compiles once per engine:
 
-- ``admit`` (one compile per input bucket): the request's prefill alone, as ``generate`` prepares
-  a batch of one (``adapter.prepare``: the encoder and ``init_memory`` for a source, ``prefill``
-  for a prompt), tiled to W rows by the search-state protocol (``tile_batch``: a fresh
-  ``BeamKVCache`` origin table), then written into the pool at its group. Every leaf of a pool
-  state has a group axis (G entries) or a row axis (G*W rows) first; the request's leaf has 1 or W
-  there, so it goes in at ``g * 1`` or ``g * W``, padded with zeros to the pool's trailing shape
-  (a shorter source's memory, its mask False past the source). The encoder memory stays one copy
-  per group: the W rows of a beam read it as ``generate``'s do (``DecoderStack.step``).
+- ``admit`` (one compile per input bucket and admission size, a power of two up to G): the
+  requests admitted between two chunks, prepared as ``generate`` prepares a batch
+  (``adapter.prepare``: the encoder and ``init_memory`` for sources, ``prefill`` for prompts; a
+  row's prefill does not depend on the others), tiled to W rows each by the search-state protocol
+  (``tile_batch``: fresh ``BeamKVCache`` origin tables), then scattered into the pool at their
+  groups. Every leaf of a pool state has a group axis (G entries) or a row axis (G*W rows) first;
+  a request's part of a new leaf has 1 or W there, so it goes to rows ``g * 1`` or ``g * W ..``,
+  padded with zeros to the pool's trailing shape (a shorter source's memory, its mask False past
+  the source). The encoder memory stays one copy per group: the W rows of a beam read it as
+  ``generate``'s do (``DecoderStack.step``).
 - ``chunk`` (one compile): ``chunk_size`` steps of every pool in one ``lax.scan``. A step runs the
   model once for all of a pool's rows, each at its own position (``int32[R]``), then
   ``decoding.loop.search_step`` under ``jax.vmap`` over the groups, each with its own options
@@ -40,6 +42,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxformer.decoding.adapters import Adapter
@@ -151,50 +154,57 @@ class PoolState:
 
 
 def request_data(layout: Layout, width: int, options) -> SearchData:
-    """A request's ``SearchData`` (float32 / int32 / bool scalars) from its ``DecodeOptions``."""
-    sampling = options.sampling_topk != 1
-    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    """A request's ``SearchData`` (NumPy float32 / int32 / bool scalars: they travel with the
+    admission's call, no transfer of their own) from its ``DecodeOptions``."""
     sampler = RequestSampler(
-        jnp.asarray(sampling),
-        f32(options.sampling_temperature),
-        f32(options.top_p),
+        np.bool_(options.sampling_topk != 1),
+        np.float32(options.sampling_temperature),
+        np.float32(options.top_p),
         topk=layout.sampling_topk,
         nucleus=layout.nucleus,
     )
-    strategy = layout.strategy(width, f32(options.length_penalty), f32(options.coverage_penalty))
-    return SearchData(strategy, sampler, jnp.asarray(options.min_length, jnp.int32))
+    penalties = np.float32(options.length_penalty), np.float32(options.coverage_penalty)
+    return SearchData(layout.strategy(width, *penalties), sampler, np.int32(options.min_length))
 
 
-def _one_group(
-    layout: Layout, width: int, params, inputs, length, data: SearchData, rng, max_length, prefix
+def _new_groups(
+    layout: Layout,
+    width: int,
+    params,
+    inputs,
+    lengths,
+    data: SearchData,
+    keys,
+    max_lengths,
+    prefixes,
 ) -> PoolState:
-    """The pool state of one group (a batch of one) holding a new request."""
-    adapter = layout.adapter
+    """The pool state of A new groups (a batch of A requests, prepared together as ``generate``
+    prepares a batch: each row's prefill is its own)."""
+    adapter, count = layout.adapter, inputs.shape[0]
     if layout.encoder_decoder:
         prepared = adapter.prepare(params, inputs, None, layout.start_id, layout.max_length)
     else:  # every prompt's cache has max_input_length - 1 + max_length slots
         steps = layout.max_input_length - inputs.shape[1] + layout.max_length
-        prepared = adapter.prepare(params, inputs, length, None, steps)
+        prepared = adapter.prepare(params, inputs, lengths, None, steps)
     strategy = layout.strategy(width)
     coverage = None
     if strategy.uses_coverage:
-        coverage = jnp.zeros([1, width, layout.max_input_length], jnp.float32)
-    rows = lambda x: x.reshape(1, width)
+        coverage = jnp.zeros([count, width, layout.max_input_length], jnp.float32)
+    rows = lambda x: x.reshape(count, width)
     search = SearchState(
         ids=rows(jnp.repeat(prepared.start_ids, width)),
-        finished=jnp.zeros([1, width], bool),
-        lengths=jnp.zeros([1, width], jnp.int32),
-        cum_log_probs=rows(strategy.initial_log_probs(1)),
-        scores=rows(strategy.initial_log_probs(1)),
+        finished=jnp.zeros([count, width], bool),
+        lengths=jnp.zeros([count, width], jnp.int32),
+        cum_log_probs=rows(strategy.initial_log_probs(count)),
+        scores=rows(strategy.initial_log_probs(count)),
         accumulated_attention=coverage,
         model_state=None,
-        rng=rng[None],
+        rng=jax.random.wrap_key_data(keys),
     )
+    steps = (count, layout.max_length, width)
     idle = StepRecord(  # what generate records at the steps it does not run (loop._idle_record)
-        word_ids=jnp.full([1, layout.max_length, width], layout.end_ids[0], jnp.int32),
-        beam_ids=jnp.broadcast_to(
-            jnp.arange(width, dtype=jnp.int32), (1, layout.max_length, width)
-        ),
+        word_ids=jnp.full(steps, layout.end_ids[0], jnp.int32),
+        beam_ids=jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), steps),
         ran=None,
         attention=None,
         trace=None,
@@ -203,25 +213,27 @@ def _one_group(
         search=search,
         model=tile_batch(prepared.state, width),
         shared=prepared.shared,
-        data=jax.tree.map(lambda x: jnp.asarray(x)[None], data),
-        step=jnp.zeros([1], jnp.int32),
-        max_length=jnp.asarray(max_length, jnp.int32)[None],
+        data=jax.tree.map(jnp.asarray, data),
+        step=jnp.zeros([count], jnp.int32),
+        max_length=jnp.asarray(max_lengths, jnp.int32),
         word_ids=idle.word_ids,
         beam_ids=idle.beam_ids,
-        prefix=jnp.asarray(prefix, jnp.int32).reshape(1, layout.prefix_length),
+        prefix=jnp.asarray(prefixes, jnp.int32).reshape(count, layout.prefix_length),
     )
 
 
-def _put(pool_leaf, one_leaf, group):
-    """``one_leaf`` (a group's: 1 or W first) into ``pool_leaf`` (G or G*W first) at ``group``."""
-    if one_leaf.shape[1:] != pool_leaf.shape[1:]:  # a shorter source: zeros after it
-        sizes = zip(pool_leaf.shape[1:], one_leaf.shape[1:], strict=True)
+def _put(pool_leaf, new_leaf, groups):
+    """``new_leaf`` (A groups: A or A*W first) into ``pool_leaf`` (G or G*W first) at ``groups``
+    (``[A]``; a group >= G is padding, dropped)."""
+    if new_leaf.shape[1:] != pool_leaf.shape[1:]:  # a shorter source: zeros after it
+        sizes = zip(pool_leaf.shape[1:], new_leaf.shape[1:], strict=True)
         pad = [(0, 0)] + [(0, p - o) for p, o in sizes]
-        one_leaf = jnp.pad(one_leaf, pad)
-    start = (group * one_leaf.shape[0],) + (0,) * (pool_leaf.ndim - 1)
-    if one_leaf.dtype != pool_leaf.dtype:
-        one_leaf = one_leaf.astype(pool_leaf.dtype)
-    return jax.lax.dynamic_update_slice(pool_leaf, one_leaf, start)
+        new_leaf = jnp.pad(new_leaf, pad)
+    if new_leaf.dtype != pool_leaf.dtype:
+        new_leaf = new_leaf.astype(pool_leaf.dtype)
+    n = new_leaf.shape[0] // groups.shape[0]  # 1 or W rows per group
+    rows = (groups[:, None] * n + jnp.arange(n)[None]).reshape(-1)  # [A*n]
+    return pool_leaf.at[rows].set(new_leaf, mode="drop")
 
 
 def admit(
@@ -229,29 +241,34 @@ def admit(
     pool: int,
     params,
     state: PoolState,
-    group,
+    groups,
     inputs,
-    length,
+    lengths,
     data,
-    rng,
-    max_length,
-    prefix,
+    keys,
+    max_lengths,
+    prefixes,
 ) -> PoolState:
-    """``state`` with a new request in ``group`` (traced): its prefill, options, target prefix
-    (int32[1, P]) and fresh records."""
+    """``state`` with A new requests in ``groups`` (int32[A]; G: padding): their prefill
+    (``inputs`` int32[A, S], ``lengths`` int32[A]), options (``data``, leaves [A]), PRNG keys
+    (``keys``: key data uint32[A, 2]), ``max_lengths`` int32[A], target prefixes (``prefixes``
+    int32[A, P]) and fresh records."""
     width = layout.widths[pool]
-    one = _one_group(layout, width, params, inputs, length, data, rng, max_length, prefix)
-    return jax.tree.map(lambda p, o: _put(p, o, group), state, one)
+    new = _new_groups(
+        layout, width, params, inputs, lengths, data, keys, max_lengths, prefixes
+    )  # fmt: skip
+    return jax.tree.map(lambda p, o: _put(p, o, groups), state, new)
 
 
 def empty_pool(layout: Layout, pool: int, params) -> PoolState:
     """A pool of zeros, shaped by tracing the admission of a longest input (nothing is run)."""
     width, groups = layout.widths[pool], layout.groups[pool]
+    data = jax.tree.map(lambda x: np.asarray(x)[None], request_data(layout, width, DecodeOptions()))
     shapes = jax.eval_shape(
-        lambda p: _one_group(
+        lambda p: _new_groups(
             layout, width, p, jnp.zeros([1, layout.max_input_length], jnp.int32),
-            jnp.ones([1], jnp.int32), request_data(layout, width, DecodeOptions()),
-            jax.random.key(0), 1, jnp.zeros([1, layout.prefix_length], jnp.int32),
+            jnp.ones([1], jnp.int32), data, jnp.zeros([1, 2], jnp.uint32), jnp.ones([1], jnp.int32),
+            jnp.zeros([1, layout.prefix_length], jnp.int32),
         ),
         params,
     )  # fmt: skip
@@ -333,6 +350,13 @@ def chunk(layout: Layout, params, states: tuple, actives: tuple):
     return states, tokens, report
 
 
+def finalize_groups(layout: Layout, pool: int, state: PoolState) -> DecodingResult:
+    """``finalize_group`` for every group at once (one call however many finished: the caller
+    keeps those it wants), leaves ``[G, 1, W, ...]``."""
+    groups = jnp.arange(layout.groups[pool])
+    return jax.vmap(lambda g: finalize_group(layout, pool, state, g))(groups)
+
+
 def finalize_group(layout: Layout, pool: int, state: PoolState, group) -> DecodingResult:
     """The hypotheses of ``group``'s request, best first, as ``generate`` returns a batch of one
     (``[1, W, T]``: the caller cuts them to its ``max_length`` and ``num_hypotheses``)."""
@@ -357,6 +381,7 @@ __all__ = [
     "chunk",
     "empty_pool",
     "finalize_group",
+    "finalize_groups",
     "pool_step",
     "request_data",
 ]

