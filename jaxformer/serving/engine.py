@@ -127,43 +127,12 @@ class Engine:
         adapter = adapter_for(model)
         spec = adapter.inputs
         groups = {1: 8} if groups is None else dict(groups)
-        if not groups:
-            raise ValueError("groups must map widths to group counts, e.g. {1: 8, 4: 2}")
-        for width, count in groups.items():
-            opt.require_int("groups: a width", width, 1)
-            opt.require_int(f"groups[{width}]", count, 1)
-        opt.require_int("max_length", max_length, 1)
-        opt.require_int("max_input_length", max_input_length, 1)
+        _check_sizes(adapter, groups, max_length, max_input_length, sampling_topk)
         opt.require_int("chunk_size", chunk_size, 1)
         opt.require_int("bucket", bucket, 1)
-        if sampling_topk is not None:
-            opt.require_int("sampling_topk", sampling_topk, 0, spec.target_vocab_size)
-        end_id = opt.static_end_id(end_id)
-        end_ids = end_id if isinstance(end_id, tuple) else (end_id,)
-        start_id = start_id if spec.needs_start_id else None
-        opt.check_vocabulary(
-            spec.target_vocab_size, GreedySearch(), None, end_id=end_id, start_id=start_id
+        end_ids, start_id, suppress_ids = _check_ids(
+            spec, end_id, start_id, suppress_ids, prefix_length, max_length
         )
-        if spec.needs_start_id and start_id is None:
-            raise ValueError(
-                f"a model with a {spec.name} needs start_id (the target's start token)"
-            )
-        opt.require_int("prefix_length", prefix_length, 0)
-        if prefix_length and not spec.needs_start_id:
-            raise ValueError("prefix_length: a target prefix is for encoder-decoder models")
-        if prefix_length >= max_length:
-            raise ValueError(f"prefix_length={prefix_length} must be below max_length={max_length}")
-        if suppress_ids:
-            suppress_ids = opt.check_suppress_ids(suppress_ids, spec.target_vocab_size, end_id)
-        if max(groups) > spec.target_vocab_size:
-            raise ValueError(f"a width of {max(groups)} exceeds the vocabulary")
-        positions = adapter.positions(max_input_length, max_length)
-        if positions > spec.max_len or max_input_length > spec.max_len:
-            raise ValueError(
-                f"max_input_length={max_input_length} and max_length={max_length} need "
-                f"{max(positions, max_input_length)} positions, more than the model's "
-                f"max_len={spec.max_len}"
-            )
         widths = tuple(sorted(groups))
         self.layout = Layout(
             adapter=adapter,
@@ -178,7 +147,7 @@ class Engine:
             nucleus=nucleus and sampling_topk is not None,
             coverage=coverage and any(w > 1 for w in widths),
             chunk_size=chunk_size,
-            suppress_ids=tuple(suppress_ids),
+            suppress_ids=suppress_ids,
             prefix_length=prefix_length,
         )
         self.bucket = bucket
@@ -504,6 +473,50 @@ class Engine:
         self._slots = [[None] * len(slots) for slots in self._slots]
         for handle in handles:
             handle._finish(error=error)
+
+
+def _check_sizes(adapter, groups: dict, max_length, max_input_length, sampling_topk) -> None:
+    """The engine's shape: its groups, lengths and top-k, within the model's."""
+    spec = adapter.inputs
+    if not groups:
+        raise ValueError("groups must map widths to group counts, e.g. {1: 8, 4: 2}")
+    for width, count in groups.items():
+        opt.require_int("groups: a width", width, 1)
+        opt.require_int(f"groups[{width}]", count, 1)
+    opt.require_int("max_length", max_length, 1)
+    opt.require_int("max_input_length", max_input_length, 1)
+    if sampling_topk is not None:
+        opt.require_int("sampling_topk", sampling_topk, 0, spec.target_vocab_size)
+    if max(groups) > spec.target_vocab_size:
+        raise ValueError(f"a width of {max(groups)} exceeds the vocabulary")
+    positions = adapter.positions(max_input_length, max_length)
+    if positions > spec.max_len or max_input_length > spec.max_len:
+        raise ValueError(
+            f"max_input_length={max_input_length} and max_length={max_length} need "
+            f"{max(positions, max_input_length)} positions, more than the model's "
+            f"max_len={spec.max_len}"
+        )
+
+
+def _check_ids(spec, end_id, start_id, suppress_ids, prefix_length: int, max_length: int):
+    """The engine's token ids: ``(end_ids, start_id, suppress_ids)`` as its ``Layout`` holds them
+    (a decoder-only model's start id is None), checked against the vocabulary."""
+    end_id = opt.static_end_id(end_id)
+    end_ids = end_id if isinstance(end_id, tuple) else (end_id,)
+    start_id = start_id if spec.needs_start_id else None
+    opt.check_vocabulary(
+        spec.target_vocab_size, GreedySearch(), None, end_id=end_id, start_id=start_id
+    )
+    if spec.needs_start_id and start_id is None:
+        raise ValueError(f"a model with a {spec.name} needs start_id (the target's start token)")
+    opt.require_int("prefix_length", prefix_length, 0)
+    if prefix_length and not spec.needs_start_id:
+        raise ValueError("prefix_length: a target prefix is for encoder-decoder models")
+    if prefix_length >= max_length:
+        raise ValueError(f"prefix_length={prefix_length} must be below max_length={max_length}")
+    if suppress_ids:
+        suppress_ids = opt.check_suppress_ids(suppress_ids, spec.target_vocab_size, end_id)
+    return end_ids, start_id, tuple(suppress_ids)
 
 
 __all__ = ["UNSERVED", "Engine", "Handle", "check_served"]
