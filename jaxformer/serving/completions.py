@@ -37,12 +37,7 @@ Answers are ``text_completion`` objects: ``choices[i]`` (``text``, ``index`` = p
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
-import json
-import time
-import uuid
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -54,11 +49,11 @@ from jaxformer.serving.app import (
     ServerState,
     busy_headers,
     read_body,
-    result_of,
     until_disconnected,
 )
+from jaxformer.serving.choices import Choice, Job, answer
+from jaxformer.serving.events import EventStream, events
 from jaxformer.serving.requests import RequestError, decode_options
-from jaxformer.serving.streams import TextStream
 
 OPENAI = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
@@ -77,25 +72,6 @@ NOT_SERVED = {  # field -> the values that mean "off", which are accepted
 OPENAI_NAMES = {"max_length": "max_tokens", "sampling_temperature": "temperature"}
 
 
-@dataclasses.dataclass
-class _Choice:
-    index: int
-    prompt: list[int]
-    prompt_text: str
-    options: object
-
-
-@dataclasses.dataclass
-class _Job:
-    choices: list[_Choice]
-    stops: tuple[str, ...]
-    stream: bool
-    usage_chunk: bool
-    echo: bool
-    beam: bool  # one beam search per prompt gives its n choices
-    n: int
-
-
 def routes(state: ServerState) -> list[Route]:
     name = state.served.name
 
@@ -108,9 +84,9 @@ def routes(state: ServerState) -> list[Route]:
                 admission = state.admitted(requests, "prompt")
                 admission.__enter__()  # released when the stream ends
                 release = lambda: admission.__exit__(None, None, None)
-                return EventStream(_events(state, job), release, state.metrics.disconnects.inc)
+                return EventStream(events(state, job), release, state.metrics.disconnects.inc)
             with state.admitted(requests, "prompt"):
-                return JSONResponse(await until_disconnected(request, _complete(state, job)))
+                return JSONResponse(await until_disconnected(request, answer(state, job)))
         except RequestError as error:
             return _error(error)
         except EngineStopped as error:
@@ -170,7 +146,8 @@ def _number(body: dict, name: str, low: float, high: float):
     return float(value)
 
 
-def _parse(state: ServerState, body: dict) -> _Job:
+def _parse(state: ServerState, body: dict) -> Job:
+    """The request's choices: one per prompt and ``n``, each with its search options."""
     served = state.served
     unknown = sorted(set(body) - OPENAI - set(EXTRA))
     if unknown:
@@ -183,30 +160,9 @@ def _parse(state: ServerState, body: dict) -> _Job:
     if body["model"] != served.name:
         raise _unknown_model(body["model"], served.name)
     prompts = _prompts(state, body.get("prompt"))
-    given = {name: body[name] for name in EXTRA if name in body}
-    if body.get("max_tokens") is not None:
-        given["max_length"] = body["max_tokens"]
-    temperature = _number(body, "temperature", 0.0, 2.0)
-    top_p = _number(body, "top_p", 0.0, 1.0)
-    if temperature is not None or top_p is not None:
-        temperature = 1.0 if temperature is None else temperature
-        if temperature == 0:
-            given |= {"sampling_topk": 1}
-        elif state.limits.sampling_topk is None:
-            raise RequestError("temperature > 0: this server does not sample", "temperature")
-        else:
-            given |= {
-                "sampling_topk": state.limits.sampling_topk,
-                "sampling_temperature": temperature,
-            }
-            given["top_p"] = 1.0 if top_p is None else top_p
-    try:
-        options = decode_options(served.defaults, given, state.limits)
-    except RequestError as error:
-        raise _openai_words(error) from None
+    options = _search(state, body)
     n = body.get("n", 1)
-    if n is None:
-        n = 1
+    n = 1 if n is None else n
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise RequestError(f"n must be an int >= 1, got {n!r}", "n")
     beam = options.beam_size > 1
@@ -222,6 +178,45 @@ def _parse(state: ServerState, body: dict) -> _Job:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError(f"seed must be an int, got {seed!r}", "seed")
     seed = state.seed(seed) if sampling else options.seed
+    choices = []
+    for p, (ids, text) in enumerate(prompts):
+        for j in range(n):
+            o = dataclasses.replace(options, n_best=n) if beam else options
+            if sampling:  # choice j of a sampling request draws with seed + j
+                o = dataclasses.replace(o, seed=seed if beam else (seed + j) % 2**31)
+            choices.append(Choice(p * n + j, ids, text, o))
+    stream, echo, usage_chunk = _output(body)
+    return Job(choices, stops, stream, usage_chunk, echo, beam, n)
+
+
+def _search(state: ServerState, body: dict):
+    """The request's ``DecodeOptions``: OpenAI's ``max_tokens``, ``temperature`` and ``top_p``
+    and the extra fields over the server's defaults (the module docstring says how)."""
+    given = {name: body[name] for name in EXTRA if name in body}
+    if body.get("max_tokens") is not None:
+        given["max_length"] = body["max_tokens"]
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    if temperature is not None or top_p is not None:
+        temperature = 1.0 if temperature is None else temperature
+        if temperature == 0:
+            given |= {"sampling_topk": 1}
+        elif state.limits.sampling_topk is None:
+            raise RequestError("temperature > 0: this server does not sample", "temperature")
+        else:
+            given |= {
+                "sampling_topk": state.limits.sampling_topk,
+                "sampling_temperature": temperature,
+                "top_p": 1.0 if top_p is None else top_p,
+            }
+    try:
+        return decode_options(state.served.defaults, given, state.limits)
+    except RequestError as error:
+        raise _openai_words(error) from None
+
+
+def _output(body: dict) -> tuple[bool, bool, bool]:
+    """``(stream, echo, include_usage)``."""
     stream, echo = body.get("stream") or False, body.get("echo") or False
     for name, value in (("stream", stream), ("echo", echo)):
         if not isinstance(value, bool):
@@ -231,16 +226,7 @@ def _parse(state: ServerState, body: dict) -> _Job:
         if not stream or not isinstance(body["stream_options"], dict):
             raise RequestError("stream_options: an object, with stream true", "stream_options")
         usage_chunk = bool(body["stream_options"].get("include_usage"))
-    choices = []
-    for p, (ids, text) in enumerate(prompts):
-        for j in range(n):
-            o = dataclasses.replace(options, n_best=n) if beam else options
-            if sampling and not beam:
-                o = dataclasses.replace(o, seed=(seed + j) % 2**31)
-            elif sampling:
-                o = dataclasses.replace(o, seed=seed)
-            choices.append(_Choice(p * n + j, ids, text, o))
-    return _Job(choices, stops, stream, usage_chunk, echo, beam, n)
+    return stream, echo, usage_chunk
 
 
 def _prompts(state: ServerState, prompt) -> list[tuple[list[int], str]]:
@@ -294,210 +280,6 @@ def _stops(stop) -> tuple[str, ...]:
     ):
         raise RequestError("stop must be a non-empty text or a list of up to 4 of them", "stop")
     return tuple(stops)
-
-
-# Decoding.
-@dataclasses.dataclass
-class _Done:
-    index: int
-    text: str
-    finish_reason: str
-    tokens: int
-
-
-async def _choices(state: ServerState, job: _Job, emit=None) -> list[_Done]:
-    """Decode every choice; ``emit(index, piece)`` (streaming) is awaited with each new piece of
-    text. The engine requests are cancelled if this is."""
-    served, tasks, handles = state.served, [], []
-    try:
-        if job.beam:
-            for first in range(0, len(job.choices), job.n):
-                group = job.choices[first : first + job.n]
-                handles.append(state.submit(group[0].prompt, group[0].options, "prompt"))
-                tasks.append(asyncio.ensure_future(_beam(state, handles[-1], group, emit)))
-        else:
-            for choice in job.choices:
-                handles.append(state.submit(choice.prompt, choice.options, "prompt"))
-                stream = TextStream(served.text, job.stops)
-                follow = _follow(state, handles[-1], choice, stream, emit)
-                tasks.append(asyncio.ensure_future(follow))
-        done = await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        for handle in handles:  # (a no-op for those that finished)
-            handle.cancel()
-    return [d for group in done for d in group]
-
-
-async def _follow(state, handle, choice: _Choice, stream: TextStream, emit) -> list[_Done]:
-    """A greedy or sampling choice: its text as its tokens come, stopped at a stop string."""
-    try:
-        async with contextlib.aclosing(handle.atokens()) as arriving:
-            async for tokens in arriving:
-                piece = stream.push(tokens)
-                if piece and emit is not None:
-                    await emit(choice.index, piece)
-                if stream.stopped:
-                    handle.cancel()
-                    break
-        if stream.stopped:
-            reason = "stop"
-        else:
-            result = await result_of(handle)
-            reason = "length" if result.lengths[0, 0] >= choice.options.max_length else "stop"
-        rest = stream.finish()
-        if rest and emit is not None:
-            await emit(choice.index, rest)
-    finally:
-        handle.cancel()
-    state.metrics.output_tokens.inc(len(stream.tokens))
-    return [_Done(choice.index, stream.text, reason, len(stream.tokens))]
-
-
-async def _beam(state, handle, group: list[_Choice], emit) -> list[_Done]:
-    """A beam search's n best hypotheses: the choices of one prompt."""
-    try:
-        result = await result_of(handle)
-    finally:
-        handle.cancel()
-    out = []
-    for rank, choice in enumerate(group):
-        length = int(result.lengths[0, rank])
-        text = state.served.text(result.ids[0, rank, :length])
-        reason = "length" if length >= choice.options.max_length else "stop"
-        if emit is not None:
-            await emit(choice.index, text)
-        out.append(_Done(choice.index, text, reason, length))
-    state.metrics.output_tokens.inc(sum(d.tokens for d in out))
-    return out
-
-
-def _head(state: ServerState, ident: str, created: int) -> dict:
-    return {
-        "id": ident,
-        "object": "text_completion",
-        "created": created,
-        "model": state.served.name,
-    }
-
-
-def _usage(job: _Job, done: list[_Done]) -> dict:
-    prompts = {c.index // job.n: len(c.prompt) for c in job.choices}
-    prompt_tokens, completion = sum(prompts.values()), sum(d.tokens for d in done)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": prompt_tokens + completion,
-    }
-
-
-async def _complete(state: ServerState, job: _Job) -> dict:
-    done = await _choices(state, job)
-    texts = {c.index: c.prompt_text if job.echo else "" for c in job.choices}
-    choices = [
-        {"text": texts[d.index] + d.text, "index": d.index, "logprobs": None,
-         "finish_reason": d.finish_reason}
-        for d in sorted(done, key=lambda d: d.index)
-    ]  # fmt: skip
-    head = _head(state, f"cmpl-{uuid.uuid4().hex}", int(time.time()))
-    return {**head, "choices": choices, "usage": _usage(job, done)}
-
-
-async def _events(state: ServerState, job: _Job):
-    """The server-sent events of a streamed request (``data: {...}``, then ``data: [DONE]``)."""
-    head = _head(state, f"cmpl-{uuid.uuid4().hex}", int(time.time()))
-    started, first = time.perf_counter(), [True]
-    queue: asyncio.Queue = asyncio.Queue()
-
-    def chunk(index, text, reason=None) -> str:
-        choice = {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
-        return _sse({**head, "choices": [choice]})
-
-    async def emit(index, piece):
-        if first[0]:
-            first[0] = False
-            state.metrics.first_token.observe(time.perf_counter() - started)
-        await queue.put(chunk(index, piece))
-
-    async def decode():
-        try:
-            done = await _choices(state, job, emit)
-            for d in sorted(done, key=lambda d: d.index):
-                await queue.put(chunk(d.index, "", d.finish_reason))
-            if job.usage_chunk:
-                await queue.put(_sse({**head, "choices": [], "usage": _usage(job, done)}))
-        except RequestError as error:
-            await queue.put(_sse({"error": {"message": error.message, "param": error.field}}))
-        except EngineStopped as error:
-            await queue.put(_sse({"error": {"message": str(error), "type": "server_error"}}))
-        await queue.put(None)
-
-    if job.echo:
-        for c in job.choices:
-            yield chunk(c.index, c.prompt_text)
-    task = asyncio.ensure_future(decode())
-    try:
-        while (item := await queue.get()) is not None:
-            yield item
-        yield "data: [DONE]\n\n"
-    finally:
-        task.cancel()
-        with _suppressed():
-            await task
-
-
-def _suppressed():
-    return contextlib.suppress(asyncio.CancelledError)
-
-
-def _sse(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-class EventStream(Response):
-    """A ``text/event-stream`` response that stops (and cancels its events, hence the engine
-    requests) as soon as the client disconnects."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, events, on_close=lambda: None, on_disconnect=lambda: None):
-        self.status_code, self.background = 200, None
-        self.init_headers({"Cache-Control": "no-cache"})  # no body: no content-length
-        self.events, self.on_close, self.on_disconnect = events, on_close, on_disconnect
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await self._send(receive, send)
-        finally:
-            self.on_close()
-
-    async def _send(self, receive, send):
-        async def stream():
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async for event in self.events:
-                body = event.encode("utf-8")
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        async def disconnected():
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        writing = asyncio.ensure_future(stream())
-        watching = asyncio.ensure_future(disconnected())
-        try:
-            await asyncio.wait({writing, watching}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (writing, watching):
-                task.cancel()
-            with _suppressed():
-                await writing
-            await self.events.aclose()
-        if writing.cancelled():  # the client left first
-            self.on_disconnect()
-        elif writing.exception() is not None:
-            raise writing.exception()
 
 
 __all__ = ["routes"]
