@@ -107,15 +107,17 @@ def add_model_choice(parser: argparse.ArgumentParser, what: str) -> None:
     add_run(parser, required=False)
 
 
-def add_pretrained_options(parser: argparse.ArgumentParser) -> None:
+def add_pretrained_options(parser: argparse.ArgumentParser, languages: bool = True) -> None:
+    """Options of imported checkpoints (``languages``: NLLB's source and target language)."""
     group = parser.add_argument_group("--model (imported checkpoints)")
     add = group.add_argument
-    add("--source-lang", help="NLLB / M2M100 source language, e.g. eng_Latn (default: none)")
-    add(
-        "--target-lang",
-        help="NLLB / M2M100 target language, e.g. fra_Latn (default: the checkpoint's forced "
-        "first token, if any)",
-    )
+    if languages:
+        add("--source-lang", help="NLLB / M2M100 source language, e.g. eng_Latn (default: none)")
+        add(
+            "--target-lang",
+            help="NLLB / M2M100 target language, e.g. fra_Latn (default: the checkpoint's forced "
+            "first token, if any)",
+        )
     add("--source-vocabulary", help="OpenNMT-tf: the source vocabulary file (default: none)")
     add("--target-vocabulary", help="OpenNMT-tf: the target vocabulary file (default: none)")
     add(
@@ -352,24 +354,16 @@ def add_serve(command) -> None:
         "(or --workdir)",
     )
     add_run(serve_, required=False)
-    group = serve_.add_argument_group("--model (imported checkpoints)")
-    add = group.add_argument
-    add("--source-vocabulary", help="OpenNMT-tf: the source vocabulary file (default: none)")
-    add("--target-vocabulary", help="OpenNMT-tf: the target vocabulary file (default: none)")
-    add("--num-heads", type=int, help="OpenNMT-tf: heads (default: from --model-type)")
-    add("--model-type", help="OpenNMT-tf: the catalog model, e.g. TransformerBase (default: none)")
-    add(
-        "--positions",
-        choices=("sinusoidal", "none"),
-        help="OpenNMT-tf with relative positions: whether sinusoids are on too (default: none)",
-    )
-    add(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        help="activations' dtype; parameters stay float32 (default: float32)",
-    )
-    group = serve_.add_argument_group("the API")
-    add = group.add_argument
+    add_pretrained_options(serve_, languages=False)
+    _add_api_options(serve_.add_argument_group("the API").add_argument)
+    _add_engine_shape_options(serve_.add_argument_group("the engine").add_argument)
+    add_quantization_option(serve_)
+    add_search_options(serve_)
+    serve_.set_defaults(func=serve.cmd_serve)
+
+
+def _add_api_options(add) -> None:
+    """Where ``jaxformer serve`` listens, what it answers to, what it logs."""
     add("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every one)")
     add("--port", type=int, default=8000, help="the port to listen on")
     add(
@@ -395,8 +389,10 @@ def add_serve(command) -> None:
         choices=("critical", "error", "warning", "info", "debug"),
         help="uvicorn's and the server's log level (info: a line per request, none per token)",
     )
-    group = serve_.add_argument_group("the engine")
-    add = group.add_argument
+
+
+def _add_engine_shape_options(add) -> None:
+    """What ``jaxformer serve``'s engine holds: slots, beam widths, lengths, the queue."""
     add(
         "--slots",
         type=int,
@@ -429,9 +425,6 @@ def add_serve(command) -> None:
         help="compile before reporting ready: each beam width's program for the shortest "
         "inputs (first), or for every input length bucket (all)",
     )
-    add_quantization_option(serve_)
-    add_search_options(serve_)
-    serve_.set_defaults(func=serve.cmd_serve)
 
 
 COMMANDS = (add_train, add_translate, add_generate, add_eval, add_export, add_serve)

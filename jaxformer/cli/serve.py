@@ -10,6 +10,7 @@ precedence as ``translate`` and ``generate``: ``search.py``).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from jaxformer.cli import search
@@ -61,9 +62,49 @@ def cmd_serve(args) -> int:
 
 def served_model(args):
     """The ``ServedModel`` of ``--model`` or ``--workdir``, and the engine's sampling top-k."""
-    from jaxformer.decoding.decode_options import SpecialIds
-    from jaxformer.serving.languages import Languages, parse_pair
+    from jaxformer.cli.decode import quantized
     from jaxformer.serving.served import ServedModel, check_served_defaults
+
+    loaded = _load(args)
+    try:
+        check_served_defaults(loaded.defaults)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    model, params = quantized(loaded.model, loaded.params, args.quantization, args.slots)
+    if loaded.is_lm:
+        refuse_unless(args, False, ("--languages", "--source-prefix"), "to translation models")
+        languages, prefix = None, ""
+    else:
+        languages, prefix = _languages(args, loaded)
+    served = ServedModel(
+        name=args.served_model_name or loaded.name, model=model, params=params,
+        special=loaded.special, source_tokenizer=loaded.source, target_tokenizer=loaded.target,
+        defaults=loaded.defaults, languages=languages, source_prefix=prefix,
+    )  # fmt: skip
+    sampling = loaded.defaults.sampling_topk if loaded.defaults.sampling_topk != 1 else None
+    if sampling is None and loaded.is_lm:
+        sampling = 0  # OpenAI's temperature samples from the whole vocabulary
+    return served, sampling
+
+
+@dataclasses.dataclass
+class _Loaded:
+    """A model as loaded from ``--model`` or ``--workdir``, before the server wraps it."""
+
+    name: str
+    model: object
+    params: object
+    special: object  # SpecialIds
+    source: object  # tokenizers
+    target: object
+    is_lm: bool
+    defaults: object  # DecodeOptions
+    prefixes: dict  # the checkpoint's task prefixes (T5)
+    warning: str | None  # why this model wants a source prefix
+
+
+def _load(args) -> _Loaded:
+    from jaxformer.decoding.decode_options import SpecialIds
 
     if args.model is not None:
         onmt = search.read_onmt(args, args.model)
@@ -75,61 +116,51 @@ def served_model(args):
                 f"--model {args.model} has no tokenizer files (an OpenNMT-tf checkpoint needs "
                 "--source-vocabulary and --target-vocabulary)"
             )
-        model, params, special = pre.model, pre.params, pre.special_ids
-        source, target, is_lm = pre.source_tokenizer, pre.target_tokenizer, pre.is_language_model
-        defaults = search.decode_options(args, pre=pre, onmt=onmt)
-        name, prefixes = Path(args.model).name, pre.task_prefixes
-        warning = pre.prefix_warning() if pre.wants_prefix else None
-    else:
-        refuse_unless(args, False, _MODEL_ONLY, "to --model (imported checkpoints) only")
-        run = load_run(args, None)
-        model, params, special = run.model, run.params, SpecialIds()
-        source, target, is_lm = run.source_tokenizer, run.target_tokenizer, run.config.task == "lm"
-        onmt = search.read_onmt(args)
-        stored = default_max_length(run, prompt_tokens=1 if is_lm else 0)
-        defaults = search.decode_options(args, max_length=stored, onmt=onmt)
-        name, prefixes, warning = Path(args.workdir).resolve().name, {}, None
-    try:
-        check_served_defaults(defaults)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    from jaxformer.cli.decode import quantized
-
-    model, params = quantized(model, params, args.quantization, args.slots)
-    languages, prefix = None, args.source_prefix or ""
-    if is_lm:
-        refuse_unless(args, False, ("--languages", "--source-prefix"), "to translation models")
-    else:
-        vocabulary = _vocabulary(target)
-        languages = Languages.of_tokens(vocabulary) if vocabulary else None
-        if languages is not None:
-            refuse_unless(args, False, ("--languages",), "to single-pair models (this one has "
-                          "language tokens: requests name source and target)")  # fmt: skip
-        elif args.languages is None:
-            raise UsageError(
-                "--languages SOURCE:TARGET is required: the codes of the one pair this model "
-                "translates (e.g. en:de), which requests must name"
-            )
-        else:
-            try:
-                languages = Languages.of_pair(*parse_pair(args.languages))
-            except ValueError as error:
-                raise UsageError(str(error)) from None
-            task = "translation_{}_to_{}".format(*languages.pair)
-            if args.source_prefix is None and task in prefixes:
-                prefix = prefixes[task]
-                note(f"source prefix {prefix!r} (the checkpoint's {task})")
-        if warning and not prefix:
-            warn(warning.replace("source_prefix= / ", ""))
-    served = ServedModel(
-        name=args.served_model_name or name, model=model, params=params, special=special,
-        source_tokenizer=source, target_tokenizer=target, defaults=defaults,
-        languages=languages, source_prefix=prefix,
+        return _Loaded(
+            Path(args.model).name, pre.model, pre.params, pre.special_ids, pre.source_tokenizer,
+            pre.target_tokenizer, pre.is_language_model,
+            search.decode_options(args, pre=pre, onmt=onmt), pre.task_prefixes,
+            pre.prefix_warning() if pre.wants_prefix else None,
+        )  # fmt: skip
+    refuse_unless(args, False, _MODEL_ONLY, "to --model (imported checkpoints) only")
+    run = load_run(args, None)
+    is_lm = run.config.task == "lm"
+    stored = default_max_length(run, prompt_tokens=1 if is_lm else 0)
+    defaults = search.decode_options(args, max_length=stored, onmt=search.read_onmt(args))
+    return _Loaded(
+        Path(args.workdir).resolve().name, run.model, run.params, SpecialIds(),
+        run.source_tokenizer, run.target_tokenizer, is_lm, defaults, {}, None,
     )  # fmt: skip
-    sampling = defaults.sampling_topk if defaults.sampling_topk != 1 else None
-    if sampling is None and is_lm:
-        sampling = 0  # OpenAI's temperature samples from the whole vocabulary
-    return served, sampling
+
+
+def _languages(args, loaded: _Loaded):
+    """A translation model's ``Languages`` (its language tokens, else ``--languages``) and the
+    text put before every source."""
+    from jaxformer.serving.languages import Languages, parse_pair
+
+    prefix = args.source_prefix or ""
+    vocabulary = _vocabulary(loaded.target)
+    languages = Languages.of_tokens(vocabulary) if vocabulary else None
+    if languages is not None:
+        refuse_unless(args, False, ("--languages",), "to single-pair models (this one has "
+                      "language tokens: requests name source and target)")  # fmt: skip
+    elif args.languages is None:
+        raise UsageError(
+            "--languages SOURCE:TARGET is required: the codes of the one pair this model "
+            "translates (e.g. en:de), which requests must name"
+        )
+    else:
+        try:
+            languages = Languages.of_pair(*parse_pair(args.languages))
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        task = "translation_{}_to_{}".format(*languages.pair)
+        if args.source_prefix is None and task in loaded.prefixes:
+            prefix = loaded.prefixes[task]
+            note(f"source prefix {prefix!r} (the checkpoint's {task})")
+    if loaded.warning and not prefix:
+        warn(loaded.warning.replace("source_prefix= / ", ""))
+    return languages, prefix
 
 
 _MODEL_ONLY = (
@@ -155,8 +186,8 @@ def build_engine(args, served, sampling_topk):
     from jaxformer.decoding.adapters import adapter_for
     from jaxformer.serving.served import make_engine, widths_served
 
-    spec = adapter_for(served.model).inputs
     adapter = adapter_for(served.model)
+    spec = adapter.inputs
     max_length = served.defaults.max_length
     if args.max_input_length is not None:
         longest = args.max_input_length
