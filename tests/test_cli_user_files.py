@@ -176,6 +176,13 @@ def _interrupt_writing_at(monkeypatch, line: int):
     monkeypatch.setattr(files.Output, "write", write)
 
 
+def _same_scored_lines(got: list[str], want: list[str]) -> None:
+    """'score ||| text' lines: the same texts, scores within 1e-5."""
+    for line, wanted in zip(got, want, strict=True):
+        (score, text), (want_score, want_text) = line.split(" ||| "), wanted.split(" ||| ")
+        assert text == want_text and abs(float(score) - float(want_score)) <= 1e-5
+
+
 def test_the_engine_writes_the_file_static_batches_write_and_resumes(
     workdir, capsys, monkeypatch, tmp_path
 ):
@@ -190,9 +197,7 @@ def test_the_engine_writes_the_file_static_batches_write_and_resumes(
     assert status == 0 and len(expected.splitlines()) == 2 * len(lines)
     status, out, _ = run(capsys, monkeypatch, [*argv, "--engine"])
     assert status == 0
-    for got, want in zip(out.splitlines(), expected.splitlines(), strict=True):
-        (score, text), (want_score, want_text) = got.split(" ||| "), want.split(" ||| ")
-        assert text == want_text and abs(float(score) - float(want_score)) <= 1e-5
+    _same_scored_lines(out.splitlines(), expected.splitlines())
 
     with monkeypatch.context() as patch:
         _interrupt_writing_at(patch, 12)
@@ -203,7 +208,9 @@ def test_the_engine_writes_the_file_static_batches_write_and_resumes(
         capsys, monkeypatch, [*argv, "--engine", "--output", str(target), "--resume"]
     )
     assert status == 0 and "11 of 31 lines are in" in err
-    assert target.read_text() == out
+    # The resumed lines shared the engine's groups with other lines than before: same texts, the
+    # scores equal up to float32 rounding.
+    _same_scored_lines(target.read_text().splitlines(), out.splitlines())
     status, _, err = run(capsys, monkeypatch, [*argv, "--engine", "--target-prefix", "x"])
     assert status == 2 and "--engine: target_prefix" in err
 
