@@ -286,5 +286,8 @@ def test_generate_a_checkpoint_through_the_engine_writes_what_static_batches_wri
     assert status == 0 and len(static.splitlines()) == 3
     status, engine, _ = run(capsys, monkeypatch, [*argv, "--engine"], prompts)
     assert status == 0 and engine == static
-    starts = [line.startswith(p) for line, p in zip(static.splitlines(), prompts.split("\n"))]
+    starts = [
+        line.startswith(p)
+        for line, p in zip(static.splitlines(), prompts.split("\n"), strict=False)
+    ]
     assert all(starts) == (prompt_flag == "--return-prompt")
