@@ -66,9 +66,9 @@ class _Slot:
     n_best: int
 
 
-UNSERVED = (  # DecodeOptions the engine does not serve yet, with their neutral values
-    ("target_prefix", ()),
-    ("suppress_ids", ()),
+# DecodeOptions the engine does not serve yet, with their neutral values (``target_prefix`` and
+# ``suppress_ids`` it serves when made for them: ``prefix_length``, ``suppress_ids``).
+UNSERVED = (
     ("repetition_penalty", 1.0),
     ("no_repeat_ngram_size", 0),
     ("stop", ()),
@@ -253,12 +253,13 @@ class Engine:
             raise ValueError("top_p < 1: this engine was made with nucleus=False")
         if o.coverage_penalty != 0 and not layout.coverage:
             raise ValueError("coverage_penalty: this engine was made without coverage=True")
-        check_served(self._forced(o))
+        self._check_forced(o)
+        check_served(o)
         return array.astype(np.int32)
 
-    def _forced(self, o: DecodeOptions) -> DecodeOptions:
+    def _check_forced(self, o: DecodeOptions) -> None:
         """Checks ``target_prefix`` and ``suppress_ids`` against the engine's (``prefix_length``
-        and ``suppress_ids``, the same for every request) and returns ``o`` without them."""
+        and ``suppress_ids``, the same for every request)."""
         layout = self.layout
         if (o.target_prefix or layout.prefix_length) and len(o.target_prefix) != (
             layout.prefix_length
@@ -273,7 +274,6 @@ class Engine:
             raise ValueError(
                 f"suppress_ids={o.suppress_ids}: this engine suppresses {layout.suppress_ids}"
             )
-        return dataclasses.replace(o, target_prefix=(), suppress_ids=())
 
     # Stopping (any thread).
     def close(self, finish: bool = False, timeout: float | None = None) -> None:

@@ -15,14 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxformer.decoding.decode_options import DecodeOptions, SpecialIds
-from jaxformer.serving.engine import Engine
+from jaxformer.serving.engine import UNSERVED, Engine
 from jaxformer.serving.languages import Languages
-
-UNSERVED = {  # options the engine does not serve, with their neutral values
-    "repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "stop": (),
-}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -78,7 +72,7 @@ class ServedModel:
 def check_served_defaults(defaults: DecodeOptions) -> None:
     """The default options must be ones the engine serves (a ``ValueError`` names the first that
     is not: the command line's flag or the checkpoint's generation setting)."""
-    for name, neutral in UNSERVED.items():
+    for name, neutral in UNSERVED:
         if getattr(defaults, name) != neutral:
             raise ValueError(
                 f"{name}={getattr(defaults, name)!r}: the serving engine does not serve it (the "
