@@ -291,3 +291,30 @@ def test_generate_a_checkpoint_through_the_engine_writes_what_static_batches_wri
         for line, p in zip(static.splitlines(), prompts.split("\n"), strict=False)
     ]
     assert all(starts) == (prompt_flag == "--return-prompt")
+
+
+# --- translate --model --engine --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fixture, flags",
+    [("marian", []), ("nllb", ["--source-lang", "eng_Latn", "--target-lang", "fra_Latn"])],
+)
+def test_translate_a_checkpoint_through_the_engine_writes_what_static_batches_write(
+    capsys, monkeypatch, fixture, flags
+):
+    """``translate --model DIR --engine`` with what the checkpoint forces on every output:
+    Marian's suppressed padding, NLLB's target-language token (the engine's ``suppress_ids``
+    and ``prefix_length``)."""
+    sources = "".join(
+        s + "\n" for s in json.loads((HF / fixture / "goldens.json").read_text())["sources"][:3]
+    )
+    argv = ["translate", "--model", str(HF / fixture), *flags, "--max-length", "24"]
+    argv += ["--batch-size", "2", "--beam-size", "2", "--with-scores"]
+    status, static, _ = run(capsys, monkeypatch, argv, sources)
+    assert status == 0 and len(static.splitlines()) == 3
+    status, engine, _ = run(capsys, monkeypatch, [*argv, "--engine"], sources)
+    assert status == 0
+    for a, b in zip(engine.splitlines(), static.splitlines(), strict=True):
+        (score_a, text_a), (score_b, text_b) = a.split(" ||| "), b.split(" ||| ")
+        assert text_a == text_b and float(score_a) == pytest.approx(float(score_b), abs=1e-4)

@@ -211,8 +211,16 @@ def test_the_engine_writes_the_file_static_batches_write_and_resumes(
     # The resumed lines shared the engine's groups with other lines than before: same texts, the
     # scores equal up to float32 rounding.
     _same_scored_lines(target.read_text().splitlines(), out.splitlines())
-    status, _, err = run(capsys, monkeypatch, [*argv, "--engine", "--target-prefix", "x"])
-    assert status == 2 and "--engine: target_prefix" in err
+    # A forced target prefix goes through the engine too; what no engine serves is refused.
+    prefixed = [*argv, "--target-prefix", "с"]
+    status, expected, _ = run(capsys, monkeypatch, prefixed)
+    assert status == 0
+    status, out, _ = run(capsys, monkeypatch, [*prefixed, "--engine"])
+    texts = [line.split(" ||| ")[1] for line in out.splitlines()]
+    assert status == 0 and all(text.startswith("с") for text in texts if text)
+    _same_scored_lines(out.splitlines(), expected.splitlines())
+    status, _, err = run(capsys, monkeypatch, [*argv, "--engine", "--repetition-penalty", "1.2"])
+    assert status == 2 and "--engine: repetition_penalty" in err
 
 
 def test_generate_through_the_engine_continues_as_static_batches_do(

@@ -301,3 +301,42 @@ def test_threads_and_an_event_loop_submit_to_the_running_engine(kind):
     assert all(h.done() for h in pending) and any(h.future.cancelled() for h in pending)
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit([3], DecodeOptions(max_length=4))
+
+
+@pytest.mark.xdist_group("engine_ed")
+def test_a_forced_target_prefix_and_suppressed_tokens_as_generate_gives_them():
+    """NLLB's target language (a prefix of one token, each request's own) and Marian's suppressed
+    padding (every request's): each result is ``generate``'s for the request alone."""
+    model, params = kind_model("encoder_decoder")
+    engine = Engine(
+        model, params, start_id=1, end_id=END, groups={1: 2, WIDTH: 1}, max_length=MAX_LENGTH,
+        max_input_length=MAX_INPUT, chunk_size=4, bucket=8, start=False, suppress_ids=(4, 7),
+        prefix_length=1,
+    )  # fmt: skip
+    rng = np.random.default_rng(3)
+    requests = []
+    for k in range(5):
+        inputs = [int(i) for i in rng.integers(3, 32, int(rng.choice(LENGTHS)))]
+        beam = dict(beam_size=WIDTH, n_best=2, length_penalty=0.6) if k % 2 else {}
+        options = DecodeOptions(
+            max_length=MAX_LENGTH, target_prefix=(int(rng.integers(10, 30)),), suppress_ids=(7, 4),
+            **beam,
+        )  # fmt: skip
+        requests.append((inputs, options))
+    handles = [engine.submit(*request) for request in requests]
+    while engine.step():
+        pass
+    for (inputs, o), handle in zip(requests, handles, strict=True):
+        want = generate(
+            model, params, [inputs], start_id=1, end_id=END, max_length=o.max_length,
+            strategy=o.strategy, target_prefix=[list(o.target_prefix)], suppress_ids=o.suppress_ids,
+        )  # fmt: skip
+        got = handle.result(timeout=0.0)
+        assert got.ids[0, 0, 0] == o.target_prefix[0]
+        np.testing.assert_array_equal(got.ids, want.ids[:, : o.n_best])
+        np.testing.assert_array_equal(got.lengths, want.lengths[:, : o.n_best])
+        np.testing.assert_allclose(got.scores, want.scores[:, : o.n_best], atol=1e-5, rtol=0)
+    for wrong in (dict(target_prefix=()), dict(target_prefix=(5, 6)), dict(suppress_ids=(4,))):
+        options = {"target_prefix": (5,), "suppress_ids": (4, 7), **wrong}
+        with pytest.raises(ValueError, match=r"prefix_length=1|suppresses"):
+            engine.submit([3, 4], DecodeOptions(max_length=4, **options))

@@ -15,6 +15,8 @@ examples:
     jaxformer eval --model opus-mt-en-de --source src.txt --reference ref.txt --beam-size 4
     jaxformer generate --workdir runs/shakespeare --prompt "ROMEO." --sampling-topk 10
     jaxformer export ctranslate2 --workdir runs/demo --out runs/demo/ct2
+    jaxformer serve --model nllb-200-distilled-600M --beam-size 4 --port 5000   # LibreTranslate API
+    jaxformer serve --model Llama-3.2-1B --port 8000                           # OpenAI API
 
 `jaxformer COMMAND --help` lists a command's options and their defaults. Outputs are written line
 by line in input order; Ctrl-C keeps what was written and `--resume` continues it. Bad input (a
@@ -38,7 +40,12 @@ from jaxformer.cli.evaluate import cmd_eval
 from jaxformer.cli.manage import cmd_export, cmd_train
 from jaxformer.data.corpora import MissingDependency
 
-DECODING = ("translate", "generate", "eval")  # commands whose errors are reworded with flags
+DECODING = (
+    "translate",
+    "generate",
+    "eval",
+    "serve",
+)  # commands whose errors are reworded with flags
 
 
 def _version() -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxformer.cli import decode, evaluate, manage
+from jaxformer.cli import decode, evaluate, manage, serve
 
 EXPORT_FORMATS = ("ctranslate2",)
 
@@ -107,15 +107,17 @@ def add_model_choice(parser: argparse.ArgumentParser, what: str) -> None:
     add_run(parser, required=False)
 
 
-def add_pretrained_options(parser: argparse.ArgumentParser) -> None:
+def add_pretrained_options(parser: argparse.ArgumentParser, languages: bool = True) -> None:
+    """Options of imported checkpoints (``languages``: NLLB's source and target language)."""
     group = parser.add_argument_group("--model (imported checkpoints)")
     add = group.add_argument
-    add("--source-lang", help="NLLB / M2M100 source language, e.g. eng_Latn (default: none)")
-    add(
-        "--target-lang",
-        help="NLLB / M2M100 target language, e.g. fra_Latn (default: the checkpoint's forced "
-        "first token, if any)",
-    )
+    if languages:
+        add("--source-lang", help="NLLB / M2M100 source language, e.g. eng_Latn (default: none)")
+        add(
+            "--target-lang",
+            help="NLLB / M2M100 target language, e.g. fra_Latn (default: the checkpoint's forced "
+            "first token, if any)",
+        )
     add("--source-vocabulary", help="OpenNMT-tf: the source vocabulary file (default: none)")
     add("--target-vocabulary", help="OpenNMT-tf: the target vocabulary file (default: none)")
     add(
@@ -330,4 +332,99 @@ def add_export(command) -> None:
     export.set_defaults(func=manage.cmd_export)
 
 
-COMMANDS = (add_train, add_translate, add_generate, add_eval, add_export)
+def add_serve(command) -> None:
+    serve_ = command(
+        "serve",
+        "serve a model over HTTP: LibreTranslate's API (translation), OpenAI's completions API "
+        "(decoder-only LMs)",
+        "serve a model over HTTP on the continuous-batching engine: a translation model with "
+        "LibreTranslate's API (POST /translate, GET /languages), a decoder-only model with "
+        "OpenAI's completions API (POST /v1/completions, GET /v1/models), both with GET /health "
+        "(200 once compiled) and GET /metrics (Prometheus). The search flags are the defaults of "
+        "requests that do not name an option; requests name options as DecodeOptions does "
+        "(beam_size, length_penalty, ...). SIGTERM stops admitting, finishes the requests in "
+        "flight and exits 0 (README.md, 'Serving').",
+    )
+    which = serve_.add_mutually_exclusive_group(required=True)
+    which.add_argument("--workdir", help="a directory `jaxformer train` wrote (or --model)")
+    which.add_argument(
+        "--model",
+        help="a Hugging Face directory (translation: Marian, NLLB/M2M100, BART, mBART, T5, mT5; "
+        "decoder-only: GPT-2, Llama, Mistral, Qwen2, Gemma) or an OpenNMT-tf checkpoint "
+        "(or --workdir)",
+    )
+    add_run(serve_, required=False)
+    add_pretrained_options(serve_, languages=False)
+    _add_api_options(serve_.add_argument_group("the API").add_argument)
+    _add_engine_shape_options(serve_.add_argument_group("the engine").add_argument)
+    add_quantization_option(serve_)
+    add_search_options(serve_)
+    serve_.set_defaults(func=serve.cmd_serve)
+
+
+def _add_api_options(add) -> None:
+    """Where ``jaxformer serve`` listens, what it answers to, what it logs."""
+    add("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every one)")
+    add("--port", type=int, default=8000, help="the port to listen on")
+    add(
+        "--languages",
+        metavar="SOURCE:TARGET",
+        help="translation models without language tokens (Marian, T5, OpenNMT-tf, a trained "
+        "run): the codes of the one pair they translate, e.g. en:de; requests for any other "
+        "pair are refused (default: none; NLLB / M2M100 take the languages requests name)",
+    )
+    add(
+        "--source-prefix",
+        metavar="TEXT",
+        help="text put before every source, e.g. T5's 'translate English to German: ' (default: "
+        "the checkpoint's task prefix for --languages, if it declares one)",
+    )
+    add(
+        "--served-model-name",
+        help="the model's name in OpenAI's API (default: the directory's name)",
+    )
+    add(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn's and the server's log level (info: a line per request, none per token)",
+    )
+
+
+def _add_engine_shape_options(add) -> None:
+    """What ``jaxformer serve``'s engine holds: slots, beam widths, lengths, the queue."""
+    add(
+        "--slots",
+        type=int,
+        default=8,
+        help="requests decoded together with greedy search or sampling; each beam width W gets "
+        "max(1, SLOTS // W) groups of W slots",
+    )
+    add(
+        "--beam-widths",
+        metavar="W,W",
+        help="beam sizes requests may ask for, besides 1 and --beam-size (default: none)",
+    )
+    add(
+        "--max-input-length",
+        type=int,
+        help="the longest source or prompt in tokens (default: 256, within the model's "
+        "positions, less an LM's --max-length)",
+    )
+    add(
+        "--queue-size",
+        type=int,
+        default=64,
+        help="requests (texts, prompts, choices) that may wait for a slot; beyond, 503",
+    )
+    add("--chunk-size", type=int, default=8, help="steps between two admissions of requests")
+    add(
+        "--warmup",
+        choices=("first", "all"),
+        default="first",
+        help="compile before reporting ready: each beam width's program for the shortest "
+        "inputs (first), or for every input length bucket (all)",
+    )
+
+
+COMMANDS = (add_train, add_translate, add_generate, add_eval, add_export, add_serve)

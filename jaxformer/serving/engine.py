@@ -15,9 +15,12 @@ and coverage penalties, temperature, top-p, ``min_length``, ``max_length`` (up t
 the seed and ``n_best``; what fixes shapes or the program is the engine's: the widths and group
 counts, ``max_length`` and ``max_input_length`` (every cache's size), ``sampling_topk`` (one top-k
 for all sampling requests, or no sampling), whether a nucleus (``top_p < 1``) and the coverage
-penalty may be asked for at all. Nothing is compiled per request; the admission (the prefill of
-the requests admitted between two chunks, together) once per input bucket (inputs are padded to a
-multiple of ``bucket`` tokens; the padding is masked) and per number admitted (a power of two).
+penalty may be asked for at all, the tokens every request suppresses (``suppress_ids``: Marian's
+padding) and the length of every request's forced target prefix (``prefix_length``: 1 for NLLB's
+target language, whose token is each request's). Nothing is compiled per request; the admission
+(the prefill of the requests admitted between two chunks, together) once per input bucket (inputs
+are padded to a multiple of ``bucket`` tokens; the padding is masked) and per number admitted (a
+power of two).
 
 **A request's result is the one ``generate`` gives for it alone** (a batch of one, same options):
 the same ids and lengths, log-probs and scores to rounding (``pool.py`` says why), whatever else
@@ -63,9 +66,9 @@ class _Slot:
     n_best: int
 
 
-UNSERVED = (  # DecodeOptions the engine does not serve yet, with their neutral values
-    ("target_prefix", ()),
-    ("suppress_ids", ()),
+# DecodeOptions the engine does not serve yet, with their neutral values (``target_prefix`` and
+# ``suppress_ids`` it serves when made for them: ``prefix_length``, ``suppress_ids``).
+UNSERVED = (
     ("repetition_penalty", 1.0),
     ("no_repeat_ngram_size", 0),
     ("stop", ()),
@@ -85,42 +88,6 @@ def _key_data(seed: int) -> np.ndarray:
     return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
 
-def _check_settings(
-    adapter, groups: dict, *, end_id, start_id, max_length, max_input_length, sampling_topk,
-    chunk_size, bucket,
-) -> tuple[tuple[int, ...], int | None]:  # fmt: skip
-    """``Engine``'s settings checked against the model: its end ids, and its start id (None for a
-    decoder-only LM)."""
-    spec = adapter.inputs
-    if not groups:
-        raise ValueError("groups must map widths to group counts, e.g. {1: 8, 4: 2}")
-    for width, count in groups.items():
-        opt.require_int("groups: a width", width, 1)
-        opt.require_int(f"groups[{width}]", count, 1)
-    opt.require_int("max_length", max_length, 1)
-    opt.require_int("max_input_length", max_input_length, 1)
-    opt.require_int("chunk_size", chunk_size, 1)
-    opt.require_int("bucket", bucket, 1)
-    if sampling_topk is not None:
-        opt.require_int("sampling_topk", sampling_topk, 0, spec.target_vocab_size)
-    end_id = opt.static_end_id(end_id)
-    check_for_family(spec, start_id)
-    start_id = start_id if spec.needs_start_id else None
-    opt.check_vocabulary(
-        spec.target_vocab_size, GreedySearch(), None, end_id=end_id, start_id=start_id
-    )
-    if max(groups) > spec.target_vocab_size:
-        raise ValueError(f"a width of {max(groups)} exceeds the vocabulary")
-    positions = adapter.positions(max_input_length, max_length)
-    if positions > spec.max_len or max_input_length > spec.max_len:
-        raise ValueError(
-            f"max_input_length={max_input_length} and max_length={max_length} need "
-            f"{max(positions, max_input_length)} positions, more than the model's "
-            f"max_len={spec.max_len}"
-        )
-    return (end_id if isinstance(end_id, tuple) else (end_id,)), start_id
-
-
 class Engine:
     """Continuous batching over fixed slots (the module docstring has the whole story).
 
@@ -132,7 +99,10 @@ class Engine:
     set a coverage penalty (the attention accumulator). ``chunk_size``: steps between two looks
     at the requests (results do not depend on it). ``bucket``: inputs are padded to a multiple
     of it (one prefill compile per bucket and number of requests admitted together, a power of
-    two).
+    two). ``suppress_ids``: the token ids no request generates (each request's
+    ``DecodeOptions.suppress_ids`` must be these); ``prefix_length``: P, the length of every
+    request's ``target_prefix`` (encoder-decoder models: forced tokens after the start token,
+    e.g. NLLB's target language; their ids are the request's).
     """
 
     def __init__(
@@ -151,15 +121,18 @@ class Engine:
         chunk_size: int = 8,
         bucket: int = 16,
         start: bool = True,
+        suppress_ids: Sequence[int] = (),
+        prefix_length: int = 0,
     ):
         adapter = adapter_for(model)
-        groups = {1: 8} if groups is None else dict(groups)
-        end_ids, start_id = _check_settings(
-            adapter, groups, end_id=end_id, start_id=start_id, max_length=max_length,
-            max_input_length=max_input_length, sampling_topk=sampling_topk,
-            chunk_size=chunk_size, bucket=bucket,
-        )  # fmt: skip
         spec = adapter.inputs
+        groups = {1: 8} if groups is None else dict(groups)
+        _check_sizes(adapter, groups, max_length, max_input_length, sampling_topk)
+        opt.require_int("chunk_size", chunk_size, 1)
+        opt.require_int("bucket", bucket, 1)
+        end_ids, start_id, suppress_ids = _check_ids(
+            spec, end_id, start_id, suppress_ids, prefix_length, max_length
+        )
         widths = tuple(sorted(groups))
         self.layout = Layout(
             adapter=adapter,
@@ -174,6 +147,8 @@ class Engine:
             nucleus=nucleus and sampling_topk is not None,
             coverage=coverage and any(w > 1 for w in widths),
             chunk_size=chunk_size,
+            suppress_ids=suppress_ids,
+            prefix_length=prefix_length,
         )
         self.bucket = bucket
         self.traces: collections.Counter[str] = collections.Counter()  # per program, per trace
@@ -198,11 +173,12 @@ class Engine:
             self.traces["chunk"] += 1
             return pools.chunk(layout, params, states, actives)
 
-        def admit(pool, params, state, groups, inputs, lengths, data, keys, max_lengths):
+        def admit(pool, params, state, groups, inputs, lengths, data, keys, max_lengths, prefixes):
             self.traces[f"admit[{layout.widths[pool]}]"] += 1
             return pools.admit(
-                layout, pool, params, state, groups, inputs, lengths, data, keys, max_lengths
-            )
+                layout, pool, params, state, groups, inputs, lengths, data, keys, max_lengths,
+                prefixes,
+            )  # fmt: skip
 
         def finalize(pool, state):
             self.traces[f"finalize[{layout.widths[pool]}]"] += 1
@@ -277,8 +253,27 @@ class Engine:
             raise ValueError("top_p < 1: this engine was made with nucleus=False")
         if o.coverage_penalty != 0 and not layout.coverage:
             raise ValueError("coverage_penalty: this engine was made without coverage=True")
+        self._check_forced(o)
         check_served(o)
         return array.astype(np.int32)
+
+    def _check_forced(self, o: DecodeOptions) -> None:
+        """Checks ``target_prefix`` and ``suppress_ids`` against the engine's (``prefix_length``
+        and ``suppress_ids``, the same for every request)."""
+        layout = self.layout
+        if (o.target_prefix or layout.prefix_length) and len(o.target_prefix) != (
+            layout.prefix_length
+        ):
+            raise ValueError(
+                f"target_prefix of {len(o.target_prefix)} tokens: this engine forces "
+                f"prefix_length={layout.prefix_length}"
+            )
+        if any(not 0 <= i < layout.vocab or i in layout.end_ids for i in o.target_prefix):
+            raise ValueError(f"target_prefix: ids in [0, {layout.vocab}) other than the end ids")
+        if tuple(sorted(set(o.suppress_ids))) != layout.suppress_ids:
+            raise ValueError(
+                f"suppress_ids={o.suppress_ids}: this engine suppresses {layout.suppress_ids}"
+            )
 
     # Stopping (any thread).
     def close(self, finish: bool = False, timeout: float | None = None) -> None:
@@ -293,6 +288,14 @@ class Engine:
             while finish and self.step():
                 pass
             self._fail(None)
+
+    def occupancy(self) -> tuple[int, dict[int, int]]:
+        """``(requests waiting for a group, {width: groups decoding a request})``: a snapshot for
+        monitoring, read from any thread."""
+        waiting = len(self._waiting) + self._inbox.qsize()  # (the inbox may hold wake-ups too)
+        slots = self._slots
+        busy = {w: sum(s is not None for s in slots[p]) for p, w in enumerate(self.layout.widths)}
+        return waiting, busy
 
     def __enter__(self) -> Engine:
         return self
@@ -396,11 +399,13 @@ class Engine:
         lengths = np.ones([count], np.int32)
         groups = np.full([count], layout.groups[pool], np.int32)
         max_lengths = np.ones([count], np.int32)
+        prefixes = np.zeros([count, layout.prefix_length], np.int32)
         datas, keys = [], []
         for row, (group, handle) in enumerate(requests):
             o, size = handle.options, handle.inputs.size
             inputs[row, :size] = handle.inputs
             lengths[row], groups[row], max_lengths[row] = max(size, 1), group, o.max_length
+            prefixes[row] = o.target_prefix
             datas.append(pools.request_data(layout, layout.widths[pool], o))
             keys.append(_key_data(o.seed if o.sampling_topk != 1 else 0))  # DecodeOptions.rng's
             self._slots[pool][group] = _Slot(handle, o.max_length, o.n_best)
@@ -409,8 +414,9 @@ class Engine:
         data = jax.tree.map(lambda *x: np.stack(x), *datas)
         states = list(self._states)
         states[pool] = self._admit[pool](
-            self._params, states[pool], groups, inputs, lengths, data, np.stack(keys), max_lengths
-        )
+            self._params, states[pool], groups, inputs, lengths, data, np.stack(keys), max_lengths,
+            prefixes,
+        )  # fmt: skip
         self._states = tuple(states)
 
     def _step(self) -> None:
@@ -467,6 +473,49 @@ class Engine:
         self._slots = [[None] * len(slots) for slots in self._slots]
         for handle in handles:
             handle._finish(error=error)
+
+
+def _check_sizes(adapter, groups: dict, max_length, max_input_length, sampling_topk) -> None:
+    """The engine's shape: its groups, lengths and top-k, within the model's."""
+    spec = adapter.inputs
+    if not groups:
+        raise ValueError("groups must map widths to group counts, e.g. {1: 8, 4: 2}")
+    for width, count in groups.items():
+        opt.require_int("groups: a width", width, 1)
+        opt.require_int(f"groups[{width}]", count, 1)
+    opt.require_int("max_length", max_length, 1)
+    opt.require_int("max_input_length", max_input_length, 1)
+    if sampling_topk is not None:
+        opt.require_int("sampling_topk", sampling_topk, 0, spec.target_vocab_size)
+    if max(groups) > spec.target_vocab_size:
+        raise ValueError(f"a width of {max(groups)} exceeds the vocabulary")
+    positions = adapter.positions(max_input_length, max_length)
+    if positions > spec.max_len or max_input_length > spec.max_len:
+        raise ValueError(
+            f"max_input_length={max_input_length} and max_length={max_length} need "
+            f"{max(positions, max_input_length)} positions, more than the model's "
+            f"max_len={spec.max_len}"
+        )
+
+
+def _check_ids(spec, end_id, start_id, suppress_ids, prefix_length: int, max_length: int):
+    """The engine's token ids: ``(end_ids, start_id, suppress_ids)`` as its ``Layout`` holds them
+    (a decoder-only model's start id is None), checked against the vocabulary."""
+    end_id = opt.static_end_id(end_id)
+    end_ids = end_id if isinstance(end_id, tuple) else (end_id,)
+    check_for_family(spec, start_id)
+    start_id = start_id if spec.needs_start_id else None
+    opt.check_vocabulary(
+        spec.target_vocab_size, GreedySearch(), None, end_id=end_id, start_id=start_id
+    )
+    opt.require_int("prefix_length", prefix_length, 0)
+    if prefix_length and not spec.needs_start_id:
+        raise ValueError("prefix_length: a target prefix is for encoder-decoder models")
+    if prefix_length >= max_length:
+        raise ValueError(f"prefix_length={prefix_length} must be below max_length={max_length}")
+    if suppress_ids:
+        suppress_ids = opt.check_suppress_ids(suppress_ids, spec.target_vocab_size, end_id)
+    return end_ids, start_id, tuple(suppress_ids)
 
 
 __all__ = ["UNSERVED", "Engine", "Handle", "check_served"]

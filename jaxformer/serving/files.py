@@ -45,6 +45,8 @@ def engine_for(
             nucleus=options.top_p < 1,
             coverage=options.coverage_penalty != 0,
             bucket=BUCKET,
+            suppress_ids=options.suppress_ids,  # Marian's padding
+            prefix_length=len(options.target_prefix),  # NLLB's target language, --target-prefix
         )
 
     return make

@@ -107,6 +107,11 @@ class Layout:
     nucleus: bool  # requests may ask for top_p < 1
     coverage: bool  # the coverage accumulator (requests may ask for a coverage penalty)
     chunk_size: int
+    # Every request's: token ids never generated, and the length P of its forced target prefix
+    # (encoder-decoder only; NLLB's target language, BART's forced first token). The prefix's
+    # ids are each request's data (``PoolState.prefix``).
+    suppress_ids: tuple[int, ...] = ()
+    prefix_length: int = 0
 
     @property
     def encoder_decoder(self) -> bool:
@@ -125,7 +130,7 @@ class Layout:
         attention = self.max_input_length if strategy.uses_coverage else 0
         return Search(
             strategy, None, self.end_ids, 1, self.vocab, self.max_length, None, False, False,
-            attention,
+            attention, self.suppress_ids, self.prefix_length,
         )  # fmt: skip
 
 
@@ -141,6 +146,7 @@ class PoolState:
     max_length: Any  # int32[G] its request's max_length
     word_ids: Any  # int32[G, T, W] the step records of its request
     beam_ids: Any  # int32[G, T, W]
+    prefix: Any  # int32[G, P] the target prefix forced on its request's first P steps
 
     @property
     def done(self) -> Bool[Array, " G"]:
@@ -162,7 +168,15 @@ def request_data(layout: Layout, width: int, options) -> SearchData:
 
 
 def _new_groups(
-    layout: Layout, width: int, params, inputs, lengths, data: SearchData, keys, max_lengths
+    layout: Layout,
+    width: int,
+    params,
+    inputs,
+    lengths,
+    data: SearchData,
+    keys,
+    max_lengths,
+    prefixes,
 ) -> PoolState:
     """The pool state of A new groups (a batch of A requests, prepared together as ``generate``
     prepares a batch: each row's prefill is its own)."""
@@ -204,6 +218,7 @@ def _new_groups(
         max_length=jnp.asarray(max_lengths, jnp.int32),
         word_ids=idle.word_ids,
         beam_ids=idle.beam_ids,
+        prefix=jnp.asarray(prefixes, jnp.int32).reshape(count, layout.prefix_length),
     )
 
 
@@ -232,11 +247,16 @@ def admit(
     data,
     keys,
     max_lengths,
+    prefixes,
 ) -> PoolState:
     """``state`` with A new requests in ``groups`` (int32[A]; G: padding): their prefill
     (``inputs`` int32[A, S], ``lengths`` int32[A]), options (``data``, leaves [A]), PRNG keys
-    (``keys``: key data uint32[A, 2]), ``max_lengths`` int32[A], and fresh records."""
-    new = _new_groups(layout, layout.widths[pool], params, inputs, lengths, data, keys, max_lengths)
+    (``keys``: key data uint32[A, 2]), ``max_lengths`` int32[A], target prefixes (``prefixes``
+    int32[A, P]) and fresh records."""
+    width = layout.widths[pool]
+    new = _new_groups(
+        layout, width, params, inputs, lengths, data, keys, max_lengths, prefixes
+    )  # fmt: skip
     return jax.tree.map(lambda p, o: _put(p, o, groups), state, new)
 
 
@@ -248,6 +268,7 @@ def empty_pool(layout: Layout, pool: int, params) -> PoolState:
         lambda p: _new_groups(
             layout, width, p, jnp.zeros([1, layout.max_input_length], jnp.int32),
             jnp.ones([1], jnp.int32), data, jnp.zeros([1, 2], jnp.uint32), jnp.ones([1], jnp.int32),
+            jnp.zeros([1, layout.prefix_length], jnp.int32),
         ),
         params,
     )  # fmt: skip
@@ -277,12 +298,13 @@ def pool_step(layout: Layout, pool: int, params, state: PoolState, active: Bool[
     else:
         attention = None
 
-    def group_step(state, logits, attention, t, data):
-        new, record, parents = search_step(static, state, logits, attention, t, data)
+    def group_step(state, logits, attention, t, data, prefix):
+        prefix = prefix[None] if layout.prefix_length else None  # [P] --> [1, P]
+        new, record, parents = search_step(static, state, logits, attention, t, data, prefix)
         return new, record.word_ids, record.beam_ids, parents
 
     new, word_ids, beam_ids, parents = jax.vmap(group_step)(
-        search, logits, attention, t, state.data
+        search, logits, attention, t, state.data, state.prefix
     )  # [G, W] each
     keep = lambda old, ran: jnp.where(running.reshape((groups,) + (1,) * (old.ndim - 1)), ran, old)
     unkeyed = dict(rng=None, model_state=None)
