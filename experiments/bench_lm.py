@@ -167,6 +167,7 @@ def load_engine(engine: str, model_dir: pathlib.Path, threads: int):
             ctranslate2.converters.TransformersConverter(str(model_dir)).convert(
                 str(converted), quantization=CT2_TYPES[engine]
             )
+            _name_special_tokens(converted, model_dir)
         before, start = rss_gb(), time.perf_counter()
         generator = ctranslate2.Generator(str(converted), intra_threads=threads)
 
@@ -180,6 +181,18 @@ def load_engine(engine: str, model_dir: pathlib.Path, threads: int):
 
     record = dict(load_s=time.perf_counter() - start, load_peak_gb=peak_gb() - before)
     return run, record
+
+
+def _name_special_tokens(converted: pathlib.Path, model_dir: pathlib.Path) -> None:
+    """The converter reads BOS and EOS from tokenizer_config.json, where the random checkpoint names
+    none (CTranslate2 then refuses its own config, nulls in it): name them by the ids of config.json
+    (the vocabulary's tokens are ``t{id}``)."""
+    path, model = converted / "config.json", json.loads((model_dir / "config.json").read_text())
+    config = json.loads(path.read_text())
+    eos = model["eos_token_id"]
+    config["bos_token"] = config["bos_token"] or f"t{model['bos_token_id']}"
+    config["eos_token"] = config["eos_token"] or f"t{eos[0] if isinstance(eos, list) else eos}"
+    path.write_text(json.dumps(config, indent=2))
 
 
 def worker_main(engine: str, model_dir: pathlib.Path, threads: int):
