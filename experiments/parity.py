@@ -20,7 +20,7 @@ tokenizer cases whose ids and decoded text are transformers'. No torch: the gold
 For every
 OpenNMT-tf fixture (``tests/data/opennmt_tf/*``) the encoder and logit differences and, per decoding
 case, the rows identical to OpenNMT-tf's in ``compat="opennmt-tf"`` and in the default mode. The
-tests (``tests/test_huggingface_models.py``, ``tests/test_opennmt_tf_checkpoints.py``) assert the
+tests (``tests/interop/test_huggingface_models.py``, ``tests/interop/test_opennmt_tf_checkpoints.py``) assert the
 thresholds; this script measures.
 """
 

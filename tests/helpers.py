@@ -22,7 +22,7 @@ VARIANTS = {
 }
 
 # The model options of other implementations (TransformerConfig's fields after ``dtype``), combined as
-# those models use them; tests/test_model_options.py runs the property tests on each.
+# those models use them; tests/models/test_model_options.py runs the property tests on each.
 OPENNMT_TF_SINUSOIDS = dict(
     positions="sinusoidal",
     position_layout="concat",
@@ -81,7 +81,7 @@ OPTION_VARIANTS = {
 
 
 # Decoder-only checkpoints' families in miniature (the ``tiny`` preset: D 32, N 4, 2 layers), with
-# the options their Hugging Face configs set; tests/test_lm_options.py runs the property tests and an
+# the options their Hugging Face configs set; tests/decoding/test_lm_options.py runs the property tests and an
 # independent NumPy forward pass on each.
 LM_VARIANTS = {
     "gpt2_like": dict(

@@ -4,7 +4,7 @@ describe, computed in float64 from the (float32) weights.
 
 The Hugging Face fixtures of these families (``tests/data/hf``) recorded transformers' float32
 logits only, so this stands in for the float64 reference the decoder-only fixtures have: with it,
-``experiments/parity.py`` and ``tests/test_huggingface_models.py`` compare both float32
+``experiments/parity.py`` and ``tests/interop/test_huggingface_models.py`` compare both float32
 implementations (jaxformer's and transformers') with the same exact-arithmetic function. Written
 from the transformers sources (``modeling_bart.py``, ``modeling_marian.py``, ``modeling_t5.py``),
 not from jaxformer's code; it shares two tables with jaxformer: the sinusoids (float32 tables,

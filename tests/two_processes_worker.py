@@ -1,4 +1,4 @@
-"""One of the two processes of ``tests/test_two_processes.py``: a ("data" 2, "model" 2) mesh over 2 x 2
+"""One of the two processes of ``tests/training/test_two_processes.py``: a ("data" 2, "model" 2) mesh over 2 x 2
 simulated CPU devices, collectives across the processes by gloo (JAX's default on CPU).
 
     JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES=2 JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT \\
@@ -41,7 +41,7 @@ DATA, MODEL_AXIS = 2, 2
 STEPS = 4
 # One layer each side keeps compilation short; dropout stays on (the masks must agree too).
 MODEL = dict(num_encoder_layers=1, num_decoder_layers=1)
-# adam_epsilon 1e-3: see tests/test_sharding.py (rounding noise on gradients that are 0 in exact
+# adam_epsilon 1e-3: see tests/training/test_sharding.py (rounding noise on gradients that are 0 in exact
 # arithmetic would otherwise become updates of +-learning rate on either side).
 CONFIG = TrainConfig(warmup_steps=4, clip_norm=1.0, adam_epsilon=1e-3)
 SEARCHES = (("greedy", dec.GreedySearch()), ("beam", dec.BeamSearch(3, 0.6)))

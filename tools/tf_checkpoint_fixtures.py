@@ -1,4 +1,4 @@
-"""Write the TensorFlow checkpoints that tests/test_tf_checkpoint.py reads without TensorFlow.
+"""Write the TensorFlow checkpoints that tests/interop/test_tf_checkpoint.py reads without TensorFlow.
 
 Run with TensorFlow in a throwaway virtual environment (the tests themselves need no TensorFlow):
 

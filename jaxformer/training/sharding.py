@@ -40,7 +40,7 @@ CPU JAX uses gloo (``jax_cpu_collectives_implementation``, its default). Every p
 program: the same jitted steps, and ``jaxformer.training.checkpoint.save`` / ``restore`` with the
 same arguments (each process writes and reads the shards it holds). Results that span processes come
 back to a host with ``jax.experimental.multihost_utils.process_allgather(x, tiled=True)``.
-``tests/test_two_processes.py`` runs two processes of two CPU devices each on one machine.
+``tests/training/test_two_processes.py`` runs two processes of two CPU devices each on one machine.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from jaxformer import decoding as dec
 
 from toy import initial_state, jax_toy_step_fn
 
-FIXTURE = pathlib.Path(__file__).parent / "data" / "opennmt_tf_goldens.json"
+FIXTURE = pathlib.Path(__file__).parents[1] / "data" / "opennmt_tf_goldens.json"
 GOLDENS = json.loads(FIXTURE.read_text())
 CASES = GOLDENS["cases"]
 UNLIMITED = 12  # OpenNMT-tf's own greedy tests ran without maximum_iterations; they stop by EOS

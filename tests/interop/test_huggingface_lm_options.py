@@ -26,7 +26,7 @@ import pytest
 import jaxformer
 from jaxformer import decoding as dec
 
-DATA = Path(__file__).parent / "data" / "hf_lm"
+DATA = Path(__file__).parents[1] / "data" / "hf_lm"
 MODELS = sorted(p.name for p in DATA.iterdir() if (p / "options.json").exists())
 GREEDY = [
     "greedy_rp1.3", "greedy_rp10.0", "greedy_ngram1", "greedy_ngram2", "greedy_rp0.2",

@@ -26,7 +26,7 @@ from jaxformer import decoding as dec
 from jaxformer.interop.opennmt_tf import VocabularyTokenizer
 from jaxformer.interop.weights import CheckpointError
 
-DATA = Path(__file__).parent / "data" / "opennmt_tf"
+DATA = Path(__file__).parents[1] / "data" / "opennmt_tf"
 MODELS = sorted(p.name for p in DATA.iterdir() if (p / "goldens.json").exists())
 
 

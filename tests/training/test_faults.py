@@ -30,7 +30,7 @@ from jaxformer.training.metrics import read_jsonl
 
 from helpers import EXPERIMENTS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TMP_DIR = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")  # orbax 0.12.8's name for a step being saved
 
 

@@ -37,7 +37,7 @@ def test_beam_walkthrough_reads_the_article_s_opennmt_tf_checkpoint():
     import json
 
     walkthrough = load("beam_walkthrough")
-    directory = Path(__file__).parent / "data" / "opennmt_tf" / "article"
+    directory = Path(__file__).parents[1] / "data" / "opennmt_tf" / "article"
     goldens = json.loads((directory / "goldens.json").read_text())
     with np.load(directory / "arrays.npz") as arrays:
         logits = arrays["logits"][0, 0]  # source 0, the start token

@@ -36,7 +36,9 @@ import pytest
 import jaxformer
 from jaxformer import decoding as dec
 
-DATA = Path(os.environ.get("JAXFORMER_HF_LM_FIXTURES", Path(__file__).parent / "data" / "hf_lm"))
+DATA = Path(
+    os.environ.get("JAXFORMER_HF_LM_FIXTURES", Path(__file__).parents[1] / "data" / "hf_lm")
+)
 MODELS = sorted(p.name for p in DATA.iterdir() if (p / "goldens.json").exists())
 MAX_NEW = 20  # every recorded output ends with its EOS within 16 new tokens
 FACTOR = 2.0  # our float32 error may be at most twice the reference framework's own (docstring)

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 import jaxformer
 from jaxformer.interop.weights import CheckpointError
 
-HF = Path(__file__).parent / "data" / "hf"
+HF = Path(__file__).parents[1] / "data" / "hf"
 
 
 def _copy(tmp_path: Path, name: str = "bart") -> Path:
@@ -144,7 +144,7 @@ def test_neither_kind_of_checkpoint_is_refused(tmp_path):
 
 # --- Decoder-only checkpoints (tests/data/hf_lm) -------------------------------------------------
 
-HF_LM = Path(__file__).parent / "data" / "hf_lm"
+HF_LM = Path(__file__).parents[1] / "data" / "hf_lm"
 DELETE = object()
 
 

@@ -25,7 +25,7 @@ from jaxformer.interop.tf_checkpoint import (
     resolve_checkpoint,
 )
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 BUNDLE = DATA / "opennmt_tf" / "bundle_dtypes"
 OWN = DATA / "tf_checkpoint"
 OWN_VALUES = json.loads((OWN / "values.json").read_text())["checkpoints"]

@@ -30,7 +30,7 @@ from jaxformer import decoding as dec
 
 from reference_seq2seq import numpy_seq2seq
 
-DATA = Path(os.environ.get("JAXFORMER_HF_FIXTURES", Path(__file__).parent / "data" / "hf"))
+DATA = Path(os.environ.get("JAXFORMER_HF_FIXTURES", Path(__file__).parents[1] / "data" / "hf"))
 MODELS = sorted(p.name for p in DATA.iterdir() if (p / "goldens.json").exists())
 MAX_LENGTH = 48
 FACTOR = 2.0  # our float32 error at most twice HF's own, against the float64 reference

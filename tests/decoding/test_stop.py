@@ -105,7 +105,7 @@ def test_imported_tokenizers_give_the_bytes_they_decode_to(fixture):
 
     import jaxformer
 
-    directory = Path(__file__).parent / "data" / fixture
+    directory = Path(__file__).parents[1] / "data" / fixture
     tokenizer = jaxformer.load_pretrained(directory).target_tokenizer
     table = tokenizer.token_bytes()
     goldens = json.loads((directory / "goldens.json").read_text())

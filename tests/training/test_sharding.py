@@ -46,8 +46,8 @@ from helpers import EXPERIMENTS
 # xdist interleaves another module), so keep the module on one worker (`make test`: --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("sharding_worker")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-WORKER = pathlib.Path(__file__).with_name("sharding_worker.py")
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+WORKER = pathlib.Path(__file__).parents[1] / "sharding_worker.py"
 RTOL, PARAM_ATOL = 1e-5, 2e-6
 
 

@@ -26,7 +26,7 @@ import pytest
 import jaxformer
 from jaxformer.cli import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NLLB, LLAMA = ROOT / "tests/data/hf/nllb", ROOT / "tests/data/hf_lm/llama"
 TRANSLATION = pytest.mark.xdist_group("serve_translation")
 LM = pytest.mark.xdist_group("serve_lm")

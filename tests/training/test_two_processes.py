@@ -12,7 +12,7 @@ row 0, process 1 row 1; the model axis stays inside a process):
    verified by the checksums, decodes greedily and with a beam of 3, trains steps 3-4 and saves 4.
 
 This process (one CPU device) then trains the same 4 steps on one device and compares: losses of
-every step at rtol 1e-5 (float32 sums in another order, see ``tests/test_sharding.py``), the
+every step at rtol 1e-5 (float32 sums in another order, see ``tests/training/test_sharding.py``), the
 resumed step 3 equal bit for bit to the killed run's step 3, and the checkpoints the two processes
 wrote restore here, on one process and one device, verified: the step-4 parameters match the
 one-device run, and decoding with the step-2 parameters gives the same ids (exactly) and scores
@@ -45,8 +45,8 @@ import jaxformer
 from jaxformer.training import checkpoint as ckpt
 from jaxformer.training.step import create_train_state, train_step_fn
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-WORKER = pathlib.Path(__file__).with_name("two_processes_worker.py")
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+WORKER = pathlib.Path(__file__).parents[1] / "two_processes_worker.py"
 RTOL, PARAM_ATOL = 1e-5, 2e-6
 TIMEOUT = 300  # seconds for each phase, start-up and compilation included
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -260,7 +260,7 @@ def test_sharded_decoding_over_two_processes_matches_one_process(run, one_proces
         np.testing.assert_allclose(arrays[f"{search}/{field}"], want, rtol=RTOL)
 
 
-# Orbax leaves coroutines behind when tensorstore fails to read (see tests/test_faults.py).
+# Orbax leaves coroutines behind when tensorstore fails to read (see tests/training/test_faults.py).
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_shard_of_a_two_process_checkpoint_is_refused(run, one_process, tmp_path):
     out, _, _, _, _ = run
