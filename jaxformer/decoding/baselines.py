@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxformer.decoding.loop import EOS_PENALTY
+from jaxformer.decoding.search_step import EOS_PENALTY
 from jaxformer.models.encoder_decoder import Transformer
 from jaxformer.typing import Array, Int, PyTree
 

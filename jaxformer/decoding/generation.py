@@ -28,7 +28,7 @@ from jaxformer.typing import Array, Int, PRNGKey, PyTree
 
 # Static: what fixes shapes or the program, with the static fields of the checked options
 # (``opt.SearchOptions``). Their strategy and sampler are pytrees whose penalties, temperature and
-# top-p are data, and ``min_length`` is data too (``loop.SearchData``): one program serves every
+# top-p are data, and ``min_length`` is data too (``search_step.SearchData``): one program serves every
 # value, and the serving engine runs the same code with per-request values.
 STATIC = ("adapter", "start_id", "return_attention")
 

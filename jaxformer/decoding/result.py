@@ -25,7 +25,7 @@ class DecodingResult(NamedTuple):
 def finalize(records, final, search) -> DecodingResult:
     """Backtrack the stacked ``records`` ``[T, R, ...]`` into hypotheses, best first.
 
-    ``final`` is the loop's last ``SearchState``; ``search`` its static settings (``loop.Search``).
+    ``final`` is the loop's last ``SearchState``; ``search`` its static settings (``search_step.Search``).
     """
     batch, width = search.batch, search.width
     steps = jnp.sum(records.ran.astype(jnp.int32))

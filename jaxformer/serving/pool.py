@@ -16,7 +16,7 @@ array has the same shape whatever runs, so each program below compiles once per 
   ``generate``'s do (``DecoderStack.step``).
 - ``chunk`` (one compile): ``chunk_size`` steps of every pool in one ``lax.scan``. A step runs the
   model once for all of a pool's rows, each at its own position (``int32[R]``), then
-  ``decoding.loop.search_step`` under ``jax.vmap`` over the groups, each with its own options
+  ``decoding.search_step.search_step`` under ``jax.vmap`` over the groups, each with its own options
   (``SearchData``: penalties, temperature, top-p, min_length), step counter and PRNG key. The
   model state is reordered by the parent rows outside the vmap (``g * W + beam``). A group runs
   while it is active (the host gave it a request), not every row has finished and its step counter
@@ -47,9 +47,9 @@ from flax import struct
 
 from jaxformer.decoding.adapters import Adapter
 from jaxformer.decoding.decode_options import DecodeOptions
-from jaxformer.decoding.loop import Search, SearchData, SearchState, StepRecord, search_step
 from jaxformer.decoding.result import DecodingResult, finalize
 from jaxformer.decoding.samplers import BestSampler, RandomSampler
+from jaxformer.decoding.search_step import Search, SearchData, SearchState, StepRecord, search_step
 from jaxformer.decoding.state import reorder, tile_batch
 from jaxformer.decoding.strategies import BeamSearch, GreedySearch
 from jaxformer.typing import Array, Bool, Int, PRNGKey, PyTree
