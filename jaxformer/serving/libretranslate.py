@@ -72,6 +72,7 @@ def routes(state: ServerState) -> list[Route]:
         except EngineStopped as error:
             return _error(RequestError(str(error), status=503))
         except ClientGone:
+            state.metrics.disconnects.inc()  # as the completions API counts them
             return Response(status_code=499)
 
     async def languages(request: Request) -> Response:
